@@ -101,7 +101,12 @@ UNET_SD1 = {
         "CrossAttnDownBlock2D",
         "DownBlock2D",
     ],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
@@ -177,9 +182,15 @@ def sd_pipeline(unet: dict, text_encoder: dict, scheduler: dict, vae: dict = VAE
 
 def sdxl_pipeline(unet: dict, refiner: bool = False) -> dict:
     """An SDXL base or refiner pipeline folder."""
-    scheduler = {"_class_name": "EulerDiscreteScheduler", **SCHEDULE, "interpolation_type": "linear"}
+    scheduler = {
+        "_class_name": "EulerDiscreteScheduler",
+        **SCHEDULE,
+        "interpolation_type": "linear",
+    }
     index = {
-        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_class_name": "StableDiffusionXLImg2ImgPipeline"
+        if refiner
+        else "StableDiffusionXLPipeline",
         "feature_extractor": NO_COMPONENT,
         "image_encoder": NO_COMPONENT,
         "force_zeros_for_empty_prompt": not refiner,

@@ -38,7 +38,7 @@ def byte_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def build(bpe_text: str) -> tuple[dict[str, int], list[str]]:

@@ -26,7 +26,13 @@ UNET_RESNET = {
     "conv_shortcut": "skip_connection",
 }
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
 UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
@@ -61,21 +67,29 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
     for i, _ in enumerate(down_has_attn):
         for j in range(layers):
             block = 1 + i * (layers + 1) + j
-            prefixes.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0.", UNET_RESNET))
+            prefixes.append(
+                (f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0.", UNET_RESNET)
+            )
             prefixes.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1.", {}))
         block = 1 + i * (layers + 1) + layers
-        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{block}.0.op.", {}))
+        prefixes.append(
+            (f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{block}.0.op.", {})
+        )
     prefixes.append(("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET))
     prefixes.append(("mid_block.attentions.0.", "middle_block.1.", {}))
     prefixes.append(("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET))
     for i, has_attn in enumerate(up_has_attn):
         for j in range(layers + 1):
             block = i * (layers + 1) + j
-            prefixes.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0.", UNET_RESNET))
+            prefixes.append(
+                (f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0.", UNET_RESNET)
+            )
             prefixes.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1.", {}))
         block = i * (layers + 1) + layers
         slot = 2 if has_attn else 1
-        prefixes.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{block}.{slot}.conv.", {}))
+        prefixes.append(
+            (f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{block}.{slot}.conv.", {})
+        )
 
     out = {}
     for key, value in state.items():
@@ -100,14 +114,34 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
         prefixes.append((f"{part}.conv_norm_out.", f"{part}.norm_out.", {}))
     for i in range(levels):
         for j in range(config["layers_per_block"] + 1):
-            prefixes.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET))
+            prefixes.append(
+                (
+                    f"encoder.down_blocks.{i}.resnets.{j}.",
+                    f"encoder.down.{i}.block.{j}.",
+                    VAE_RESNET,
+                )
+            )
             # The decoder's up blocks are stored in reverse order in LDM.
             prefixes.append(
-                (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{levels - 1 - i}.block.{j}.", VAE_RESNET)
+                (
+                    f"decoder.up_blocks.{i}.resnets.{j}.",
+                    f"decoder.up.{levels - 1 - i}.block.{j}.",
+                    VAE_RESNET,
+                )
             )
-        prefixes.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", {}))
         prefixes.append(
-            (f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{levels - 1 - i}.upsample.conv.", {})
+            (
+                f"encoder.down_blocks.{i}.downsamplers.0.conv.",
+                f"encoder.down.{i}.downsample.conv.",
+                {},
+            )
+        )
+        prefixes.append(
+            (
+                f"decoder.up_blocks.{i}.upsamplers.0.conv.",
+                f"decoder.up.{levels - 1 - i}.upsample.conv.",
+                {},
+            )
         )
 
     out = {}
@@ -133,9 +167,14 @@ def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return out
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str, hidden: int) -> dict[str, torch.Tensor]:
+def open_clip_to_ldm(
+    state: dict[str, torch.Tensor], prefix: str, hidden: int
+) -> dict[str, torch.Tensor]:
     """Map a Hugging Face CLIP text model to the OpenCLIP layout (SD2, SDXL's second encoder)."""
-    state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
+    state = {
+        k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+        for k, v in state.items()
+    }
     out: dict[str, torch.Tensor] = {}
     top = {
         "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
@@ -161,7 +200,9 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str, hidden: int) -
             module, _, param = name.rpartition(".")
             if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
                 continue  # concatenated below
-            out[f"{prefix}transformer.resblocks.{index}.{inner.get(module, module)}.{param}"] = value
+            out[f"{prefix}transformer.resblocks.{index}.{inner.get(module, module)}.{param}"] = (
+                value
+            )
     layers = {k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")}
     for index in layers:
         base = f"text_model.encoder.layers.{index}.self_attn."
@@ -170,5 +211,7 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str, hidden: int) -
             out[f"{prefix}transformer.resblocks.{index}.attn.in_proj_{param}"] = torch.cat(qkv, 0)
     if prefix + "text_projection" not in out:
         # SD2 checkpoints carry the projection although SD2 does not use it.
-        out[prefix + "text_projection"] = torch.zeros(hidden, hidden, dtype=out[prefix + "positional_embedding"].dtype)
+        out[prefix + "text_projection"] = torch.zeros(
+            hidden, hidden, dtype=out[prefix + "positional_embedding"].dtype
+        )
     return out

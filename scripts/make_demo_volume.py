@@ -37,8 +37,17 @@ TINY_CLIP = {
 }
 # SDXL's two encoders must differ in width: diffusers tells CLIP-L from OpenCLIP-G by it.
 TINY_OPEN_CLIP = {**TINY_CLIP, "hidden_size": 64, "intermediate_size": 128, "hidden_act": "gelu"}
-TINY_OPEN_CLIP_PROJ = {**TINY_OPEN_CLIP, "architectures": ["CLIPTextModelWithProjection"], "projection_dim": 64}
-TINY_VAE = {**bc.VAE, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "sample_size": 64}
+TINY_OPEN_CLIP_PROJ = {
+    **TINY_OPEN_CLIP,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "projection_dim": 64,
+}
+TINY_VAE = {
+    **bc.VAE,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
 TINY_VAE_XL = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
 TINY_UNET_SD1 = {
     **bc.UNET_SD1,
@@ -48,7 +57,12 @@ TINY_UNET_SD1 = {
     "layers_per_block": 1,
     "sample_size": 8,
 }
-TINY_UNET_SD2 = {**TINY_UNET_SD1, "attention_head_dim": [2, 4, 4, 4], "use_linear_projection": True, "cross_attention_dim": 64}
+TINY_UNET_SD2 = {
+    **TINY_UNET_SD1,
+    "attention_head_dim": [2, 4, 4, 4],
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,
+}
 TINY_UNET_XL = {
     **bc.UNET_XL,
     "block_out_channels": [32, 64, 64],
@@ -71,10 +85,17 @@ def tiny_folders() -> dict[str, dict]:
     """Config folders of every tiny architecture, keyed like the bundled ones."""
     sd15 = bc.sd_pipeline(TINY_UNET_SD1, TINY_CLIP, bc.PNDM, vae=TINY_VAE)
     sdxl = bc.sdxl_pipeline(TINY_UNET_XL)
-    sdxl.update({"vae/config.json": TINY_VAE_XL, "text_encoder/config.json": TINY_CLIP,
-                 "text_encoder_2/config.json": TINY_OPEN_CLIP_PROJ})
+    sdxl.update(
+        {
+            "vae/config.json": TINY_VAE_XL,
+            "text_encoder/config.json": TINY_CLIP,
+            "text_encoder_2/config.json": TINY_OPEN_CLIP_PROJ,
+        }
+    )
     refiner = bc.sdxl_pipeline(TINY_UNET_REFINER, refiner=True)
-    refiner.update({"vae/config.json": TINY_VAE_XL, "text_encoder_2/config.json": TINY_OPEN_CLIP_PROJ})
+    refiner.update(
+        {"vae/config.json": TINY_VAE_XL, "text_encoder_2/config.json": TINY_OPEN_CLIP_PROJ}
+    )
     return {
         "sd15": sd15,
         "sd15-inpaint": bc.inpainting(sd15),
@@ -91,7 +112,11 @@ def build_components(folder: dict) -> dict[str, torch.nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def text_model(config: dict):
-        cls = CLIPTextModelWithProjection if config["architectures"][0].endswith("Projection") else CLIPTextModel
+        cls = (
+            CLIPTextModelWithProjection
+            if config["architectures"][0].endswith("Projection")
+            else CLIPTextModel
+        )
         fields = {k: v for k, v in config.items() if k != "architectures"}
         return cls(CLIPTextConfig(**fields))
 
@@ -108,25 +133,43 @@ def build_components(folder: dict) -> dict[str, torch.nn.Module]:
 def to_ldm(arch: str, folder: dict, components: dict) -> dict[str, torch.Tensor]:
     """The whole pipeline as one LDM-layout state dict."""
     state = {}
-    state.update(ldm_export.unet_to_ldm(components["unet"].state_dict(), folder["unet/config.json"]))
+    state.update(
+        ldm_export.unet_to_ldm(components["unet"].state_dict(), folder["unet/config.json"])
+    )
     state.update(ldm_export.vae_to_ldm(components["vae"].state_dict(), folder["vae/config.json"]))
     if arch.startswith("sd15"):
-        state.update(ldm_export.clip_to_ldm(components["text_encoder"].state_dict(), ldm_export.SD1_CLIP_PREFIX))
+        state.update(
+            ldm_export.clip_to_ldm(
+                components["text_encoder"].state_dict(), ldm_export.SD1_CLIP_PREFIX
+            )
+        )
     elif arch.startswith("sd2"):
         hidden = folder["text_encoder/config.json"]["hidden_size"]
         state.update(
-            ldm_export.open_clip_to_ldm(components["text_encoder"].state_dict(), ldm_export.SD2_OPEN_CLIP_PREFIX, hidden)
+            ldm_export.open_clip_to_ldm(
+                components["text_encoder"].state_dict(), ldm_export.SD2_OPEN_CLIP_PREFIX, hidden
+            )
         )
     elif arch == "sdxl-refiner":
         hidden = folder["text_encoder_2/config.json"]["hidden_size"]
         state.update(
-            ldm_export.open_clip_to_ldm(components["text_encoder_2"].state_dict(), ldm_export.REFINER_OPEN_CLIP_PREFIX, hidden)
+            ldm_export.open_clip_to_ldm(
+                components["text_encoder_2"].state_dict(),
+                ldm_export.REFINER_OPEN_CLIP_PREFIX,
+                hidden,
+            )
         )
     else:
         hidden = folder["text_encoder_2/config.json"]["hidden_size"]
-        state.update(ldm_export.clip_to_ldm(components["text_encoder"].state_dict(), ldm_export.SDXL_CLIP_L_PREFIX))
         state.update(
-            ldm_export.open_clip_to_ldm(components["text_encoder_2"].state_dict(), ldm_export.SDXL_OPEN_CLIP_PREFIX, hidden)
+            ldm_export.clip_to_ldm(
+                components["text_encoder"].state_dict(), ldm_export.SDXL_CLIP_L_PREFIX
+            )
+        )
+        state.update(
+            ldm_export.open_clip_to_ldm(
+                components["text_encoder_2"].state_dict(), ldm_export.SDXL_OPEN_CLIP_PREFIX, hidden
+            )
         )
     return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
 
@@ -164,8 +207,18 @@ def _lora_targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> dict[str
     }
 
 
-UNET_LORA_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                      "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "proj_in", "proj_out")
+UNET_LORA_SUFFIXES = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "proj_in",
+    "proj_out",
+)
 TEXT_LORA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -176,7 +229,8 @@ def write_loras(root: Path, arch: str, components: dict, folder: dict, seed: int
     text_encoders = [n for n in ("text_encoder", "text_encoder_2") if n in components]
     unet_pairs = _random_lora(_lora_targets(components["unet"], UNET_LORA_SUFFIXES), rank, gen)
     text_pairs = {
-        n: _random_lora(_lora_targets(components[n], TEXT_LORA_SUFFIXES), rank, gen) for n in text_encoders
+        n: _random_lora(_lora_targets(components[n], TEXT_LORA_SUFFIXES), rank, gen)
+        for n in text_encoders
     }
     out = root / "loras"
     out.mkdir(parents=True, exist_ok=True)
@@ -186,25 +240,43 @@ def write_loras(root: Path, arch: str, components: dict, folder: dict, seed: int
     kohya = {}
     unet_names = {name: name for name in unet_pairs}
     if arch == "sdxl":
-        ldm = ldm_export.unet_to_ldm({f"{n}.weight": torch.empty(0) for n in unet_pairs}, folder["unet/config.json"])
+        ldm = ldm_export.unet_to_ldm(
+            {f"{n}.weight": torch.empty(0) for n in unet_pairs}, folder["unet/config.json"]
+        )
         unet_names = {
             n: k[len(ldm_export.UNET_PREFIX) : -len(".weight")]
-            for n, k in zip(unet_pairs, ldm)
+            for n, k in zip(unet_pairs, ldm, strict=True)
         }
     for name, (down, up) in unet_pairs.items():
         key = "lora_unet_" + unet_names[name].replace(".", "_")
-        kohya.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                      f"{key}.alpha": torch.tensor(float(rank))})
-    te_prefix = {"text_encoder": "lora_te1_" if arch == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}
+        kohya.update(
+            {
+                f"{key}.lora_down.weight": down,
+                f"{key}.lora_up.weight": up,
+                f"{key}.alpha": torch.tensor(float(rank)),
+            }
+        )
+    te_prefix = {
+        "text_encoder": "lora_te1_" if arch == "sdxl" else "lora_te_",
+        "text_encoder_2": "lora_te2_",
+    }
     for encoder, pairs in text_pairs.items():
         for name, (down, up) in pairs.items():
             path = name if name.startswith("text_model.") else "text_model." + name
             key = te_prefix[encoder] + path.replace(".", "_")
-            kohya.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
-                          f"{key}.alpha": torch.tensor(float(rank))})
+            kohya.update(
+                {
+                    f"{key}.lora_down.weight": down,
+                    f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": torch.tensor(float(rank)),
+                }
+            )
     kohya_path = out / f"demo_{arch}_kohya.safetensors"
-    save_file({k: v.to(torch.float16).contiguous() for k, v in kohya.items()}, str(kohya_path),
-              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": arch})
+    save_file(
+        {k: v.to(torch.float16).contiguous() for k, v in kohya.items()},
+        str(kohya_path),
+        metadata={"ss_network_module": "networks.lora", "ss_base_model_version": arch},
+    )
 
     # diffusers / peft: "<component>.<module>.lora_A.weight" / "lora_B.weight".
     peft = {}
@@ -213,9 +285,13 @@ def write_loras(root: Path, arch: str, components: dict, folder: dict, seed: int
     for encoder, pairs in text_pairs.items():
         for name, (down, up) in pairs.items():
             path = name if name.startswith("text_model.") else "text_model." + name
-            peft.update({f"{encoder}.{path}.lora_A.weight": down, f"{encoder}.{path}.lora_B.weight": up})
+            peft.update(
+                {f"{encoder}.{path}.lora_A.weight": down, f"{encoder}.{path}.lora_B.weight": up}
+            )
     peft_path = out / f"demo_{arch}_peft.safetensors"
-    save_file({k: v.contiguous() for k, v in peft.items()}, str(peft_path), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in peft.items()}, str(peft_path), metadata={"format": "pt"}
+    )
     return [kohya_path, peft_path]
 
 
@@ -223,8 +299,10 @@ def write_embedding(root: Path, name: str, arch: str, seed: int) -> Path:
     """An A1111 textual-inversion embedding (2 vectors)."""
     gen = torch.Generator().manual_seed(seed)
     if arch == "sdxl":
-        tensors = {"clip_l": torch.randn(2, TINY_CLIP["hidden_size"], generator=gen),
-                   "clip_g": torch.randn(2, TINY_OPEN_CLIP["hidden_size"], generator=gen)}
+        tensors = {
+            "clip_l": torch.randn(2, TINY_CLIP["hidden_size"], generator=gen),
+            "clip_g": torch.randn(2, TINY_OPEN_CLIP["hidden_size"], generator=gen),
+        }
     else:
         tensors = {"emb_params": torch.randn(2, TINY_CLIP["hidden_size"], generator=gen)}
     path = root / "embeddings" / f"{name}.safetensors"
@@ -260,7 +338,9 @@ def make_demo_volume(root: Path, include_all: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--all", action="store_true", help="also write SD2, refiner and inpaint checkpoints")
+    parser.add_argument(
+        "--all", action="store_true", help="also write SD2, refiner and inpaint checkpoints"
+    )
     args = parser.parse_args()
     print(json.dumps(make_demo_volume(args.root, include_all=args.all), indent=2))
 

@@ -1,0 +1,111 @@
+"""Errors a job can end with. Each has a stable code, the offending field and what is accepted.
+
+WorkerError              root; callers catch this
+├── InvalidInput         invalid_input       a field is missing, malformed or out of range
+├── ModelNotFound        model_not_found     a named model is not on any model root
+├── UnsupportedModel     unsupported_model   a file is not an SD 1.x / 2.x / XL checkpoint
+├── LoraIncompatible     lora_incompatible   a LoRA was made for another architecture
+├── InputFetchFailed     input_fetch_failed  an input URL could not be fetched
+├── OutputTooLarge       output_too_large    inline images exceed the reply size cap
+├── UploadFailed         upload_failed       an image could not be delivered to storage
+├── OutOfMemory          out_of_memory       the GPU ran out of memory
+├── Cancelled            cancelled           the job was cancelled
+└── InternalError        internal_error      anything unexpected (details go to the log)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WorkerError(Exception):
+    """Root of every error a job can end with."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, accepted: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.accepted = accepted
+
+    def __str__(self) -> str:
+        text = f"{self.code}: "
+        if self.field:
+            text += f"{self.field}: "
+        text += self.message
+        if self.accepted is not None:
+            accepted = self.accepted
+            if isinstance(accepted, (list, tuple)):
+                accepted = ", ".join(str(a) for a in accepted)
+            text += f" (accepted: {accepted})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as a JSON-ready dict: code, field, message, accepted."""
+        return {
+            "code": self.code,
+            "field": self.field,
+            "message": self.message,
+            "accepted": self.accepted,
+        }
+
+
+class InvalidInput(WorkerError):
+    """A field is missing, malformed or out of range."""
+
+    code = "invalid_input"
+
+
+class ModelNotFound(WorkerError):
+    """A named checkpoint, LoRA, embedding or VAE is not on any model root."""
+
+    code = "model_not_found"
+
+
+class UnsupportedModel(WorkerError):
+    """A file is not a Stable Diffusion 1.x, 2.x or XL checkpoint."""
+
+    code = "unsupported_model"
+
+
+class LoraIncompatible(WorkerError):
+    """A LoRA was trained for a different architecture than the checkpoint."""
+
+    code = "lora_incompatible"
+
+
+class InputFetchFailed(WorkerError):
+    """An input image URL could not be fetched."""
+
+    code = "input_fetch_failed"
+
+
+class OutputTooLarge(WorkerError):
+    """Inline base64 images would exceed the platform's reply size cap."""
+
+    code = "output_too_large"
+
+
+class UploadFailed(WorkerError):
+    """An image could not be delivered to the bucket after retries."""
+
+    code = "upload_failed"
+
+
+class OutOfMemory(WorkerError):
+    """The GPU ran out of memory, even after emptying the cache and retrying once."""
+
+    code = "out_of_memory"
+
+
+class Cancelled(WorkerError):
+    """The job was cancelled before it finished."""
+
+    code = "cancelled"
+
+
+class InternalError(WorkerError):
+    """Anything unexpected; the stack trace is in the worker log, not in the reply."""
+
+    code = "internal_error"

@@ -1,0 +1,143 @@
+"""Checkpoint loading (single-file with bundled configs, or diffusers folders) and its cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from handler.errors import UnsupportedModel
+from handler.registry import CONFIG_ROOT, Detection, ModelFile
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {
+    "sd15": "StableDiffusionPipeline",
+    "sd2-512": "StableDiffusionPipeline",
+    "sd2-768-v": "StableDiffusionPipeline",
+    "sd15-inpaint": "StableDiffusionInpaintPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
+    "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline",
+}
+
+
+@lru_cache(maxsize=2)
+def clip_tokenizer(pad_token: str):
+    """The bundled CLIP BPE tokenizer. SD1 pads with <|endoftext|>; OpenCLIP encoders with '!'."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(CONFIG_ROOT / "clip_tokenizer"), pad_token=pad_token)
+
+
+def _tokenizers(architecture: str) -> dict[str, Any]:
+    clip_l = clip_tokenizer("<|endoftext|>")
+    open_clip = clip_tokenizer("!")
+    if architecture.startswith("sd15"):
+        return {"tokenizer": clip_l}
+    if architecture.startswith("sd2"):
+        return {"tokenizer": open_clip}
+    if architecture == "sdxl-refiner":
+        return {"tokenizer_2": open_clip}
+    return {"tokenizer": clip_l, "tokenizer_2": open_clip}
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A pipeline ready to run, with what the engine needs to know about it."""
+
+    name: str
+    architecture: str
+    prediction_type: str
+    pipeline: Any
+    scheduler_config: dict[str, Any]
+    load_ms: float
+
+
+def load_checkpoint(
+    model: ModelFile, detection: Detection, config_dir, device: torch.device, dtype: torch.dtype
+) -> LoadedCheckpoint:
+    """Load a checkpoint into a diffusers pipeline on `device`, with no hub access."""
+    import diffusers
+
+    started = time.perf_counter()
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[detection.architecture])
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    if "safety_checker" in pipeline_class._optional_components:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if model.is_folder:
+            pipeline = pipeline_class.from_pretrained(str(model.path), **kwargs)
+        else:
+            kwargs.update(_tokenizers(detection.architecture))
+            pipeline = pipeline_class.from_single_file(
+                str(model.path), config=str(config_dir), **kwargs
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        log.warning("loading %s failed: %s", model.name, error)
+        raise UnsupportedModel(
+            f"{model.name} was detected as {detection.architecture} but could not be loaded "
+            f"({type(error).__name__}: {str(error)[:300]})",
+            field="checkpoint",
+            accepted="complete SD 1.x, 2.x or XL checkpoints",
+        ) from None
+
+    scheduler_config = dict(pipeline.scheduler.config)
+    if scheduler_config.get("prediction_type") != detection.prediction_type:
+        scheduler_config["prediction_type"] = detection.prediction_type
+        pipeline.scheduler = type(pipeline.scheduler).from_config(scheduler_config)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return LoadedCheckpoint(
+        name=model.name,
+        architecture=detection.architecture,
+        prediction_type=detection.prediction_type,
+        pipeline=pipeline,
+        scheduler_config=scheduler_config,
+        load_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+class CheckpointCache:
+    """A least-recently-used cache of loaded checkpoints, bounded by count."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._entries: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self, key: tuple, load: Callable[[], LoadedCheckpoint]
+    ) -> tuple[LoadedCheckpoint, bool]:
+        """The entry for `key`, loading it on a miss; returns (entry, was_cached)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key], True
+        # Evict before loading so two full pipelines never sit in memory at once.
+        while len(self._entries) >= self.capacity:
+            _, evicted = self._entries.popitem(last=False)
+            log.info("evicting checkpoint %s", evicted.name)
+            del evicted
+            _free_memory()
+        entry = load()
+        self._entries[key] = entry
+        return entry, False
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

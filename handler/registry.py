@@ -1,0 +1,433 @@
+"""Model roots on the volume: name resolution, architecture detection from headers.
+
+A model name is a path relative to its folder (`checkpoints/`, `loras/`, ...), with or without
+extension. It never leaves its root: absolute paths, `..` and symlinks that resolve outside the
+root are refused. Architectures are read from the safetensors header alone; no weights load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from handler.errors import InvalidInput, ModelNotFound, UnsupportedModel
+from handler.settings import Settings
+
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+
+# Each kind of model lives in one of these folders inside a root (ours, then A1111's name).
+FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoint": ("checkpoints", "Stable-diffusion"),
+    "lora": ("loras", "Lora"),
+    "embedding": ("embeddings",),
+    "vae": ("vae", "VAE"),
+}
+SAFE_EXTENSIONS = (".safetensors",)
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# Architecture -> native image side in pixels.
+NATIVE_SIZE = {
+    "sd15": 512,
+    "sd15-inpaint": 512,
+    "sd2-512": 512,
+    "sd2-768-v": 768,
+    "sdxl": 1024,
+    "sdxl-refiner": 1024,
+    "sdxl-inpaint": 1024,
+}
+ARCHITECTURES = tuple(NATIVE_SIZE)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a checkpoint is, as read from its header (or its diffusers folder)."""
+
+    architecture: str
+    prediction_type: str = "epsilon"
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A resolved model on a root: its public name and the real path."""
+
+    kind: str
+    name: str
+    path: Path
+    root: Path
+
+    @property
+    def is_folder(self) -> bool:
+        return self.path.is_dir()
+
+
+@dataclass
+class Registry:
+    """Finds models on the configured roots and tells what they are."""
+
+    settings: Settings
+    _detections: dict[tuple[str, float, int], Detection] = field(default_factory=dict)
+
+    @property
+    def roots(self) -> list[Path]:
+        """Existing model roots, in search order."""
+        return [r for r in self.settings.model_roots if r.is_dir()]
+
+    # -- names ----------------------------------------------------------------------------
+
+    def resolve(self, kind: str, name: str, field_name: str) -> ModelFile:
+        """Resolve `name` of `kind` to a file inside a root, or raise naming `field_name`."""
+        relative = _checked_name(name, field_name)
+        for root in self.roots:
+            for folder in FOLDERS[kind]:
+                base = root / folder
+                for candidate in _candidates(base / relative, kind):
+                    if not (
+                        candidate.is_file()
+                        and candidate.suffix in WEIGHT_EXTENSIONS
+                        or _is_diffusers_folder(candidate)
+                    ):
+                        continue
+                    _inside_root(candidate, root, field_name, name)
+                    self._check_extension(candidate, field_name)
+                    return ModelFile(kind, _public_name(candidate, base), candidate, root)
+        for root in self.roots:
+            for folder in FOLDERS[kind]:
+                if (root / folder / relative).is_file():
+                    raise InvalidInput(
+                        f"{name!r} is not a weights file",
+                        field=field_name,
+                        accepted=", ".join(WEIGHT_EXTENSIONS),
+                    )
+        available = self.names(kind)
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.3)
+        raise ModelNotFound(
+            f"no {kind} named {name!r} on the model roots "
+            f"({', '.join(str(r) for r in self.roots) or 'none found'})",
+            field=field_name,
+            accepted=(close or available[:10]) or "nothing: the model root holds no " + kind,
+        )
+
+    def _check_extension(self, path: Path, field_name: str) -> None:
+        if path.suffix in PICKLE_EXTENSIONS and not self.settings.allow_pickle:
+            raise InvalidInput(
+                f"{path.name} is a pickled file, which can run code when loaded; it is refused "
+                "unless the worker sets ALLOW_PICKLE=1",
+                field=field_name,
+                accepted=".safetensors files or diffusers folders",
+            )
+
+    def files(self, kind: str) -> list[ModelFile]:
+        """Every model of `kind` on the roots (first root wins on equal names)."""
+        found: dict[str, ModelFile] = {}
+        for root in self.roots:
+            for folder in FOLDERS[kind]:
+                base = root / folder
+                if not base.is_dir():
+                    continue
+                for path in sorted(base.rglob("*")):
+                    if path.name.endswith(".config") or any(
+                        p.endswith(".config") for p in path.parts
+                    ):
+                        continue  # sidecar config folders
+                    if kind == "checkpoint" and _is_diffusers_folder(path):
+                        pass
+                    elif not (path.is_file() and path.suffix in WEIGHT_EXTENSIONS):
+                        continue
+                    if any(
+                        _is_diffusers_folder(p)
+                        for p in path.parents
+                        if p != base and base in p.parents
+                    ):
+                        continue  # weights inside a diffusers folder
+                    try:
+                        _inside_root(path, root, kind, path.name)
+                    except InvalidInput:
+                        continue
+                    name = _public_name(path, base)
+                    found.setdefault(name, ModelFile(kind, name, path, root))
+        return [found[n] for n in sorted(found)]
+
+    def names(self, kind: str) -> list[str]:
+        """Public names of every model of `kind`."""
+        return [f.name for f in self.files(kind)]
+
+    # -- architectures --------------------------------------------------------------------
+
+    def detect(self, model: ModelFile) -> Detection:
+        """Architecture of a checkpoint, cached by path, size and mtime."""
+        stat = model.path.stat()
+        key = (str(model.path), stat.st_mtime, stat.st_size)
+        if key not in self._detections:
+            if model.is_folder:
+                self._detections[key] = detect_diffusers_folder(model.path)
+            elif model.path.suffix in SAFE_EXTENSIONS:
+                self._detections[key] = detect_checkpoint(model.path)
+            else:
+                raise UnsupportedModel(
+                    f"{model.path.name}: the architecture of pickled checkpoints cannot be read "
+                    "without loading them; convert it to .safetensors",
+                    field="checkpoint",
+                    accepted=".safetensors checkpoints",
+                )
+        return self._detections[key]
+
+    def config_folder(self, model: ModelFile, detection: Detection) -> Path:
+        """The diffusers config folder for a single-file checkpoint.
+
+        A sidecar `NAME.config/` folder next to the file wins (custom sizes, other schedulers);
+        otherwise the bundled folder for the detected architecture.
+        """
+        sidecar = model.path.with_name(model.path.stem + ".config")
+        if (sidecar / "model_index.json").is_file():
+            _inside_root(sidecar, model.root, "checkpoint", model.name)
+            return sidecar
+        return CONFIG_ROOT / detection.architecture
+
+
+# -- name checks ---------------------------------------------------------------------------
+
+
+def _checked_name(name: str, field_name: str) -> PurePosixPath:
+    """Refuse names that could leave the root before touching the file system."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput(
+            "must be a non-empty model name", field=field_name, accepted="a name from list_models"
+        )
+    if "\x00" in name or "\\" in name:
+        raise InvalidInput(
+            "model names may not contain NUL or backslashes",
+            field=field_name,
+            accepted="a name relative to its folder, e.g. 'sdxl/juggernaut'",
+        )
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith("~"):
+        raise InvalidInput(
+            "absolute paths are not accepted",
+            field=field_name,
+            accepted="a name relative to its folder, e.g. 'sdxl/juggernaut'",
+        )
+    if ".." in path.parts:
+        raise InvalidInput(
+            "'..' is not accepted in model names",
+            field=field_name,
+            accepted="a name relative to its folder, e.g. 'sdxl/juggernaut'",
+        )
+    return path
+
+
+def _inside_root(path: Path, root: Path, field_name: str, name: str) -> None:
+    """Refuse a path whose real location (after symlinks) is outside its root."""
+    real = Path(os.path.realpath(path))
+    real_root = Path(os.path.realpath(root))
+    if real != real_root and real_root not in real.parents:
+        raise InvalidInput(
+            f"{name!r} resolves outside the model root",
+            field=field_name,
+            accepted="models stored inside the model root",
+        )
+
+
+def _candidates(base: Path, kind: str) -> list[Path]:
+    """The paths a name may refer to: as given, or with each weight extension added."""
+    if base.suffix in WEIGHT_EXTENSIONS:
+        return [base]
+    candidates = [base.with_name(base.name + ext) for ext in WEIGHT_EXTENSIONS]
+    if kind == "checkpoint":
+        candidates.append(base)  # a diffusers folder
+    return candidates
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    # NAME.config/ folders hold configs without weights: they are sidecars, not models.
+    return (
+        path.is_dir()
+        and not path.name.endswith(".config")
+        and (path / "model_index.json").is_file()
+    )
+
+
+def _public_name(path: Path, base: Path) -> str:
+    relative = path.relative_to(base).as_posix()
+    return relative[: -len(path.suffix)] if path.suffix in WEIGHT_EXTENSIONS else relative
+
+
+# -- architecture detection ----------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Tensor entries and metadata of a safetensors file, reading only its header."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise UnsupportedModel(
+                f"{path.name} is {size} bytes: too short to be a safetensors file",
+                field="checkpoint",
+                accepted=".safetensors checkpoints",
+            )
+        (length,) = struct.unpack("<Q", prefix)
+        if length < 2 or length > MAX_HEADER_BYTES or length > size - 8:
+            raise UnsupportedModel(
+                f"{path.name} is not a safetensors file (bad header length)",
+                field="checkpoint",
+                accepted=".safetensors checkpoints",
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UnsupportedModel(
+            f"{path.name} is not a safetensors file (unreadable header)",
+            field="checkpoint",
+            accepted=".safetensors checkpoints",
+        ) from None
+    if not isinstance(header, dict):
+        raise UnsupportedModel(
+            f"{path.name} has a malformed safetensors header",
+            field="checkpoint",
+            accepted=".safetensors checkpoints",
+        )
+    metadata = header.pop("__metadata__", None) or {}
+    data_end = max((entry.get("data_offsets", [0, 0])[1] for entry in header.values()), default=0)
+    if 8 + length + data_end > size:
+        raise UnsupportedModel(
+            f"{path.name} is truncated: its header describes {8 + length + data_end} bytes, "
+            f"the file has {size}",
+            field="checkpoint",
+            accepted="a complete .safetensors file",
+        )
+    return header, metadata
+
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def detect_checkpoint(path: Path) -> Detection:
+    """Architecture of a single-file checkpoint, from its key names and shapes only."""
+    tensors, metadata = read_safetensors_header(path)
+    keys = tensors.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    def found(what: str) -> UnsupportedModel:
+        return UnsupportedModel(
+            f"{path.name} looks like {what}, not a Stable Diffusion 1.x, 2.x or XL checkpoint",
+            field="checkpoint",
+            accepted="SD 1.x, SD 2.x, SDXL base/refiner and their inpainting variants",
+        )
+
+    if any("lora_" in k or ".lora_A." in k or ".lora_down." in k for k in keys):
+        raise found("a LoRA (it has lora_* keys); put it in loras/ and name it in `loras`")
+    if has("model.diffusion_model.joint_blocks.") or has("joint_blocks.") or has("text_encoders."):
+        raise found("Stable Diffusion 3")
+    if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
+        raise found("Flux")
+    if "emb_params" in keys or "string_to_param" in keys or keys == {"clip_l", "clip_g"}:
+        raise found("a textual-inversion embedding; put it in embeddings/")
+    if "edm_mean" in keys:
+        raise found("Playground v2.5")
+    if UNET_IN not in tensors:
+        if has("encoder.") and has("decoder."):
+            raise found("a VAE; put it in vae/ and name it in `vae`")
+        sample = ", ".join(sorted(keys)[:3])
+        raise found(f"something else (no SD UNet; first keys: {sample or 'none'})")
+
+    in_channels = tensors[UNET_IN]["shape"][1]
+    if in_channels not in (4, 9):
+        raise found(f"a UNet with {in_channels} input channels (e.g. InstructPix2Pix)")
+    inpaint = in_channels == 9
+
+    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer."):
+        arch = "sdxl-inpaint" if inpaint else "sdxl"
+    elif has("conditioner.embedders.0.model."):
+        if inpaint:
+            raise found("an SDXL refiner with an inpainting UNet")
+        arch = "sdxl-refiner"
+    elif has("cond_stage_model.model."):
+        if inpaint:
+            raise found("SD 2.x inpainting, which is not supported yet")
+        arch = "sd2"
+    elif has("cond_stage_model.transformer."):
+        arch = "sd15-inpaint" if inpaint else "sd15"
+    else:
+        raise found("a UNet without a text encoder")
+
+    prediction = _recorded_prediction_type(tensors, metadata, path)
+    notes: list[str] = []
+    if arch == "sd2":
+        if prediction is None:
+            prediction = "v_prediction"
+            notes.append(
+                "SD 2.x prediction type is not recorded in the file; assumed v-prediction "
+                "(SD 2.1 768). Add a `NAME.yaml` with `parameterization: eps` for 512 models."
+            )
+        arch = "sd2-768-v" if prediction == "v_prediction" else "sd2-512"
+    return Detection(arch, prediction or "epsilon", tuple(notes))
+
+
+def _recorded_prediction_type(tensors: dict, metadata: dict[str, str], path: Path) -> str | None:
+    """The prediction type the file records (modelspec / kohya metadata, a `v_pred` marker key,
+    or A1111's sidecar `NAME.yaml`), or None when it records none."""
+    spec = metadata.get("modelspec.prediction_type", "").lower()
+    if spec in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction"
+    if spec in ("epsilon", "eps"):
+        return "epsilon"
+    if metadata.get("ss_v_parameterization", "").lower() == "true" or "v_pred" in tensors:
+        return "v_prediction"
+    sidecar = path.with_suffix(".yaml")
+    if sidecar.is_file():
+        for line in sidecar.read_text(errors="replace").splitlines():
+            if line.strip().startswith("parameterization:"):
+                value = line.split(":", 1)[1].strip().strip("\"'")
+                return "v_prediction" if value == "v" else "epsilon"
+    return None
+
+
+def detect_diffusers_folder(path: Path) -> Detection:
+    """Architecture of a diffusers-format folder, from its model_index and UNet config."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        unet = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UnsupportedModel(
+            f"{path.name}: unreadable diffusers folder ({error})",
+            field="checkpoint",
+            accepted="a diffusers folder with model_index.json and unet/config.json",
+        ) from None
+    scheduler = {}
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler = json.loads(scheduler_file.read_text())
+    prediction = scheduler.get("prediction_type", "epsilon")
+    pipeline = index.get("_class_name", "")
+    inpaint = unet.get("in_channels") == 9
+    if "XL" in pipeline:
+        if index.get("text_encoder", [None])[0] is None:
+            arch = "sdxl-refiner"
+        else:
+            arch = "sdxl-inpaint" if inpaint else "sdxl"
+    elif unet.get("cross_attention_dim") == 1024 or "text_encoder" in index and _is_open_clip(path):
+        arch = "sd2-768-v" if prediction == "v_prediction" else "sd2-512"
+    elif pipeline.startswith("StableDiffusion"):
+        arch = "sd15-inpaint" if inpaint else "sd15"
+    else:
+        raise UnsupportedModel(
+            f"{path.name} is a {pipeline or 'unknown'} folder",
+            field="checkpoint",
+            accepted="Stable Diffusion 1.x, 2.x and XL diffusers folders",
+        )
+    return Detection(arch, prediction)
+
+
+def _is_open_clip(path: Path) -> bool:
+    config = path / "text_encoder" / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("hidden_act") == "gelu"

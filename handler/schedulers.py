@@ -1,0 +1,99 @@
+"""Scheduler (sampler) names: the canonical set, their aliases, and how each is built.
+
+Canonical names are A1111's sampler names, which most users know. A1111's older combined names
+("DPM++ 2M Karras"), worker-sdxl's K_* names and diffusers class names are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# canonical name -> (diffusers class, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    ),
+    "DPM++ 2M Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+DEFAULT_SCHEDULER = "DPM++ 2M Karras"
+
+_EXTRA_ALIASES = {
+    # worker-sdxl / Replicate K-diffusion style names
+    "K_EULER": "Euler",
+    "K_EULER_ANCESTRAL": "Euler a",
+    "K_HEUN": "Heun",
+    "K_LMS": "LMS",
+    "K_DPM_2": "DPM2",
+    "K_DPM_2_ANCESTRAL": "DPM2 a",
+    "K_DPMPP_2M": "DPM++ 2M",
+    "K_DPMPP_2M_KARRAS": "DPM++ 2M Karras",
+    "K_DPMPP_SDE": "DPM++ SDE",
+    "K_DPMPP_SDE_KARRAS": "DPM++ SDE Karras",
+    "KarrasDPM": "DPM++ 2M Karras",
+    "PLMS": "PNDM",
+    # diffusers class names (the plain class means its default configuration)
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverMultistep": "DPM++ 2M",
+    "DPMSolverSDEScheduler": "DPM++ SDE",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PNDM",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+
+
+def _key(name: str) -> str:
+    """Fold case, '++' vs 'pp', spaces, dashes and underscores: 'dpm++_2m karras' == 'DPMPP2MKarras'."""
+    return re.sub(r"[\s_\-]+", "", name.lower().replace("++", "pp"))
+
+
+_ALIASES: dict[str, str] = {_key(name): name for name in SCHEDULERS}
+_ALIASES.update({_key(alias): name for alias, name in _EXTRA_ALIASES.items()})
+_ALIASES.update({_key(name.replace(" ", "_")): name for name in SCHEDULERS})
+
+
+def canonical_scheduler(name: str) -> str | None:
+    """The canonical name for `name` or one of its aliases, or None if unknown."""
+    return _ALIASES.get(_key(name))
+
+
+def build_scheduler(name: str, base_config: dict[str, Any]):
+    """A fresh scheduler of canonical `name`, keeping the checkpoint's noise schedule."""
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    # A checkpoint's default scheduler may carry options another class does not take; the
+    # noise schedule (betas, prediction type, timestep spacing) is what must carry over.
+    config.pop("skip_prk_steps", None)
+    config.pop("use_karras_sigmas", None)
+    config.pop("algorithm_type", None)
+    return getattr(diffusers, class_name).from_config({**config, **overrides})

@@ -1,0 +1,161 @@
+"""The job schema: one pydantic model of a job's input and of its result.
+
+This is the single source of truth for field names, defaults and bounds; the Cog predictor's
+inputs are checked against it by a parity test.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from handler.errors import InvalidInput
+from handler.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, canonical_scheduler
+
+MAX_SEED = 2**64 - 1
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class Job(BaseModel):
+    """One generation job, after validation."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(description="What to draw. A1111 syntax is accepted.")
+    negative_prompt: str = Field("", description="What to keep out of the image.")
+    checkpoint: str | None = Field(
+        None,
+        description="Checkpoint name on the model root (relative to checkpoints/, extension "
+        "optional). Empty means the worker's DEFAULT_CHECKPOINT.",
+    )
+    width: int | None = Field(
+        None,
+        ge=64,
+        le=2048,
+        multiple_of=8,
+        description="Image width in pixels, a multiple of 8. Empty means the checkpoint's native size.",
+    )
+    height: int | None = Field(
+        None,
+        ge=64,
+        le=2048,
+        multiple_of=8,
+        description="Image height in pixels, a multiple of 8. Empty means the checkpoint's native size.",
+    )
+    steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
+    guidance_scale: float = Field(
+        7.0, ge=0.0, le=30.0, description="Classifier-free guidance (CFG) scale."
+    )
+    scheduler: str = Field(
+        DEFAULT_SCHEDULER,
+        description="Sampler. A1111 names, worker-sdxl K_* names and diffusers class names are accepted.",
+        json_schema_extra={"enum": list(SCHEDULER_NAMES)},
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses seed + i. Empty means random.",
+    )
+    num_images: int = Field(1, ge=1, le=8, description="Number of images.")
+    output_format: OutputFormat = Field("png", description="Image file format.")
+    output_quality: int = Field(90, ge=1, le=100, description="Quality for jpeg and webp (1-100).")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        name = canonical_scheduler(value)
+        if name is None:
+            raise ValueError(f"unknown scheduler {value!r}")
+        return name
+
+    def image_seeds(self) -> list[int]:
+        """The seed of every image: seed + i, wrapping at 2**64."""
+        assert self.seed is not None
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+
+class ImageResult(BaseModel):
+    """One delivered image."""
+
+    index: int
+    seed: int
+    width: int
+    height: int
+    format: OutputFormat
+    bytes: int
+    image: str | None = Field(None, description="data URI, when delivered inline")
+    url: str | None = Field(None, description="presigned or public URL, when uploaded")
+    bucket: str | None = None
+    key: str | None = None
+
+
+class Result(BaseModel):
+    """What a finished job returns."""
+
+    images: list[ImageResult]
+    seed: int
+    checkpoint: str
+    architecture: str
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+    timings_ms: dict[str, float]
+    warnings: list[str] = Field(default_factory=list)
+
+
+def _accepted(error: dict[str, Any]) -> str | None:
+    """Describe what would have been accepted for one pydantic error."""
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    field = str(error["loc"][-1]) if error["loc"] else ""
+    bounds = Job.model_fields.get(field)
+    if field == "scheduler":
+        return ", ".join(SCHEDULER_NAMES)
+    if kind == "literal_error":
+        return ctx.get("expected")
+    if kind in ("greater_than_equal", "less_than_equal", "multiple_of") and bounds is not None:
+        low = high = step = None
+        for rule in bounds.metadata:
+            low = getattr(rule, "ge", low)
+            high = getattr(rule, "le", high)
+            step = getattr(rule, "multiple_of", step)
+        text = f"{low} to {high}"
+        return text + (f", a multiple of {step}" if step else "")
+    if kind == "extra_forbidden":
+        return "fields: " + ", ".join(Job.model_fields)
+    return None
+
+
+def invalid_input_from(error: ValidationError) -> InvalidInput:
+    """Turn pydantic's first error into our InvalidInput (code, field, accepted)."""
+    errors = error.errors()
+    unknown = [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        return InvalidInput(
+            f"unknown field(s): {', '.join(unknown)}",
+            field=unknown[0],
+            accepted=_accepted(errors[0]),
+        )
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    message = first["msg"]
+    if first["type"] == "missing":
+        message = "is required"
+    return InvalidInput(message, field=field, accepted=_accepted(first))
+
+
+def parse_job(payload: Any) -> Job:
+    """Validate a job input dict into a Job, or raise InvalidInput naming the field."""
+    if not isinstance(payload, dict):
+        raise InvalidInput(
+            f"the job input must be a JSON object, got {type(payload).__name__}",
+            field="input",
+            accepted='{"prompt": "...", ...}',
+        )
+    try:
+        return Job.model_validate(payload)
+    except ValidationError as error:
+        raise invalid_input_from(error) from None

@@ -1,0 +1,60 @@
+"""Worker configuration, read from the environment in one place (every variable is in README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_ROOTS = ("/runpod-volume/models", "/runpod-volume", "./models")
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker reads from the environment."""
+
+    models_dir: str | None = None
+    default_checkpoint: str | None = None
+    allow_pickle: bool = False
+    log_prompts: bool = False
+    device: str | None = None
+    max_pixels: int = 2048 * 2048
+    cpu_checkpoints: int = 1
+    extra_roots: tuple[str, ...] = field(default=DEFAULT_MODEL_ROOTS)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read the settings from the process environment."""
+        return cls(
+            models_dir=_str("MODELS_DIR"),
+            default_checkpoint=_str("DEFAULT_CHECKPOINT"),
+            allow_pickle=_flag("ALLOW_PICKLE"),
+            log_prompts=_flag("LOG_PROMPTS"),
+            device=_str("DEVICE"),
+            max_pixels=_int("MAX_IMAGE_PIXELS", 2048 * 2048),
+            cpu_checkpoints=_int("CHECKPOINT_CACHE_SIZE", 1),
+        )
+
+    @property
+    def model_roots(self) -> list[Path]:
+        """Model roots in search order: $MODELS_DIR, then the RunPod volume, then ./models."""
+        roots = [self.models_dir] if self.models_dir else []
+        roots += [r for r in self.extra_roots if r not in roots]
+        return [Path(r) for r in roots]

@@ -1,0 +1,53 @@
+"""One pinned requirement set: pyproject, the worker image and Cog install the same versions."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _requirements() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "docker" / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_pyproject_pins_match_the_image_requirements():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = _requirements()
+    declared = {}
+    for dependency in project["dependencies"]:
+        if "==" in dependency:
+            name, version = dependency.split("==")
+            declared[name.lower()] = version
+    torch_pin = pins.pop("torch")
+    assert declared == pins
+    assert torch_pin == "2.13.0"
+
+
+def test_torch_is_a_range_in_pyproject_that_admits_the_pin():
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    torch_spec = next(d for d in project["dependencies"] if d.startswith("torch"))
+    assert "==" not in torch_spec
+    assert "2.13.0" in SpecifierSet(torch_spec.removeprefix("torch"))
+
+
+def test_setup_installs_torch_first_with_the_exact_cpu_pin():
+    script = (REPO / "scripts" / "setup_venv.sh").read_text()
+    installs = [line for line in script.splitlines() if "pip install" in line]
+    assert "torch==2.13.0" in installs[1] and installs.index(installs[1]) < installs.index(
+        installs[2]
+    )
+
+
+def test_configs_ship_as_package_data():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "configs/**/*.json" in project["tool"]["setuptools"]["package-data"]["handler"]

@@ -1,0 +1,96 @@
+"""Single-file loading: the weights that land in the pipeline are the ones written to disk."""
+
+from __future__ import annotations
+
+import torch
+
+from scripts.make_demo_volume import build_components, tiny_folders
+
+
+def _assert_same_weights(module: torch.nn.Module, expected: torch.nn.Module, label: str) -> None:
+    got, want = module.state_dict(), expected.state_dict()
+    assert set(got) == set(want), label
+    for key, value in want.items():
+        # The file stores fp16 (as civitai files do); the CPU pipeline runs in fp32.
+        assert torch.equal(got[key], value.to(torch.float16).to(got[key].dtype)), f"{label}: {key}"
+
+
+def test_single_file_round_trip_sd15(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    torch.manual_seed(0)  # the seed make_demo_volume used for demo-sd15
+    expected = build_components(tiny_folders()["sd15"])
+    for name in ("unet", "vae", "text_encoder"):
+        _assert_same_weights(getattr(loaded.pipeline, name), expected[name], name)
+
+
+def test_single_file_round_trip_sdxl(engine):
+    loaded, _ = engine.checkpoint("demo-sdxl")
+    torch.manual_seed(1)
+    expected = build_components(tiny_folders()["sdxl"])
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_same_weights(getattr(loaded.pipeline, name), expected[name], name)
+
+
+def test_loaded_pipeline_uses_bundled_tokenizers(engine):
+    loaded, _ = engine.checkpoint("demo-sdxl")
+    assert loaded.pipeline.tokenizer("a photo of a cat").input_ids == [
+        49406,
+        320,
+        1125,
+        539,
+        320,
+        2368,
+        49407,
+    ]
+    assert loaded.pipeline.tokenizer_2.pad_token == "!"
+
+
+def test_sd2_v_prediction_reaches_the_scheduler(engine):
+    loaded, _ = engine.checkpoint("demo-sd2-768-v")
+    assert loaded.pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_loading_needs_no_network(demo_volume, tmp_path):
+    """A fresh process with the hub forced offline and no proxy to reach loads and generates."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from handler.engine import Engine; from handler.schema import parse_job;"
+        "r = Engine().run(parse_job({'prompt': 'x', 'width': 64, 'height': 64, 'steps': 1, 'seed': 3,"
+        " 'checkpoint': 'demo-sdxl'})); print(json.dumps({'seed': r.seed}))"
+    )
+    env = {
+        **os.environ,
+        "MODELS_DIR": str(demo_volume),
+        "HF_HUB_OFFLINE": "1",
+        "DEVICE": "cpu",
+        "HF_HOME": str(tmp_path / "empty-hf-home"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"seed": 3}
+    assert not (tmp_path / "empty-hf-home").exists() or not any(
+        (tmp_path / "empty-hf-home").rglob("*.json")
+    )
+
+
+def test_diffusers_folder_loads_and_matches_single_file(engine, demo_volume):
+    from handler.schema import parse_job
+
+    loaded, _ = engine.checkpoint("demo-sd15")
+    folder = demo_volume / "checkpoints" / "demo-sd15-diffusers"
+    if not folder.exists():
+        loaded.pipeline.save_pretrained(folder)
+    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    from_file = engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
+    from_folder = engine.run(parse_job({**job, "checkpoint": "demo-sd15-diffusers"}))
+    assert from_folder.architecture == "sd15"
+    assert from_folder.images[0].image == from_file.images[0].image

@@ -1,0 +1,163 @@
+"""Model roots: name resolution, path-escape refusals and architecture detection."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from handler.errors import InvalidInput, ModelNotFound, UnsupportedModel
+from handler.registry import Registry, detect_checkpoint, detect_diffusers_folder
+
+FIXTURE_ARCHITECTURES = {
+    "demo-sd15": ("sd15", "epsilon"),
+    "demo-sd15-inpaint": ("sd15-inpaint", "epsilon"),
+    "demo-sd2-768-v": ("sd2-768-v", "v_prediction"),
+    "demo-sdxl": ("sdxl", "epsilon"),
+    "demo-sdxl-refiner": ("sdxl-refiner", "epsilon"),
+    "demo-sdxl-inpaint": ("sdxl-inpaint", "epsilon"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_ARCHITECTURES))
+def test_detects_every_fixture_architecture(demo_volume, name):
+    detection = detect_checkpoint(demo_volume / "checkpoints" / f"{name}.safetensors")
+    assert (detection.architecture, detection.prediction_type) == FIXTURE_ARCHITECTURES[name]
+
+
+def _tiny(path: Path, keys: list[str], metadata: dict | None = None) -> Path:
+    save_file({k: torch.zeros(2, 2) for k in keys}, str(path), metadata=metadata)
+    return path
+
+
+def test_sd2_without_a_recorded_prediction_type_defaults_to_v_with_a_note(tmp_path, demo_volume):
+    from safetensors.torch import load_file
+
+    state = load_file(demo_volume / "checkpoints" / "demo-sd2-768-v.safetensors")
+    save_file(state, str(tmp_path / "plain.safetensors"))  # no metadata
+    detection = detect_checkpoint(tmp_path / "plain.safetensors")
+    assert detection.architecture == "sd2-768-v" and detection.notes
+    (tmp_path / "plain.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    assert detect_checkpoint(tmp_path / "plain.safetensors").architecture == "sd2-512"
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
+        (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "LoRA"),
+        (
+            ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"],
+            "Stable Diffusion 3",
+        ),
+        (["double_blocks.0.img_attn.qkv.weight"], "Flux"),
+        (["emb_params"], "textual-inversion"),
+        (["encoder.conv_in.weight", "decoder.conv_in.weight"], "VAE"),
+        (["something.else"], "something else"),
+    ],
+)
+def test_non_sd_files_are_unsupported_with_what_was_found(tmp_path, keys, expected):
+    path = _tiny(tmp_path / "x.safetensors", keys)
+    with pytest.raises(UnsupportedModel) as info:
+        detect_checkpoint(path)
+    assert expected in info.value.message
+    assert info.value.code == "unsupported_model" and info.value.field == "checkpoint"
+
+
+def test_truncated_and_foreign_files_are_unsupported(tmp_path, demo_volume):
+    original = (demo_volume / "checkpoints" / "demo-sd15.safetensors").read_bytes()
+    cases = {
+        "truncated.safetensors": original[: len(original) // 2],
+        "html.safetensors": b"<html><body>404 Not Found</body></html>",
+        "empty.safetensors": b"",
+        "pickle.safetensors": b"\x80\x02}q\x00(X\x05\x00\x00\x00state" + b"\x00" * 64,
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UnsupportedModel) as info:
+            detect_checkpoint(tmp_path / name)
+        assert "safetensors" in str(info.value) or "truncated" in str(info.value), name
+
+
+def test_diffusers_folder_detection(tmp_path, engine):
+    loaded, _ = engine.checkpoint("demo-sdxl")
+    loaded.pipeline.save_pretrained(tmp_path / "xl")
+    assert detect_diffusers_folder(tmp_path / "xl").architecture == "sdxl"
+
+
+# -- name resolution ---------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def registry(settings):
+    return Registry(settings)
+
+
+def test_resolves_with_and_without_extension_and_in_subfolders(registry, demo_volume):
+    assert registry.resolve("checkpoint", "demo-sd15", "checkpoint").name == "demo-sd15"
+    assert registry.resolve("checkpoint", "demo-sd15.safetensors", "checkpoint").name == "demo-sd15"
+    sub = demo_volume / "loras" / "styles"
+    sub.mkdir(exist_ok=True)
+    (sub / "ink.safetensors").write_bytes(
+        (demo_volume / "loras" / "demo_sd15_peft.safetensors").read_bytes()
+    )
+    assert registry.resolve("lora", "styles/ink", "loras[0].name").path == sub / "ink.safetensors"
+
+
+def test_lists_checkpoints_without_sidecar_config_folders(registry):
+    names = registry.names("checkpoint")
+    assert "demo-sd15" in names and "demo-sdxl" in names
+    assert not any(n.endswith(".config") or "/" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "name", ["/etc/passwd", "../../etc/passwd", "sub/../../x", "~root/x", "a\\..\\b"]
+)
+def test_refuses_names_that_escape_the_root(registry, name):
+    with pytest.raises(InvalidInput) as info:
+        registry.resolve("checkpoint", name, "checkpoint")
+    assert info.value.field == "checkpoint"
+
+
+def test_refuses_symlinks_pointing_outside_the_root(registry, demo_volume, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((demo_volume / "checkpoints" / "demo-sd15.safetensors").read_bytes())
+    link = demo_volume / "checkpoints" / "escape.safetensors"
+    os.symlink(outside, link)
+    try:
+        with pytest.raises(InvalidInput) as info:
+            registry.resolve("checkpoint", "escape", "checkpoint")
+        assert "outside the model root" in info.value.message
+        assert "escape" not in registry.names("checkpoint")
+    finally:
+        link.unlink()
+
+
+def test_refuses_pickles_unless_allowed(settings, demo_volume):
+    pickle = demo_volume / "checkpoints" / "old.ckpt"
+    pickle.write_bytes(b"\x80\x02}q\x00.")
+    try:
+        with pytest.raises(InvalidInput) as info:
+            Registry(settings).resolve("checkpoint", "old", "checkpoint")
+        assert "ALLOW_PICKLE" in info.value.message
+        allowed = Registry(replace(settings, allow_pickle=True))
+        assert allowed.resolve("checkpoint", "old", "checkpoint").path == pickle
+    finally:
+        pickle.unlink()
+
+
+def test_refuses_non_weight_extensions(registry, demo_volume):
+    with pytest.raises(InvalidInput) as info:
+        registry.resolve("checkpoint", "demo-sd15.config/model_index.json", "checkpoint")
+    assert "not a weights file" in info.value.message
+
+
+def test_model_not_found_lists_the_closest_names(registry):
+    with pytest.raises(ModelNotFound) as info:
+        registry.resolve("checkpoint", "demo-sd1.5", "checkpoint")
+    assert info.value.field == "checkpoint"
+    assert "demo-sd15" in info.value.accepted
