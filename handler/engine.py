@@ -66,18 +66,20 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def default_checkpoint_name(self) -> str:
-        """DEFAULT_CHECKPOINT, or the only checkpoint on the roots."""
+    def default_checkpoint_name(self) -> tuple[str, str | None]:
+        """DEFAULT_CHECKPOINT, else the first checkpoint by name (as A1111 does), with a warning."""
         if self.settings.default_checkpoint:
-            return self.settings.default_checkpoint
+            return self.settings.default_checkpoint, None
         names = self.registry.names("checkpoint")
+        if not names:
+            raise InvalidInput(
+                "no checkpoint named, no DEFAULT_CHECKPOINT set, and the model roots hold none",
+                field="checkpoint",
+                accepted=f"a checkpoint under checkpoints/ in one of {self.settings.model_roots}",
+            )
         if len(names) == 1:
-            return names[0]
-        raise InvalidInput(
-            "no checkpoint named and the worker has no DEFAULT_CHECKPOINT",
-            field="checkpoint",
-            accepted=names or "nothing: the model root holds no checkpoints",
-        )
+            return names[0], None
+        return names[0], f"no checkpoint named and no DEFAULT_CHECKPOINT set; used {names[0]!r}"
 
     def checkpoint(self, name: str, field: str = "checkpoint") -> tuple[LoadedCheckpoint, bool]:
         """The loaded checkpoint `name` (from the cache when possible), and whether it was cached."""
@@ -109,7 +111,11 @@ class Engine:
 
         # 1. Resolve and load the checkpoint
         progress(Progress("loading", 0, 1))
-        loaded, _ = self.checkpoint(job.checkpoint or self.default_checkpoint_name())
+        name = job.checkpoint
+        if not name:
+            name, warning = self.default_checkpoint_name()
+            warnings += [warning] if warning else []
+        loaded, _ = self.checkpoint(name)
         timings["load"] = _ms(started)
         if loaded.architecture not in TXT2IMG_ARCHITECTURES:
             raise InvalidInput(

@@ -16,9 +16,9 @@ from handler.runpod_worker import handle
 
 DEFAULT_INPUT = {
     "prompt": "a red cube on a table",
-    "width": 512,
-    "height": 512,
-    "steps": 20,
+    "width": 256,
+    "height": 256,
+    "steps": 12,
     "seed": 7,
     "num_images": 2,
 }
@@ -26,7 +26,7 @@ DEFAULT_INPUT = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input", nargs="?", help="job input as JSON (default: a 512x512 demo job)")
+    parser.add_argument("input", nargs="?", help="job input as JSON (default: a 256x256 demo job)")
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     args = parser.parse_args()
     job_input = json.loads(args.input) if args.input else DEFAULT_INPUT

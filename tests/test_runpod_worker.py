@@ -31,10 +31,11 @@ def run_worker(args: list[str], demo_volume: Path, **env) -> subprocess.Complete
 
 def test_test_input_runs_a_job_and_shows_its_seed(demo_volume):
     job = {"input": {"prompt": "a red cube", "width": 64, "height": 64, "steps": 2, "seed": 7}}
-    out = run_worker(["--test_input", json.dumps(job)], demo_volume, DEFAULT_CHECKPOINT="demo-sd15")
+    out = run_worker(["--test_input", json.dumps(job)], demo_volume)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "completed successfully" in out.stdout
     assert "'seed': 7" in out.stdout
+    assert "used 'demo-sd15'" in out.stdout  # no DEFAULT_CHECKPOINT: the first one, with a warning
     assert "a red cube" not in out.stderr  # the job log line never carries the prompt
 
 
