@@ -9,25 +9,36 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from handler.errors import Cancelled, InvalidInput, WorkerError
+from handler.errors import (
+    Cancelled,
+    InternalError,
+    InvalidInput,
+    OutOfMemory,
+    OutputTooLarge,
+    WorkerError,
+)
+from handler.inputs import load_image
 from handler.outputs import EncodedImage, encode_image
-from handler.pipelines import CheckpointCache, LoadedCheckpoint, load_checkpoint
-from handler.registry import NATIVE_SIZE, Registry
+from handler.pipelines import CheckpointCache, LoadedCheckpoint, load_checkpoint, pipeline_for
+from handler.registry import NATIVE_SIZE, Registry, detect_lora
 from handler.schedulers import build_scheduler
 from handler.schema import ImageResult, Job, Result
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TXT2IMG_ARCHITECTURES = ("sd15", "sd2-512", "sd2-768-v", "sdxl")
+GENERATOR_ARCHITECTURES = ("sd15", "sd2-512", "sd2-768-v", "sdxl")
+# worker-sdxl's default strength for refining a finished base image.
+REFINE_AFTER_STRENGTH = 0.3
 
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a job is: phase is loading, denoising or delivering; step counts within it."""
+    """Where a job is: phase is loading, denoising, refining or uploading."""
 
     phase: str
     step: int
@@ -55,16 +66,20 @@ class Engine:
         self.device = pick_device(self.settings.device)
         # fp16 on the GPU; fp32 on the CPU, where half precision is slow and inexact.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.cache = CheckpointCache(self.settings.cpu_checkpoints)
+        # A configured refiner stays cached beside the base checkpoint.
+        capacity = self.settings.cpu_checkpoints + (1 if self.settings.refiner_checkpoint else 0)
+        self.cache = CheckpointCache(capacity)
         self._encoders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
         self._lock = threading.Lock()
 
     def setup(self) -> None:
-        """Preload DEFAULT_CHECKPOINT, so the first job does not pay for it."""
+        """Preload DEFAULT_CHECKPOINT (and REFINER_CHECKPOINT), so the first job does not wait."""
         if self.settings.default_checkpoint:
-            self.checkpoint(self.settings.default_checkpoint)
+            self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
+        if self.settings.refiner_checkpoint:
+            self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
 
-    # -- checkpoints ----------------------------------------------------------------------
+    # -- models ---------------------------------------------------------------------------
 
     def default_checkpoint_name(self) -> tuple[str, str | None]:
         """DEFAULT_CHECKPOINT, else the first checkpoint by name (as A1111 does), with a warning."""
@@ -92,6 +107,48 @@ class Engine:
             key, lambda: load_checkpoint(model, detection, config_dir, self.device, self.dtype)
         )
 
+    def list_models(self) -> dict[str, list[dict[str, Any]]]:
+        """What the model roots hold: checkpoints with architecture, LoRAs with base, etc."""
+        from handler.errors import UnsupportedModel
+
+        checkpoints = []
+        for model in self.registry.files("checkpoint"):
+            entry: dict[str, Any] = {
+                "name": model.name,
+                "format": "diffusers" if model.is_folder else "single_file",
+            }
+            if not model.is_folder:
+                entry["size_bytes"] = model.path.stat().st_size
+            try:
+                entry["architecture"] = self.registry.detect(model).architecture
+            except UnsupportedModel as error:
+                entry["architecture"] = "unsupported"
+                entry["reason"] = error.message
+            checkpoints.append(entry)
+        loras = []
+        for model in self.registry.files("lora"):
+            entry = {"name": model.name, "size_bytes": model.path.stat().st_size}
+            try:
+                entry["base"] = (
+                    detect_lora(model.path) if model.path.suffix == ".safetensors" else "unknown"
+                )
+            except UnsupportedModel:
+                entry["base"] = "unreadable"
+            loras.append(entry)
+        others = {
+            kind: [
+                {"name": m.name, "size_bytes": m.path.stat().st_size}
+                for m in self.registry.files(kind)
+            ]
+            for kind in ("embedding", "vae")
+        }
+        return {
+            "checkpoints": checkpoints,
+            "loras": loras,
+            "embeddings": others["embedding"],
+            "vaes": others["vae"],
+        }
+
     # -- jobs -----------------------------------------------------------------------------
 
     def run(
@@ -99,53 +156,83 @@ class Engine:
         job: Job,
         progress: ProgressCallback | None = None,
         cancelled: CancelCheck | None = None,
+        inline_limit: int | None = None,
     ) -> Result:
-        """Run one txt2img job and return its encoded images, seeds and timings."""
-        with self._lock:
-            return self._run(job, progress or (lambda p: None), cancelled or (lambda: False))
+        """Run one job and return its encoded images, seeds and timings.
 
-    def _run(self, job: Job, progress: ProgressCallback, cancelled: CancelCheck) -> Result:
+        `inline_limit` caps the total size of the base64 images (a platform's reply limit).
+        """
+        with self._lock:
+            return self._run(
+                job, progress or (lambda p: None), cancelled or (lambda: False), inline_limit
+            )
+
+    def _run(
+        self, job: Job, progress: ProgressCallback, cancelled: CancelCheck, inline_limit
+    ) -> Result:
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        warnings: list[str] = []
+        warnings: list[str] = list(job._notes)
 
-        # 1. Resolve and load the checkpoint
+        # 1. Resolve and load the checkpoint(s)
         progress(Progress("loading", 0, 1))
         name = job.checkpoint
         if not name:
             name, warning = self.default_checkpoint_name()
             warnings += [warning] if warning else []
         loaded, _ = self.checkpoint(name)
-        timings["load"] = _ms(started)
-        if loaded.architecture not in TXT2IMG_ARCHITECTURES:
+        if loaded.architecture not in GENERATOR_ARCHITECTURES:
             raise InvalidInput(
-                f"{loaded.name} is an {loaded.architecture} checkpoint, which cannot run txt2img",
+                f"{loaded.name} is an {loaded.architecture} checkpoint, which cannot start a generation",
                 field="checkpoint",
                 accepted="SD 1.x, SD 2.x or SDXL base checkpoints",
             )
+        refiner = self._refiner_for(job, loaded, warnings)
+        timings["load"] = _ms(started)
 
         # 2. Check the request against this checkpoint
+        init_image = load_image(job.image, "image", self.settings) if job.image else None
         native = NATIVE_SIZE[loaded.architecture]
-        width, height = job.width or native, job.height or native
+        default_w, default_h = (
+            (native, native) if init_image is None else _multiple_of_8(init_image.size)
+        )
+        width, height = job.width or default_w, job.height or default_h
         if width * height > self.settings.max_pixels:
             raise InvalidInput(
                 f"{width}x{height} is {width * height} pixels, over this worker's MAX_IMAGE_PIXELS",
                 field="width",
                 accepted=f"width x height up to {self.settings.max_pixels} pixels",
             )
+        if init_image is not None and int(job.steps * job.strength) < 1:
+            raise InvalidInput(
+                f"steps x strength = {job.steps} x {job.strength} leaves no denoising step",
+                field="strength",
+                accepted=f"strength of at least {1 / job.steps:.3f} for {job.steps} steps",
+            )
+        if refiner is not None and job.high_noise_frac is None:
+            refine_steps = job.refiner_inference_steps or job.steps
+            if int(refine_steps * REFINE_AFTER_STRENGTH) < 1:
+                raise InvalidInput(
+                    f"refining after the base runs {refine_steps} x {REFINE_AFTER_STRENGTH} steps: none",
+                    field="refiner_inference_steps",
+                    accepted=f"at least {int(1 / REFINE_AFTER_STRENGTH) + 1} steps",
+                )
+        if init_image is not None and init_image.size != (width, height):
+            init_image = init_image.resize((width, height), resample=3)  # bicubic
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
 
-        # 3. Denoise and decode
-        images, denoise_ms, decode_ms = self._generate(
-            loaded, job, width, height, seeds, progress, cancelled
+        # 3. Denoise and decode; an OOM gets one retry after the cache is emptied
+        images, denoise_ms, decode_ms = _with_oom_retry(
+            lambda: self._generate(
+                loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
+            )
         )
-        timings["denoise"] = denoise_ms
-        timings["decode"] = decode_ms
+        timings["denoise"], timings["decode"] = denoise_ms, decode_ms
 
-        # 4. Encode
-        progress(Progress("delivering", 0, len(images)))
+        # 4. Encode and deliver
+        progress(Progress("uploading", 0, len(images)))
         encode_started = time.perf_counter()
         encoded = list(
             self._encoders.map(
@@ -156,9 +243,19 @@ class Engine:
             )
         )
         timings["encode"] = _ms(encode_started)
+        results = [_inline(image) for image in encoded]
+        inline_bytes = sum(len(r.image or "") for r in results)
+        if inline_limit is not None and inline_bytes > inline_limit:
+            raise OutputTooLarge(
+                f"the {len(results)} images are {inline_bytes} bytes as base64, over the "
+                f"{inline_limit}-byte reply limit; configure a bucket (BUCKET_ENDPOINT_URL, "
+                "BUCKET_NAME, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive URLs instead",
+                field="num_images",
+                accepted="fewer or smaller images, jpeg/webp output, or a configured bucket",
+            )
         timings["total"] = _ms(started)
         return Result(
-            images=[_inline(image) for image in encoded],
+            images=results,
             seed=seed,
             checkpoint=loaded.name,
             architecture=loaded.architecture,
@@ -170,44 +267,140 @@ class Engine:
             warnings=warnings,
         )
 
-    def _generate(self, loaded, job, width, height, seeds, progress, cancelled):
-        """Run the pipeline; returns (PIL images, denoise ms, decode ms)."""
-        pipeline = loaded.pipeline
-        original_scheduler = pipeline.scheduler
-        pipeline.scheduler = build_scheduler(job.scheduler, loaded.scheduler_config)
-        # CPU generators: the same seed gives the same noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        marks = {"start": time.perf_counter(), "last_step": None}
-
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            if cancelled():
-                raise Cancelled("the job was cancelled", field=None)
-            if step + 1 == job.steps:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                marks["last_step"] = time.perf_counter()
-            progress(Progress("denoising", step + 1, job.steps))
-            return callback_kwargs
-
-        try:
-            with torch.inference_mode():
-                output = pipeline(
-                    prompt=[job.prompt] * len(seeds),
-                    negative_prompt=[job.negative_prompt] * len(seeds),
-                    width=width,
-                    height=height,
-                    num_inference_steps=job.steps,
-                    guidance_scale=job.guidance_scale,
-                    generator=generators,
-                    callback_on_step_end=on_step_end,
+    def _refiner_for(
+        self, job: Job, base: LoadedCheckpoint, warnings: list[str]
+    ) -> LoadedCheckpoint | None:
+        """The SDXL refiner this job should use, or None (with a warning if it asked for one)."""
+        asked = job.high_noise_frac is not None or job.refiner_inference_steps is not None
+        name = job.refiner_checkpoint or (self.settings.refiner_checkpoint if asked else None)
+        if not name:
+            if asked:
+                warnings.append(
+                    "high_noise_frac/refiner_inference_steps ignored: no refiner checkpoint is "
+                    "configured (set REFINER_CHECKPOINT or refiner_checkpoint)"
                 )
-        except WorkerError:
-            raise
-        finally:
-            pipeline.scheduler = original_scheduler
+            return None
+        if base.architecture != "sdxl":
+            warnings.append(
+                f"refiner ignored: {base.name} is {base.architecture}, the refiner is for SDXL"
+            )
+            return None
+        refiner, _ = self.checkpoint(name, "refiner_checkpoint")
+        if refiner.architecture != "sdxl-refiner":
+            raise InvalidInput(
+                f"{refiner.name} is {refiner.architecture}, not an SDXL refiner",
+                field="refiner_checkpoint",
+                accepted="an SDXL refiner checkpoint",
+            )
+        return refiner
+
+    def _generate(
+        self, loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
+    ):
+        """Run the pipeline(s); returns (PIL images, denoise ms, decode ms)."""
+
+        def generators() -> list[torch.Generator]:
+            return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+        marks = {"start": time.perf_counter(), "last_step": None}
+        common = {
+            "prompt": [job.prompt] * len(seeds),
+            "negative_prompt": [job.negative_prompt] * len(seeds),
+            "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance_scale,
+        }
+        mode = "img2img" if init_image is not None else "txt2img"
+        args: dict[str, Any] = {**common, "generator": generators()}
+        if init_image is not None:
+            args.update(image=[init_image] * len(seeds), strength=job.strength)
+        else:
+            args.update(width=width, height=height)
+
+        refine_args = None
+        if refiner is not None:
+            args["output_type"] = "latent"
+            refine_args = {**common, "generator": generators()}
+            if job.high_noise_frac is not None:
+                # Ensemble of experts: the base denoises the high-noise part, the refiner the rest.
+                args["denoising_end"] = job.high_noise_frac
+                refine_args["denoising_start"] = job.high_noise_frac
+                if job.refiner_inference_steps:
+                    refine_args["num_inference_steps"] = job.refiner_inference_steps
+            else:
+                refine_args["num_inference_steps"] = job.refiner_inference_steps or job.steps
+                refine_args["strength"] = REFINE_AFTER_STRENGTH
+
+        def on_step_end(phase):
+            def callback(pipe, step, timestep, callback_kwargs):
+                if cancelled():
+                    raise Cancelled("the job was cancelled")
+                total = getattr(pipe, "_num_timesteps", None) or job.steps
+                if step + 1 == total:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    marks["last_step"] = time.perf_counter()
+                progress(Progress(phase, step + 1, total))
+                return callback_kwargs
+
+            return callback
+
+        with torch.inference_mode():
+            output = self._call(loaded, mode, job, args, on_step_end("denoising"))
+            if refine_args is not None:
+                refine_args["image"] = output.images
+                output = self._call(refiner, "img2img", job, refine_args, on_step_end("refining"))
         done = time.perf_counter()
         last_step = marks["last_step"] or done
         return output.images, (last_step - marks["start"]) * 1000, (done - last_step) * 1000
+
+    def _call(self, loaded: LoadedCheckpoint, mode: str, job: Job, args: dict, callback):
+        """Call one pipeline with this job's scheduler, restoring the shared one afterwards."""
+        pipeline = pipeline_for(loaded, mode)
+        original = pipeline.scheduler
+        pipeline.scheduler = build_scheduler(job.scheduler, loaded.scheduler_config)
+        try:
+            return pipeline(**args, callback_on_step_end=callback)
+        finally:
+            pipeline.scheduler = original
+
+
+def _with_oom_retry(call):
+    """Run `call`; on a CUDA OOM empty the cache and retry once. Poisoned contexts ask for a refresh."""
+    for attempt in (1, 2):
+        try:
+            return call()
+        except WorkerError:
+            raise
+        except torch.OutOfMemoryError:
+            log.warning("out of memory (attempt %d); emptying the CUDA cache", attempt)
+            _free_cuda_memory()
+            if attempt == 2:
+                raise OutOfMemory(
+                    "the GPU ran out of memory even after emptying its cache",
+                    field="width",
+                    accepted="a smaller size or fewer images",
+                    refresh_worker=True,
+                ) from None
+        except RuntimeError as error:
+            text = str(error)
+            if "device-side assert" in text or "CUDA error" in text:
+                log.exception("CUDA error; the worker should be replaced")
+                raise InternalError(
+                    "a CUDA error left the GPU unusable", refresh_worker=True
+                ) from None
+            raise
+
+
+def _free_cuda_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
+    return tuple(max(64, min(2048, side - side % 8)) for side in size)  # type: ignore[return-value]
 
 
 def _quiet_libraries() -> None:

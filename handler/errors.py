@@ -23,11 +23,20 @@ class WorkerError(Exception):
 
     code = "internal_error"
 
-    def __init__(self, message: str, *, field: str | None = None, accepted: Any = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        accepted: Any = None,
+        refresh_worker: bool = False,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.accepted = accepted
+        # True when the CUDA context may be poisoned: the platform should replace the worker.
+        self.refresh_worker = refresh_worker
 
     def __str__(self) -> str:
         text = f"{self.code}: "

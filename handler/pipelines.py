@@ -6,7 +6,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -48,6 +48,15 @@ def _tokenizers(architecture: str) -> dict[str, Any]:
     return {"tokenizer": clip_l, "tokenizer_2": open_clip}
 
 
+# Pipelines derived (with shared weights) from a loaded checkpoint, per mode.
+DERIVED_CLASSES = {
+    ("sd15", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd2-512", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd2-768-v", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+}
+
+
 @dataclass
 class LoadedCheckpoint:
     """A pipeline ready to run, with what the engine needs to know about it."""
@@ -58,6 +67,21 @@ class LoadedCheckpoint:
     pipeline: Any
     scheduler_config: dict[str, Any]
     load_ms: float
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
+def pipeline_for(loaded: LoadedCheckpoint, mode: str):
+    """The pipeline for `mode` (txt2img or img2img), sharing the loaded weights (`from_pipe`)."""
+    import diffusers
+
+    if mode == "txt2img" or loaded.architecture == "sdxl-refiner":
+        return loaded.pipeline
+    if mode not in loaded.derived:
+        cls = getattr(diffusers, DERIVED_CLASSES[(loaded.architecture, mode)])
+        pipeline = cls.from_pipe(loaded.pipeline)
+        pipeline.set_progress_bar_config(disable=True)
+        loaded.derived[mode] = pipeline
+    return loaded.derived[mode]
 
 
 def load_checkpoint(

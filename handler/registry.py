@@ -431,3 +431,24 @@ def detect_diffusers_folder(path: Path) -> Detection:
 def _is_open_clip(path: Path) -> bool:
     config = path / "text_encoder" / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("hidden_act") == "gelu"
+
+
+def detect_lora(path: Path) -> str:
+    """The base architecture a LoRA was trained for, from its key names and shapes.
+
+    Returns sd15, sd2, sdxl, sdxl-refiner or "unknown".
+    """
+    tensors, metadata = read_safetensors_header(path)
+    keys = list(tensors)
+    if any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
+        return "sdxl"
+    # The width of the cross-attention key projection tells the text encoder it was made for.
+    widths = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+    for key in keys:
+        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key):
+            found = widths.get(tensors[key]["shape"][1])
+            if found:
+                return found
+    if any(k.startswith(("lora_te_", "text_encoder.")) for k in keys):
+        return "sd15"
+    return "unknown"

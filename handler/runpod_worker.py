@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
 from typing import Any
 
-from handler.engine import Engine
-from handler.errors import InternalError, WorkerError
+from handler.engine import Engine, Progress
+from handler.errors import InternalError, InvalidInput, WorkerError
 from handler.schema import parse_job
 
 log = logging.getLogger("handler.runpod")
+
+ACTIONS = ("list_models",)
+PROGRESS_INTERVAL_S = 0.5  # at most about 2 progress updates a second
 
 _engine: Engine | None = None
 
@@ -25,13 +30,54 @@ def get_engine() -> Engine:
     return _engine
 
 
-def handle(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod handler: run one job, or return {"error": "<code>: <field>: ..."}."""
+def send_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
+    """Forward a progress update to RunPod (replaced by a recorder in tests).
+
+    Outside RunPod (--test_input, --rp_serve_api) there is no endpoint to send it to, and the
+    SDK would only log a failed POST, so nothing is sent.
+    """
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        return
+    import runpod
+
+    runpod.serverless.progress_update(job, update)
+
+
+class ProgressThrottle:
+    """Passes phase changes and at most one update per interval to `send_progress`."""
+
+    def __init__(self, job: dict[str, Any], interval: float = PROGRESS_INTERVAL_S) -> None:
+        self.job = job
+        self.interval = interval
+        self._last_sent = 0.0
+        self._last_phase: str | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if progress.phase == self._last_phase and now - self._last_sent < self.interval:
+            return
+        self._last_sent, self._last_phase = now, progress.phase
+        send_progress(
+            self.job, {"phase": progress.phase, "step": progress.step, "total": progress.total}
+        )
+
+
+def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+    """Run one job synchronously; every failure becomes {"error": "<code>: ..."}."""
     job_id = job.get("id", "local")
+    job_input = job.get("input")
     started = time.perf_counter()
+    engine = get_engine()
     try:
-        parsed = parse_job(job.get("input"))
-        result = get_engine().run(parsed)
+        if isinstance(job_input, dict) and "action" in job_input:
+            return _run_action(engine, job_input)
+        parsed = parse_job(job_input)
+        result = engine.run(
+            parsed,
+            progress=ProgressThrottle(job),
+            cancelled=cancel.is_set,
+            inline_limit=engine.settings.max_inline_bytes,
+        )
     except WorkerError as error:
         log.info(
             "job %s failed: %s (%.0f ms)",
@@ -39,12 +85,16 @@ def handle(job: dict[str, Any]) -> dict[str, Any]:
             error.code,
             (time.perf_counter() - started) * 1000,
         )
-        return {"error": str(error)}
+        reply: dict[str, Any] = {"error": str(error)}
+        if error.refresh_worker:
+            reply["refresh_worker"] = True
+        return reply
     except Exception:
         log.exception("job %s: unexpected error", job_id)
         return {"error": str(InternalError("unexpected error; the worker log has the details"))}
+    prompt = f" prompt={parsed.prompt!r}" if engine.settings.log_prompts else ""
     log.info(
-        "job %s done: model=%s size=%dx%d steps=%d images=%d timings_ms=%s",
+        "job %s done: model=%s size=%dx%d steps=%d images=%d timings_ms=%s%s",
         job_id,
         result.checkpoint,
         result.width,
@@ -52,12 +102,72 @@ def handle(job: dict[str, Any]) -> dict[str, Any]:
         result.steps,
         len(result.images),
         result.timings_ms,
+        prompt,
     )
     return result.model_dump(exclude_none=True)
 
 
+def _run_action(engine: Engine, job_input: dict[str, Any]) -> dict[str, Any]:
+    action = job_input.get("action")
+    extra = sorted(set(job_input) - {"action"})
+    if action not in ACTIONS:
+        raise InvalidInput(
+            f"unknown action {action!r}", field="action", accepted=", ".join(ACTIONS)
+        )
+    if extra:
+        raise InvalidInput(
+            f"{action} takes no other fields (got {', '.join(extra)})",
+            field=extra[0],
+            accepted='{"action": "list_models"}',
+        )
+    return engine.list_models()
+
+
+async def handle(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod handler. The engine runs in a thread; a RunPod cancel stops it between steps."""
+    cancel = threading.Event()
+    try:
+        return await asyncio.to_thread(run_job, job, cancel)
+    except asyncio.CancelledError:
+        cancel.set()  # the engine raises Cancelled at its next step and restores its state
+        log.info("job %s cancelled", job.get("id", "local"))
+        raise
+
+
+def fitness_checks(engine_factory=get_engine) -> list:
+    """Start-up checks that keep a broken worker from taking jobs."""
+    from handler.settings import Settings
+
+    def model_root_is_readable() -> None:
+        settings = Settings.from_env()
+        readable = [
+            r for r in settings.model_roots if r.is_dir() and os.access(r, os.R_OK | os.X_OK)
+        ]
+        if not readable:
+            raise RuntimeError(
+                f"no readable model root among {[str(r) for r in settings.model_roots]}"
+            )
+
+    def default_checkpoint_resolves() -> None:
+        settings = Settings.from_env()
+        if settings.default_checkpoint:
+            engine = engine_factory()
+            model = engine.registry.resolve(
+                "checkpoint", settings.default_checkpoint, "DEFAULT_CHECKPOINT"
+            )
+            engine.registry.detect(model)
+
+    def gpu_present_when_required() -> None:
+        import torch
+
+        if Settings.from_env().require_gpu and not torch.cuda.is_available():
+            raise RuntimeError("REQUIRE_GPU=1 but CUDA is not available")
+
+    return [model_root_is_readable, default_checkpoint_resolves, gpu_present_when_required]
+
+
 def main() -> None:
-    """Set up the engine, then hand control to the RunPod SDK (which reads its own flags)."""
+    """Set up the engine, register fitness checks, then hand over to the RunPod SDK."""
     # The SDK logs handler outputs (base64 images) at DEBUG: never run it below INFO.
     os.environ["RUNPOD_DEBUG_LEVEL"] = "INFO"
     logging.basicConfig(
@@ -65,5 +175,13 @@ def main() -> None:
     )
     import runpod
 
-    get_engine()
+    for check in fitness_checks():
+        runpod.serverless.register_fitness_check(check)
+    started = time.perf_counter()
+    try:
+        get_engine()
+    except WorkerError as error:
+        log.error("worker cannot start: %s", error)
+        raise SystemExit(1) from None
+    log.info("engine ready in %.1f s", time.perf_counter() - started)
     runpod.serverless.start({"handler": handle})

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from handler.aliases import normalize_payload
 from handler.errors import InvalidInput
 from handler.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, canonical_scheduler
 
@@ -61,6 +62,33 @@ class Job(BaseModel):
     num_images: int = Field(1, ge=1, le=8, description="Number of images.")
     output_format: OutputFormat = Field("png", description="Image file format.")
     output_quality: int = Field(90, ge=1, le=100, description="Quality for jpeg and webp (1-100).")
+    image: str | None = Field(
+        None,
+        description="Init image for img2img: an https URL, a data URI or raw base64.",
+    )
+    strength: float = Field(
+        0.75,
+        ge=0.0,
+        le=1.0,
+        description="img2img: how much of the init image is repainted (1.0 ignores it).",
+    )
+    refiner_checkpoint: str | None = Field(
+        None, description="SDXL refiner checkpoint. Empty means the worker's REFINER_CHECKPOINT."
+    )
+    high_noise_frac: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="SDXL refiner ensemble: the fraction of steps the base model runs.",
+    )
+    refiner_inference_steps: int | None = Field(
+        None,
+        ge=1,
+        le=150,
+        description="SDXL refiner steps (refine-after when high_noise_frac is empty).",
+    )
+
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("scheduler")
     @classmethod
@@ -155,7 +183,10 @@ def parse_job(payload: Any) -> Job:
             field="input",
             accepted='{"prompt": "...", ...}',
         )
+    native, notes = normalize_payload(payload)
     try:
-        return Job.model_validate(payload)
+        job = Job.model_validate(native)
     except ValidationError as error:
         raise invalid_input_from(error) from None
+    job._notes = notes
+    return job

@@ -37,6 +37,14 @@ class Settings:
     device: str | None = None
     max_pixels: int = 2048 * 2048
     cpu_checkpoints: int = 1
+    refiner_checkpoint: str | None = None
+    require_gpu: bool = False
+    max_inline_bytes: int = 10 * 1024 * 1024
+    allow_http_inputs: bool = False
+    allow_private_inputs: bool = False
+    max_input_bytes: int = 20 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
+    input_timeout_s: float = 15.0
     extra_roots: tuple[str, ...] = field(default=DEFAULT_MODEL_ROOTS)
 
     @classmethod
@@ -50,6 +58,14 @@ class Settings:
             device=_str("DEVICE"),
             max_pixels=_int("MAX_IMAGE_PIXELS", 2048 * 2048),
             cpu_checkpoints=_int("CHECKPOINT_CACHE_SIZE", 1),
+            refiner_checkpoint=_str("REFINER_CHECKPOINT"),
+            require_gpu=_flag("REQUIRE_GPU"),
+            max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),
+            allow_http_inputs=_flag("ALLOW_HTTP_INPUTS"),
+            allow_private_inputs=_flag("ALLOW_PRIVATE_INPUTS"),
+            max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024),
+            max_input_pixels=_int("MAX_INPUT_PIXELS", 4096 * 4096),
+            input_timeout_s=float(_str("INPUT_TIMEOUT_S", "15")),
         )
 
     @property

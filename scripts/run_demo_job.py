@@ -8,6 +8,7 @@ Inline images are written to --out (default demo-output/) and shortened in the p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     job_input = json.loads(args.input) if args.input else DEFAULT_INPUT
 
-    result = handle({"id": "demo", "input": job_input})
+    result = asyncio.run(handle({"id": "demo", "input": job_input}))
     if "error" in result:
         print(json.dumps(result, indent=2))
         raise SystemExit(1)

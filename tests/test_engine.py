@@ -85,7 +85,7 @@ def test_progress_reports_every_step(engine):
     seen = []
     engine.run(parse_job({**BASE, "steps": 3, "seed": 1}), progress=seen.append)
     denoising = [p.step for p in seen if p.phase == "denoising"]
-    assert denoising == [1, 2, 3] and seen[0].phase == "loading" and seen[-1].phase == "delivering"
+    assert denoising == [1, 2, 3] and seen[0].phase == "loading" and seen[-1].phase == "uploading"
 
 
 def test_cancel_stops_between_steps_and_leaves_scheduler(engine):

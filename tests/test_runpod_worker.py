@@ -44,3 +44,179 @@ def test_test_input_with_a_bad_payload_fails_with_a_code(demo_volume):
     out = run_worker(["--test_input", json.dumps(job)], demo_volume, DEFAULT_CHECKPOINT="demo-sd15")
     assert out.returncode == 1
     assert "invalid_input: steps:" in out.stdout
+
+
+# -- the handler in-process (what the SDK calls), with the session engine ----------------------
+
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from handler import runpod_worker  # noqa: E402
+
+JOB = {
+    "prompt": "a cube",
+    "width": 64,
+    "height": 64,
+    "steps": 2,
+    "seed": 5,
+    "checkpoint": "demo-sd15",
+}
+
+
+@pytest.fixture()
+def worker(engine, monkeypatch):
+    """runpod_worker using the session engine, with progress updates recorded."""
+    monkeypatch.setattr(runpod_worker, "_engine", engine)
+    sent = []
+    monkeypatch.setattr(
+        runpod_worker, "send_progress", lambda job, update: sent.append((time.monotonic(), update))
+    )
+    return sent
+
+
+def test_non_object_input_is_invalid(worker):
+    reply = runpod_worker.run_job({"id": "x", "input": "test"}, threading.Event())
+    assert reply["error"].startswith("invalid_input: input: the job input must be a JSON object")
+
+
+def test_progress_updates_are_phased_and_throttled(worker):
+    reply = asyncio.run(runpod_worker.handle({"id": "p", "input": {**JOB, "steps": 12}}))
+    assert "images" in reply
+    phases = [update["phase"] for _, update in worker]
+    assert phases[0] == "loading" and "denoising" in phases and phases[-1] == "uploading"
+    denoising = [(t, u) for t, u in worker if u["phase"] == "denoising"]
+    assert all(u["total"] == 12 and 1 <= u["step"] <= 12 for _, u in denoising)
+    gaps = [b[0] - a[0] for a, b in zip(denoising, denoising[1:], strict=False)]
+    assert all(gap >= runpod_worker.PROGRESS_INTERVAL_S - 0.01 for gap in gaps)
+
+
+def test_cancel_stops_the_job_between_steps_and_leaves_no_state(worker, engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    scheduler_before = loaded.pipeline.scheduler
+    clean = runpod_worker.run_job({"id": "a", "input": JOB}, threading.Event())
+    steps_seen = []
+
+    async def scenario():
+        original = engine.run
+
+        def run_recording(job, progress=None, cancelled=None, inline_limit=None):
+            def record(p):
+                steps_seen.append(p.step) if p.phase == "denoising" else None
+                progress(p)
+
+            return original(job, record, cancelled, inline_limit)
+
+        engine.run = run_recording
+        try:
+            task = asyncio.create_task(
+                runpod_worker.handle({"id": "c", "input": {**JOB, "steps": 40}})
+            )
+            while len(steps_seen) < 2:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            engine.run = original
+
+    asyncio.run(scenario())
+    with engine._lock:  # the engine thread has let go: it stopped at its next step
+        stopped_at = len(steps_seen)
+    time.sleep(0.3)
+    assert stopped_at < 40 and len(steps_seen) == stopped_at
+    assert loaded.pipeline.scheduler is scheduler_before
+    again = runpod_worker.run_job({"id": "b", "input": JOB}, threading.Event())
+    assert again["images"][0]["image"] == clean["images"][0]["image"]
+
+
+def test_persistent_oom_asks_for_a_fresh_worker(worker, engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    calls = []
+
+    def out_of_memory(module, args):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    hook = loaded.pipeline.unet.register_forward_pre_hook(out_of_memory)
+    try:
+        reply = runpod_worker.run_job({"id": "o", "input": JOB}, threading.Event())
+    finally:
+        hook.remove()
+    assert reply["error"].startswith("out_of_memory:") and reply["refresh_worker"] is True
+    assert len(calls) == 2  # tried, emptied the cache, retried once
+    assert "images" in runpod_worker.run_job({"id": "o2", "input": JOB}, threading.Event())
+
+
+def test_a_single_oom_is_retried_and_succeeds(worker, engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    calls = []
+
+    def first_call_fails(module, args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    hook = loaded.pipeline.unet.register_forward_pre_hook(first_call_fails)
+    try:
+        reply = runpod_worker.run_job({"id": "o", "input": JOB}, threading.Event())
+    finally:
+        hook.remove()
+    assert "images" in reply and "refresh_worker" not in reply
+
+
+def test_unexpected_errors_fail_with_a_code_and_the_worker_goes_on(worker, engine, caplog):
+    loaded, _ = engine.checkpoint("demo-sd15")
+
+    def broken(module, args):
+        raise ValueError("something internal broke")
+
+    hook = loaded.pipeline.unet.register_forward_pre_hook(broken)
+    try:
+        reply = runpod_worker.run_job({"id": "u", "input": JOB}, threading.Event())
+    finally:
+        hook.remove()
+    assert reply["error"].startswith("internal_error:") and "Traceback" not in reply["error"]
+    assert "something internal broke" not in reply["error"]
+    assert "something internal broke" in caplog.text  # the details went to the log
+    assert "images" in runpod_worker.run_job({"id": "u2", "input": JOB}, threading.Event())
+
+
+def test_output_over_the_reply_cap_fails_with_output_too_large(engine):
+    from handler.errors import OutputTooLarge
+    from handler.schema import parse_job
+
+    with pytest.raises(OutputTooLarge) as info:
+        engine.run(parse_job({**JOB, "num_images": 2}), inline_limit=1000)
+    assert "BUCKET_ENDPOINT_URL" in info.value.message
+
+
+def test_fitness_checks(monkeypatch, tmp_path, demo_volume, engine):
+    monkeypatch.chdir(tmp_path)  # no ./models here (and no /runpod-volume on this machine)
+    checks = {c.__name__: c for c in runpod_worker.fitness_checks(engine_factory=lambda: engine)}
+
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="no readable model root"):
+        checks["model_root_is_readable"]()
+    monkeypatch.setenv("MODELS_DIR", str(demo_volume))
+    checks["model_root_is_readable"]()
+
+    monkeypatch.setenv("DEFAULT_CHECKPOINT", "nope")
+    with pytest.raises(Exception, match="model_not_found|no checkpoint"):
+        checks["default_checkpoint_resolves"]()
+    monkeypatch.setenv("DEFAULT_CHECKPOINT", "demo-sd15")
+    checks["default_checkpoint_resolves"]()
+
+    monkeypatch.setenv("REQUIRE_GPU", "1")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="REQUIRE_GPU"):
+            checks["gpu_present_when_required"]()
+
+
+def test_worker_with_a_bad_default_checkpoint_refuses_to_start(demo_volume):
+    out = run_worker([], demo_volume, DEFAULT_CHECKPOINT="does-not-exist")
+    assert out.returncode == 1
+    assert "worker cannot start: model_not_found: DEFAULT_CHECKPOINT" in out.stderr + out.stdout

@@ -1,0 +1,161 @@
+"""Drop-in payloads: field names that other SD workers' clients already send.
+
+worker-sdxl (RunPod's official SDXL worker) and the A1111 txt2img API name the same things
+differently. `normalize_payload` maps them onto the native schema before validation, so clients
+can switch endpoints without rewriting. Two names for one field in the same payload is an error,
+and unknown fields still fail validation: nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from handler.errors import InvalidInput
+from handler.schedulers import canonical_scheduler
+
+# other name -> native name
+FIELD_ALIASES = {
+    # worker-sdxl / diffusers call arguments
+    "num_inference_steps": "steps",
+    # A1111
+    "cfg_scale": "guidance_scale",
+    "sampler_name": "scheduler",
+    "denoising_strength": "strength",
+    # worker-sdxl
+    "image_url": "image",
+}
+# Fields the native schema does not have, accepted only at the value that changes nothing.
+A1111_NEUTRAL = {
+    "restore_faces": False,
+    "tiling": False,
+    "send_images": True,
+    "save_images": False,
+    "do_not_save_samples": (False, True),
+    "do_not_save_grid": (False, True),
+    "subseed": (-1, 0),
+    "subseed_strength": 0,
+    "seed_resize_from_h": (-1, 0),
+    "seed_resize_from_w": (-1, 0),
+    "override_settings_restore_afterwards": (True, False),
+    "script_args": [],
+    "alwayson_scripts": {},
+    "styles": [],
+    "eta": (None, 0, 0.0),
+    "s_noise": (None, 1, 1.0),
+}
+# A1111 >= 1.9 names the noise schedule separately from the sampler.
+A1111_SCHEDULE_TYPES = {"automatic": "", "karras": "Karras", "uniform": "", "normal": ""}
+# worker-sdxl refiner controls; they run the refiner only when one is configured.
+REFINER_FIELDS = ("refiner_inference_steps", "high_noise_frac")
+# A1111 model titles carry a hash suffix: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,12}\]$")
+
+
+def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Map alias field names onto native ones; returns (native payload, warnings)."""
+    data = dict(payload)
+    warnings: list[str] = []
+
+    # 1. Plain renames; two names for one field is ambiguous, so it is refused.
+    for alias, native in FIELD_ALIASES.items():
+        if alias in data:
+            if native in data and not (alias == "sampler_name" and _is_schedule_type(data[native])):
+                raise InvalidInput(
+                    f"both {alias!r} and {native!r} are given; they name the same field",
+                    field=alias,
+                    accepted=f"one of {alias!r} or {native!r}",
+                )
+            value = data.pop(alias)
+            if alias == "sampler_name" and native in data:
+                value = _with_schedule_type(value, data.pop(native))
+            data[native] = value
+
+    # 2. A1111: seed -1 means random, batch_size x n_iter images, model in override_settings.
+    if data.get("seed") == -1:
+        data["seed"] = None
+    if "batch_size" in data or "n_iter" in data:
+        if "num_images" in data:
+            raise InvalidInput(
+                "both A1111's batch_size/n_iter and num_images are given",
+                field="num_images",
+                accepted="num_images, or batch_size and n_iter",
+            )
+        batch, iterations = data.pop("batch_size", 1), data.pop("n_iter", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, iterations)):
+            raise InvalidInput(
+                "batch_size and n_iter must be integers",
+                field="batch_size",
+                accepted="integers with batch_size x n_iter from 1 to 8",
+            )
+        data["num_images"] = batch * iterations
+    if "init_images" in data:
+        if "image" in data:
+            raise InvalidInput(
+                "both init_images and image are given", field="init_images", accepted="one of them"
+            )
+        images = data.pop("init_images")
+        if not isinstance(images, list) or len(images) != 1:
+            raise InvalidInput(
+                "must be a list with one image", field="init_images", accepted='["<base64 or URL>"]'
+            )
+        data["image"] = images[0]
+    if "override_settings" in data:
+        _apply_override_settings(data, data.pop("override_settings"))
+
+    # 3. Fields with no native equivalent: accepted at their neutral value only.
+    for name, neutral in A1111_NEUTRAL.items():
+        if name in data:
+            value = data.pop(name)
+            allowed = neutral if isinstance(neutral, tuple) else (neutral,)
+            if value not in allowed:
+                raise InvalidInput(
+                    f"{name}={value!r} is not supported by this worker",
+                    field=name,
+                    accepted=f"{name} omitted, or {allowed[0]!r}",
+                )
+
+    # 4. worker-sdxl refiner fields (the engine decides whether a refiner runs).
+    for name in REFINER_FIELDS:
+        if name in data and data[name] is None:
+            data.pop(name)
+    return data, warnings
+
+
+def _is_schedule_type(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() in A1111_SCHEDULE_TYPES
+
+
+def _with_schedule_type(sampler: Any, schedule: str) -> Any:
+    """'DPM++ 2M' + 'Karras' -> 'DPM++ 2M Karras' (when that combination exists)."""
+    suffix = A1111_SCHEDULE_TYPES[schedule.lower()]
+    if not suffix or not isinstance(sampler, str):
+        return sampler
+    combined = f"{sampler} {suffix}"
+    return combined if canonical_scheduler(combined) else sampler
+
+
+def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
+    if not isinstance(overrides, dict):
+        raise InvalidInput(
+            "must be an object",
+            field="override_settings",
+            accepted='{"sd_model_checkpoint": "name"}',
+        )
+    overrides = dict(overrides)
+    if "sd_model_checkpoint" in overrides:
+        if "checkpoint" in data:
+            raise InvalidInput(
+                "both checkpoint and override_settings.sd_model_checkpoint are given",
+                field="override_settings.sd_model_checkpoint",
+                accepted="one of them",
+            )
+        title = str(overrides.pop("sd_model_checkpoint"))
+        data["checkpoint"] = _TITLE_HASH.sub("", title)
+    if overrides:
+        unknown = ", ".join(sorted(overrides))
+        raise InvalidInput(
+            f"unsupported override_settings: {unknown}",
+            field=f"override_settings.{sorted(overrides)[0]}",
+            accepted="override_settings.sd_model_checkpoint",
+        )

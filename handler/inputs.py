@@ -1,0 +1,195 @@
+"""Input images: data URIs, raw base64 and URLs, fetched without reaching private addresses.
+
+A URL is resolved once, every address it resolves to must be public, and the connection goes to
+that checked address (so a second DNS answer cannot swap in a private one). Redirects are
+followed by hand and each hop is checked the same way. Size, time and pixel counts are capped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import ipaddress
+import socket
+import ssl
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image
+
+from handler.errors import InputFetchFailed, InvalidInput
+from handler.settings import Settings
+
+MAX_REDIRECTS = 3
+
+
+def load_image(value: str, field: str, settings: Settings) -> Image.Image:
+    """Decode an image given as a data URI, raw base64 or an https URL, as RGB."""
+    value = value.strip()
+    if value.startswith(("https://", "http://")):
+        data = fetch_url(value, field, settings)
+    elif value.startswith("data:"):
+        header, _, payload = value.partition(",")
+        if ";base64" not in header:
+            raise InvalidInput(
+                "data URIs must be base64-encoded",
+                field=field,
+                accepted="data:image/png;base64,...",
+            )
+        data = _b64decode(payload, field)
+    elif "://" in value:
+        scheme = value.split("://", 1)[0]
+        raise InvalidInput(
+            f"{scheme}:// inputs are not accepted",
+            field=field,
+            accepted="https URLs, data URIs or raw base64",
+        )
+    else:
+        data = _b64decode(value, field)
+    return decode_image(data, field, settings)
+
+
+def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:
+    """Open image bytes, refusing decompression bombs before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception:
+        raise InvalidInput(
+            "is not a readable image", field=field, accepted="png, jpeg or webp"
+        ) from None
+    if image.width * image.height > settings.max_input_pixels:
+        raise InvalidInput(
+            f"is {image.width}x{image.height} pixels, over the input cap",
+            field=field,
+            accepted=f"images up to {settings.max_input_pixels} pixels",
+        )
+    try:
+        return image.convert("RGB")
+    except Exception:
+        raise InvalidInput(
+            "could not be decoded", field=field, accepted="png, jpeg or webp"
+        ) from None
+
+
+def _b64decode(payload: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            "is neither a URL nor valid base64",
+            field=field,
+            accepted="https URLs, data URIs or raw base64",
+        ) from None
+
+
+def fetch_url(url: str, field: str, settings: Settings) -> bytes:
+    """GET `url`, following up to 3 redirects, with every hop's address checked."""
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme != "https" and not (parts.scheme == "http" and settings.allow_http_inputs):
+            raise InvalidInput(
+                f"{parts.scheme}:// URLs are not accepted",
+                field=field,
+                accepted="https URLs"
+                + (" (http needs ALLOW_HTTP_INPUTS=1)" if parts.scheme == "http" else ""),
+            )
+        if not parts.hostname:
+            raise InvalidInput("the URL has no host", field=field, accepted="https://host/path")
+        address = _public_address(parts.hostname, parts.port, field, settings)
+        status, location, body = _get(parts, address, field, settings)
+        if status in (301, 302, 303, 307, 308) and location:
+            url = urljoin(url, location)
+            continue
+        if status != 200:
+            raise InputFetchFailed(
+                f"the server answered HTTP {status}",
+                field=field,
+                accepted="a URL that answers 200 with an image",
+            )
+        return body
+    raise InputFetchFailed(
+        f"more than {MAX_REDIRECTS} redirects",
+        field=field,
+        accepted=f"URLs with at most {MAX_REDIRECTS} redirects",
+    )
+
+
+def _public_address(host: str, port: int | None, field: str, settings: Settings) -> str:
+    """Resolve `host` and return an address, refusing private, loopback and link-local ones."""
+    try:
+        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InputFetchFailed(
+            f"cannot resolve {host}", field=field, accepted="a resolvable host"
+        ) from None
+    addresses = [info[4][0] for info in infos]
+    if not settings.allow_private_inputs:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            if not ip.is_global or ip.is_multicast:
+                raise InvalidInput(
+                    f"{host} resolves to a non-public address ({ip})",
+                    field=field,
+                    accepted="URLs on public hosts",
+                )
+    return addresses[0]
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an already-checked address, with SNI and certificate checks for the hostname."""
+
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+def _get(parts, address: str, field: str, settings: Settings) -> tuple[int, str | None, bytes]:
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    cls = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
+    connection = cls(parts.hostname, address, port, settings.input_timeout_s)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        connection.request("GET", path, headers={"User-Agent": "sd-serverless-worker"})
+        response = connection.getresponse()
+        if response.status != 200:
+            return response.status, response.getheader("Location"), b""
+        declared = response.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > settings.max_input_bytes:
+            raise InvalidInput(
+                f"the image is {declared} bytes, over the input cap",
+                field=field,
+                accepted=f"images up to {settings.max_input_bytes} bytes",
+            )
+        body = response.read(settings.max_input_bytes + 1)
+        if len(body) > settings.max_input_bytes:
+            raise InvalidInput(
+                "the image is over the input size cap",
+                field=field,
+                accepted=f"images up to {settings.max_input_bytes} bytes",
+            )
+        return 200, None, body
+    except (OSError, http.client.HTTPException) as error:
+        raise InputFetchFailed(
+            f"fetching the URL failed ({type(error).__name__})",
+            field=field,
+            accepted="a reachable https URL",
+        ) from None
+    finally:
+        connection.close()

@@ -1,0 +1,222 @@
+"""The RunPod worker over real HTTP: the SDK's local API (`--rp_serve_api`) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.servers import Server, free_port, python
+
+SECRET_PROMPT = "zebra-7f3a9c tangerine lighthouse"
+
+
+@pytest.fixture(scope="module")
+def api(demo_volume, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("runpod") / "worker.log"
+    server = Server(
+        [
+            python(),
+            "-m",
+            "handler",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        env={
+            "MODELS_DIR": str(demo_volume),
+            "DEFAULT_CHECKPOINT": "demo-sdxl",
+            "DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        },
+        log_path=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_until(lambda: requests.get(f"{url}/docs", timeout=2).status_code == 200)
+        yield url, server
+    finally:
+        server.stop()
+
+
+def runsync(api, job_input, timeout=300) -> dict:
+    url, _ = api
+    response = requests.post(f"{url}/runsync", json={"input": job_input}, timeout=timeout)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def decode(image: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(image["image"].split(",", 1)[1])))
+
+
+def test_native_payload(api):
+    reply = runsync(
+        api,
+        {
+            "prompt": SECRET_PROMPT,
+            "checkpoint": "demo-sd15",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "seed": 7,
+            "num_images": 2,
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    output = reply["output"]
+    assert [image["seed"] for image in output["images"]] == [7, 8]
+    assert decode(output["images"][0]).size == (64, 64)
+    assert set(output["timings_ms"]) >= {"load", "denoise", "decode", "encode", "total"}
+
+
+def test_worker_sdxl_payload(api):
+    reply = runsync(
+        api,
+        {
+            "prompt": "a lighthouse",
+            "negative_prompt": "blurry",
+            "height": 64,
+            "width": 64,
+            "num_inference_steps": 3,
+            "guidance_scale": 7.5,
+            "scheduler": "K_EULER_ANCESTRAL",
+            "num_images": 1,
+            "seed": None,
+            "refiner_inference_steps": 5,
+            "high_noise_frac": 0.8,
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    output = reply["output"]
+    assert output["scheduler"] == "Euler a" and output["steps"] == 3
+    assert output["architecture"] == "sdxl" and isinstance(output["seed"], int)
+    assert any("refiner" in warning for warning in output["warnings"])
+
+
+def test_worker_sdxl_image_url_runs_img2img(api):
+    first = runsync(
+        api, {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}
+    )
+    init = first["output"]["images"][0]["image"]
+    reply = runsync(
+        api,
+        {
+            "prompt": "a cube",
+            "image_url": init,
+            "strength": 0.5,
+            "num_inference_steps": 4,
+            "seed": 1,
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    assert (reply["output"]["width"], reply["output"]["height"]) == (64, 64)
+
+
+def test_a1111_payload(api):
+    reply = runsync(
+        api,
+        {
+            "prompt": "a cube",
+            "negative_prompt": "",
+            "steps": 2,
+            "cfg_scale": 6,
+            "sampler_name": "DPM++ 2M",
+            "scheduler": "Karras",
+            "batch_size": 2,
+            "n_iter": 1,
+            "seed": -1,
+            "width": 64,
+            "height": 64,
+            "override_settings": {"sd_model_checkpoint": "demo-sd15.safetensors [0123456789]"},
+            "restore_faces": False,
+            "send_images": True,
+            "save_images": False,
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    output = reply["output"]
+    assert output["checkpoint"] == "demo-sd15" and output["scheduler"] == "DPM++ 2M Karras"
+    assert len(output["images"]) == 2 and output["images"][1]["seed"] == output["seed"] + 1
+
+
+def test_run_then_status(api):
+    url, _ = api
+    queued = requests.post(
+        f"{url}/run",
+        json={"input": {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 3}},
+        timeout=30,
+    ).json()
+    assert queued["status"] in ("IN_QUEUE", "IN_PROGRESS") and queued["id"]
+    status = requests.post(f"{url}/status/{queued['id']}", timeout=300).json()
+    assert status["status"] == "COMPLETED", status
+    assert status["output"]["images"][0]["seed"] == 3
+
+
+def test_list_models_action(api):
+    reply = runsync(api, {"action": "list_models"})
+    assert reply["status"] == "COMPLETED", reply
+    checkpoints = {c["name"]: c["architecture"] for c in reply["output"]["checkpoints"]}
+    assert checkpoints["demo-sdxl"] == "sdxl" and checkpoints["demo-sd15"] == "sd15"
+    assert {lora["name"]: lora["base"] for lora in reply["output"]["loras"]}[
+        "demo_sdxl_kohya"
+    ] == "sdxl"
+
+
+@pytest.mark.parametrize(
+    ("job_input", "prefix"),
+    [
+        ({"steps": 3}, "invalid_input: prompt: is required"),
+        ({"prompt": "x", "steps": 500}, "invalid_input: steps:"),
+        ({"prompt": "x", "width": 100}, "invalid_input: width:"),
+        ({"prompt": "x", "guidance_scale": -1}, "invalid_input: guidance_scale:"),
+        ({"prompt": "x", "checkpoint": "../../etc/passwd"}, "invalid_input: checkpoint:"),
+        ({"prompt": "x", "checkpoint": "/etc/passwd"}, "invalid_input: checkpoint:"),
+        ({"prompt": "x", "checkpoint": "demo-sd1.5"}, "model_not_found: checkpoint:"),
+        ({"prompt": "x", "stepz": 3}, "invalid_input: stepz:"),
+        (
+            {"prompt": "x", "steps": 2, "num_inference_steps": 3},
+            "invalid_input: num_inference_steps:",
+        ),
+        ({"prompt": "x", "scheduler": "warp drive"}, "invalid_input: scheduler:"),
+        ({"action": "reboot"}, "invalid_input: action:"),
+        ({"prompt": "x", "image_url": "file:///etc/passwd"}, "invalid_input: image:"),
+        ({"prompt": "x", "image_url": "https://127.0.0.1/x.png"}, "invalid_input: image:"),
+    ],
+)
+def test_bad_payloads_fail_with_a_code_and_the_field(api, job_input, prefix):
+    reply = runsync(api, job_input)
+    assert reply["status"] == "FAILED", reply
+    assert reply["error"].startswith(prefix), reply["error"]
+    assert "Traceback" not in reply["error"]
+
+
+def test_non_object_input(api):
+    """The SDK's local API refuses it itself (422); on RunPod the handler answers invalid_input."""
+    url, _ = api
+    response = requests.post(f"{url}/runsync", json={"input": "test"}, timeout=30)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "input"]
+
+
+def test_model_not_found_lists_the_available_names(api):
+    reply = runsync(api, {"prompt": "x", "checkpoint": "demo-sdx"})
+    assert "demo-sdxl" in reply["error"]
+
+
+def test_logs_carry_no_prompts_no_base64_and_one_line_per_job(api):
+    _, server = api
+    runsync(api, {"prompt": SECRET_PROMPT, "width": 64, "height": 64, "steps": 2, "seed": 11})
+    log = server.log()
+    assert SECRET_PROMPT not in log
+    assert "base64," not in log and "iVBOR" not in log
+    done = [line for line in log.splitlines() if " done: model=" in line]
+    assert done and all(
+        "size=" in line and "steps=" in line and "timings_ms=" in line for line in done
+    )
