@@ -51,3 +51,25 @@ def test_setup_installs_torch_first_with_the_exact_cpu_pin():
 def test_configs_ship_as_package_data():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "configs/**/*.json" in project["tool"]["setuptools"]["package-data"]["handler"]
+
+
+def test_dockerfile_installs_exactly_what_ci_installs():
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    setup = (REPO / "scripts" / "setup_venv.sh").read_text()
+    assert "COPY docker/requirements.txt /tmp/requirements.txt" in dockerfile
+    assert "pip install torch==2.13.0" in dockerfile and "pip install -q torch==2.13.0" in setup
+    assert "pip install -r /tmp/requirements.txt" in dockerfile
+    assert "pip install -q -r docker/requirements.txt" in setup
+    assert dockerfile.index("pip install torch==2.13.0") < dockerfile.index(
+        "pip install -r /tmp/requirements.txt"
+    )
+
+
+def test_runpod_hub_files_are_valid_json_with_tests():
+    import json
+
+    hub = json.loads((REPO / ".runpod" / "hub.json").read_text())
+    tests = json.loads((REPO / ".runpod" / "tests.json").read_text())
+    assert hub["type"] == "serverless" and hub["config"]["runsOn"] == "GPU"
+    assert tests["tests"] and all("input" in t for t in tests["tests"])
+    assert json.loads((REPO / "test_input.json").read_text())["input"]["prompt"]
