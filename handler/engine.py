@@ -18,15 +18,14 @@ from handler.errors import (
     InternalError,
     InvalidInput,
     OutOfMemory,
-    OutputTooLarge,
     WorkerError,
 )
 from handler.inputs import load_image
-from handler.outputs import EncodedImage, encode_image
+from handler.outputs import Storage, a1111_infotext, deliver, encode_image
 from handler.pipelines import CheckpointCache, LoadedCheckpoint, load_checkpoint, pipeline_for
 from handler.registry import NATIVE_SIZE, Registry, detect_lora
 from handler.schedulers import build_scheduler
-from handler.schema import ImageResult, Job, Result
+from handler.schema import Job, Result
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,15 @@ class Engine:
         self.cache = CheckpointCache(capacity)
         self._encoders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
         self._lock = threading.Lock()
+        self._storage: Storage | None = None
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+
+    @property
+    def storage(self) -> Storage | None:
+        """The configured bucket, or None (then images are delivered inline)."""
+        if self._storage is None and self.settings.bucket_configured:
+            self._storage = Storage(self.settings)
+        return self._storage
 
     def setup(self) -> None:
         """Preload DEFAULT_CHECKPOINT (and REFINER_CHECKPOINT), so the first job does not wait."""
@@ -103,9 +111,13 @@ class Engine:
         stat = model.path.stat()
         key = (str(model.path), stat.st_mtime, stat.st_size)
         config_dir = self.registry.config_folder(model, detection)
-        return self.cache.get(
+        loaded, cached = self.cache.get(
             key, lambda: load_checkpoint(model, detection, config_dir, self.device, self.dtype)
         )
+        if not cached and not model.is_folder and self.registry.cached_hash(model) is None:
+            # The AutoV2 hash (for infotext and list_models) is computed off the job's path.
+            self._hasher.submit(self.registry.compute_hash, model)
+        return loaded, cached
 
     def list_models(self) -> dict[str, list[dict[str, Any]]]:
         """What the model roots hold: checkpoints with architecture, LoRAs with base, etc."""
@@ -119,6 +131,7 @@ class Engine:
             }
             if not model.is_folder:
                 entry["size_bytes"] = model.path.stat().st_size
+                entry["hash"] = self.registry.cached_hash(model)
             try:
                 entry["architecture"] = self.registry.detect(model).architecture
             except UnsupportedModel as error:
@@ -157,19 +170,23 @@ class Engine:
         progress: ProgressCallback | None = None,
         cancelled: CancelCheck | None = None,
         inline_limit: int | None = None,
+        job_id: str = "local",
     ) -> Result:
-        """Run one job and return its encoded images, seeds and timings.
+        """Run one job and return its delivered images, seeds and timings.
 
-        `inline_limit` caps the total size of the base64 images (a platform's reply limit).
+        `inline_limit` caps the total size of the base64 images (a platform's reply limit);
+        `job_id` names the job's folder in the bucket.
         """
         with self._lock:
             return self._run(
-                job, progress or (lambda p: None), cancelled or (lambda: False), inline_limit
+                job,
+                progress or (lambda p: None),
+                cancelled or (lambda: False),
+                inline_limit,
+                job_id,
             )
 
-    def _run(
-        self, job: Job, progress: ProgressCallback, cancelled: CancelCheck, inline_limit
-    ) -> Result:
+    def _run(self, job: Job, progress, cancelled, inline_limit, job_id: str) -> Result:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         warnings: list[str] = list(job._notes)
@@ -234,25 +251,51 @@ class Engine:
         # 4. Encode and deliver
         progress(Progress("uploading", 0, len(images)))
         encode_started = time.perf_counter()
-        encoded = list(
-            self._encoders.map(
-                lambda item: encode_image(
-                    item[1], item[0], seeds[item[0]], job.output_format, job.output_quality
-                ),
-                enumerate(images),
+        model_hash = self.registry.cached_hash(loaded.model)
+
+        def encode(item):
+            index, image = item
+            infotext = None
+            if not job.strip_metadata:
+                infotext = a1111_infotext(
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt,
+                    steps=job.steps,
+                    sampler=job.scheduler,
+                    cfg_scale=job.guidance_scale,
+                    seed=seeds[index],
+                    width=width,
+                    height=height,
+                    model=loaded.name,
+                    model_hash=model_hash,
+                )
+            return encode_image(
+                image, index, seeds[index], job.output_format, job.output_quality, infotext
             )
-        )
+
+        encoded = list(self._encoders.map(encode, enumerate(images)))
         timings["encode"] = _ms(encode_started)
-        results = [_inline(image) for image in encoded]
-        inline_bytes = sum(len(r.image or "") for r in results)
-        if inline_limit is not None and inline_bytes > inline_limit:
-            raise OutputTooLarge(
-                f"the {len(results)} images are {inline_bytes} bytes as base64, over the "
-                f"{inline_limit}-byte reply limit; configure a bucket (BUCKET_ENDPOINT_URL, "
-                "BUCKET_NAME, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive URLs instead",
-                field="num_images",
-                accepted="fewer or smaller images, jpeg/webp output, or a configured bucket",
-            )
+        upload_started = time.perf_counter()
+        sidecar = None
+        if job.sidecar:
+            sidecar = {
+                "job_id": job_id,
+                "inputs": _public_inputs(job),
+                "checkpoint": loaded.name,
+                "seeds": seeds,
+                "timings_ms": dict(timings),
+                "warnings": warnings,
+            }
+        results, delivery_warnings = deliver(
+            encoded,
+            destination=job.destination,
+            job_id=job_id,
+            storage=self.storage,
+            inline_limit=inline_limit,
+            sidecar=sidecar,
+        )
+        warnings += delivery_warnings
+        timings["upload"] = _ms(upload_started)
         timings["total"] = _ms(started)
         return Result(
             images=results,
@@ -413,16 +456,15 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _inline(image: EncodedImage) -> ImageResult:
-    return ImageResult(
-        index=image.index,
-        seed=image.seed,
-        width=image.width,
-        height=image.height,
-        format=image.format,
-        bytes=len(image.data),
-        image=image.data_uri(),
-    )
+def _public_inputs(job: Job) -> dict[str, Any]:
+    """The job's inputs for the sidecar: no image data and no URL query strings (signatures)."""
+    inputs = job.model_dump(exclude_none=True)
+    if job.image:
+        if job.image.startswith(("https://", "http://")):
+            inputs["image"] = job.image.split("?", 1)[0]
+        else:
+            inputs["image"] = f"<inline image, {len(job.image)} characters>"
+    return inputs
 
 
 def _ms(since: float) -> float:

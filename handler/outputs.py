@@ -1,16 +1,33 @@
-"""Image encoding and delivery (inline base64 here; S3 delivery builds on the same encoder)."""
+"""Image encoding (png/jpeg/webp with A1111 infotext) and delivery (S3 or inline base64).
+
+Nothing is reported that was not delivered: an uploaded image appears in the result only after
+S3 accepted it with a matching Content-MD5, and a job whose upload fails after retries fails
+with upload_failed (or, when it asked for `auto`, falls back to inline base64 and says so).
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image, PngImagePlugin
+
+from handler.errors import InvalidInput, OutputTooLarge, UploadFailed
+from handler.schema import ImageResult
+from handler.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # zlib level 1: see README "Encoding" for the measurement behind it.
 PNG_COMPRESS_LEVEL = 1
+UPLOAD_ATTEMPTS = 4  # boto3 "standard" retries with exponential backoff and jitter
 
 
 @dataclass(frozen=True)
@@ -32,13 +49,226 @@ class EncodedImage:
         return f"data:{self.mime_type};base64,{base64.b64encode(self.data).decode('ascii')}"
 
 
-def encode_image(image: Image.Image, index: int, seed: int, fmt: str, quality: int) -> EncodedImage:
-    """Encode a PIL image as png, jpeg or webp."""
+def encode_image(
+    image: Image.Image, index: int, seed: int, fmt: str, quality: int, infotext: str | None = None
+) -> EncodedImage:
+    """Encode a PIL image as png, jpeg or webp, with A1111 "parameters" infotext unless None."""
     buffer = io.BytesIO()
     if fmt == "png":
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif fmt == "jpeg":
-        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        info = None
+        if infotext:
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", infotext)
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, pnginfo=info)
     else:
-        image.save(buffer, format="WEBP", quality=quality)
+        extra: dict[str, Any] = {}
+        if infotext:
+            # A1111 stores jpeg/webp parameters in the EXIF UserComment, UTF-16 with a marker.
+            exif = Image.Exif()
+            exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = (
+                b"UNICODE\0" + infotext.encode("utf-16-be")
+            )
+            extra["exif"] = exif.tobytes()
+        pil_format = "JPEG" if fmt == "jpeg" else "WEBP"
+        image.convert("RGB").save(buffer, format=pil_format, quality=quality, **extra)
     return EncodedImage(index, seed, image.width, image.height, fmt, buffer.getvalue())
+
+
+def read_infotext(data: bytes) -> str | None:
+    """The A1111 parameters stored in an encoded image (png text chunk or EXIF UserComment)."""
+    image = Image.open(io.BytesIO(data))
+    if "parameters" in image.info:
+        return image.info["parameters"]
+    comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
+        return comment[8:].decode("utf-16-be")
+    return None
+
+
+def a1111_infotext(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    model_hash: str | None,
+    loras: list[tuple[str, float, str | None]] = (),
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The "parameters" text A1111 writes, so dropping the file into A1111 restores the settings."""
+    prompt_line = prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
+    fields: dict[str, Any] = {"Steps": steps}
+    if sampler.endswith(" Karras"):
+        fields["Sampler"] = sampler.removesuffix(" Karras")
+        fields["Schedule type"] = "Karras"
+    else:
+        fields["Sampler"] = sampler
+    fields.update({"CFG scale": f"{cfg_scale:g}", "Seed": seed, "Size": f"{width}x{height}"})
+    if model_hash:
+        fields["Model hash"] = model_hash
+    fields["Model"] = model
+    hashes = [f"{name}: {digest}" for name, _, digest in loras if digest]
+    if hashes:
+        fields["Lora hashes"] = '"' + ", ".join(hashes) + '"'
+    fields.update(extra or {})
+    lines = [prompt_line]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+# -- delivery ------------------------------------------------------------------------------------
+
+
+class Storage:
+    """An S3-compatible bucket reached through boto3, configured from the environment."""
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.settings = settings
+        self.bucket = settings.bucket_name
+        addressing = "path" if settings.bucket_path_style else "auto"
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.bucket_endpoint_url,
+            aws_access_key_id=settings.bucket_access_key_id,
+            aws_secret_access_key=settings.bucket_secret_access_key,
+            region_name=settings.bucket_region,
+            config=Config(
+                retries={"max_attempts": UPLOAD_ATTEMPTS, "mode": "standard"},
+                s3={"addressing_style": addressing},
+                connect_timeout=5,
+                read_timeout=30,
+                signature_version="s3v4",
+            ),
+        )
+
+    def key(self, job_id: str, name: str) -> str:
+        prefix = self.settings.bucket_prefix.strip("/")
+        return f"{prefix}/{job_id}/{name}" if prefix else f"{job_id}/{name}"
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload and confirm: S3 checks the Content-MD5, and the ETag must match it."""
+        digest = hashlib.md5(data).digest()  # noqa: S324 - integrity check, not security
+        response = self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            ContentMD5=base64.b64encode(digest).decode("ascii"),
+        )
+        etag = str(response.get("ETag", "")).strip('"')
+        if len(etag) == 32 and "-" not in etag and etag != digest.hex():
+            raise UploadFailed(f"the bucket stored different bytes for {key}", field="destination")
+
+    def url(self, key: str) -> str:
+        """A public URL when BUCKET_PUBLIC_URL is set, else a presigned GET."""
+        if self.settings.bucket_public_url:
+            return f"{self.settings.bucket_public_url.rstrip('/')}/{key}"
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.settings.bucket_presign_ttl,
+        )
+
+
+def deliver(
+    images: list[EncodedImage],
+    *,
+    destination: str,
+    job_id: str,
+    storage: Storage | None,
+    inline_limit: int | None,
+    sidecar: dict[str, Any] | None = None,
+) -> tuple[list[ImageResult], list[str]]:
+    """Deliver encoded images to S3 or inline; returns (results, warnings)."""
+    if destination == "s3" and storage is None:
+        raise InvalidInput(
+            "no bucket is configured on this worker",
+            field="destination",
+            accepted="base64 or auto, or configure BUCKET_ENDPOINT_URL and BUCKET_NAME",
+        )
+    if destination == "base64" or storage is None:
+        return _inline(images, inline_limit), []
+    try:
+        return _upload(images, storage, job_id, sidecar), []
+    except UploadFailed as error:
+        if destination == "s3":
+            raise
+        log.warning("job %s: upload failed, falling back to base64: %s", job_id, error.message)
+        warning = f"upload to the bucket failed ({error.message}); images are inline base64 instead"
+        return _inline(images, inline_limit), [warning]
+
+
+def _inline(images: list[EncodedImage], inline_limit: int | None) -> list[ImageResult]:
+    results = [_result(encoded, image=encoded.data_uri()) for encoded in images]
+    size = sum(len(r.image or "") for r in results)
+    if inline_limit is not None and size > inline_limit:
+        raise OutputTooLarge(
+            f"the {len(results)} images are {size} bytes as base64, over the {inline_limit}-byte "
+            "reply limit; configure a bucket (BUCKET_ENDPOINT_URL, BUCKET_NAME, "
+            "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive URLs instead",
+            field="num_images",
+            accepted="fewer or smaller images, jpeg/webp output, or a configured bucket",
+        )
+    return results
+
+
+def _upload(
+    images: list[EncodedImage], storage: Storage, job_id: str, sidecar: dict[str, Any] | None
+) -> list[ImageResult]:
+    """Upload the batch in parallel; every image must be confirmed or the whole batch fails."""
+    keys = [storage.key(job_id, f"{i.index}-{i.seed}.{i.format}") for i in images]
+
+    def put(pair: tuple[EncodedImage, str]) -> None:
+        image, key = pair
+        try:
+            storage.put(key, image.data, image.mime_type)
+        except UploadFailed:
+            raise
+        except Exception as error:  # botocore errors after its own retries
+            raise UploadFailed(
+                f"image {image.index} could not be uploaded after {UPLOAD_ATTEMPTS} attempts "
+                f"({type(error).__name__})",
+                field="destination",
+                accepted="a reachable bucket with write access",
+            ) from None
+
+    with ThreadPoolExecutor(max_workers=min(8, len(images)) or 1) as pool:
+        list(pool.map(put, zip(images, keys, strict=True)))
+    results = [
+        _result(image, url=storage.url(key), bucket=storage.bucket, key=key)
+        for image, key in zip(images, keys, strict=True)
+    ]
+    if sidecar is not None:
+        sidecar = {**sidecar, "images": [{"key": r.key, "seed": r.seed} for r in results]}
+        body = json.dumps(sidecar, indent=2).encode()
+        try:
+            storage.put(storage.key(job_id, "job.json"), body, "application/json")
+        except Exception as error:
+            raise UploadFailed(
+                f"the job sidecar could not be uploaded ({type(error).__name__})",
+                field="sidecar",
+                accepted="a reachable bucket",
+            ) from None
+    return results
+
+
+def _result(encoded: EncodedImage, **delivery: Any) -> ImageResult:
+    return ImageResult(
+        index=encoded.index,
+        seed=encoded.seed,
+        width=encoded.width,
+        height=encoded.height,
+        format=encoded.format,
+        bytes=len(encoded.data),
+        **delivery,
+    )

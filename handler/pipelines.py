@@ -62,6 +62,7 @@ class LoadedCheckpoint:
     """A pipeline ready to run, with what the engine needs to know about it."""
 
     name: str
+    model: ModelFile
     architecture: str
     prediction_type: str
     pipeline: Any
@@ -120,6 +121,7 @@ def load_checkpoint(
     pipeline.set_progress_bar_config(disable=True)
     return LoadedCheckpoint(
         name=model.name,
+        model=model,
         architecture=detection.architecture,
         prediction_type=detection.prediction_type,
         pipeline=pipeline,

@@ -8,16 +8,22 @@ root are refused. Architectures are read from the safetensors header alone; no w
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from handler.errors import InvalidInput, ModelNotFound, UnsupportedModel
 from handler.settings import Settings
 
+log = logging.getLogger(__name__)
+
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+HASH_CACHE_FILE = ".sd-worker-hashes.json"
 
 # Each kind of model lives in one of these folders inside a root (ours, then A1111's name).
 FOLDERS: dict[str, tuple[str, ...]] = {
@@ -73,6 +79,8 @@ class Registry:
 
     settings: Settings
     _detections: dict[tuple[str, float, int], Detection] = field(default_factory=dict)
+    _hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    _hash_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def roots(self) -> list[Path]:
@@ -178,6 +186,49 @@ class Registry:
                 )
         return self._detections[key]
 
+    # -- hashes -----------------------------------------------------------------------------
+
+    def cached_hash(self, model: ModelFile) -> str | None:
+        """The AutoV2 hash (first 10 hex digits of sha256) if known; never reads the weights."""
+        if model.is_folder:
+            return None
+        key = _file_key(model.path)
+        if key in self._hashes:
+            return self._hashes[key]
+        entry = self._read_hash_cache(model.root).get(_relative(model))
+        if entry and entry.get("size") == key[2] and entry.get("mtime") == key[1]:
+            self._hashes[key] = entry["sha256"][:10]
+            return self._hashes[key]
+        return None
+
+    def compute_hash(self, model: ModelFile) -> str:
+        """Hash the file, remember it, and record it in the root's sidecar (when writable)."""
+        key = _file_key(model.path)
+        digest = hashlib.sha256()
+        with open(model.path, "rb") as handle:
+            while chunk := handle.read(16 * 1024 * 1024):
+                digest.update(chunk)
+        sha256 = digest.hexdigest()
+        self._hashes[key] = sha256[:10]
+        with self._hash_lock:
+            cache = self._read_hash_cache(model.root)
+            cache[_relative(model)] = {"size": key[2], "mtime": key[1], "sha256": sha256}
+            target = model.root / HASH_CACHE_FILE
+            try:
+                temporary = target.with_suffix(".tmp")
+                temporary.write_text(json.dumps(cache, indent=1, sort_keys=True))
+                temporary.replace(target)
+            except OSError as error:  # a read-only volume: keep the hash in memory only
+                log.info("hash cache not written (%s)", type(error).__name__)
+        return sha256[:10]
+
+    @staticmethod
+    def _read_hash_cache(root: Path) -> dict:
+        try:
+            return json.loads((root / HASH_CACHE_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
     def config_folder(self, model: ModelFile, detection: Detection) -> Path:
         """The diffusers config folder for a single-file checkpoint.
 
@@ -189,6 +240,15 @@ class Registry:
             _inside_root(sidecar, model.root, "checkpoint", model.name)
             return sidecar
         return CONFIG_ROOT / detection.architecture
+
+
+def _file_key(path: Path) -> tuple[str, float, int]:
+    stat = path.stat()
+    return (str(path), stat.st_mtime, stat.st_size)
+
+
+def _relative(model: ModelFile) -> str:
+    return model.path.relative_to(model.root).as_posix()
 
 
 # -- name checks ---------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
             progress=ProgressThrottle(job),
             cancelled=cancel.is_set,
             inline_limit=engine.settings.max_inline_bytes,
+            job_id=str(job_id),
         )
     except WorkerError as error:
         log.info(

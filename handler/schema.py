@@ -88,6 +88,18 @@ class Job(BaseModel):
         description="SDXL refiner steps (refine-after when high_noise_frac is empty).",
     )
 
+    destination: Literal["auto", "s3", "base64"] = Field(
+        "auto",
+        description="Where images go: s3 (presigned URLs), base64 (inline), or auto "
+        "(s3 when the worker has a bucket, else base64).",
+    )
+    strip_metadata: bool = Field(
+        False, description="Write no generation parameters (infotext) into the image files."
+    )
+    sidecar: bool = Field(
+        False, description="Also upload a job.json (inputs, seeds, timings) next to the images."
+    )
+
     _notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("scheduler")

@@ -45,6 +45,21 @@ class Settings:
     max_input_bytes: int = 20 * 1024 * 1024
     max_input_pixels: int = 4096 * 4096
     input_timeout_s: float = 15.0
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: str | None = None
+    bucket_name: str | None = None
+    bucket_prefix: str = "images"
+    bucket_region: str = "us-east-1"
+    bucket_presign_ttl: int = 3600
+    bucket_public_url: str | None = None
+    bucket_path_style: bool = False
+
+    @property
+    def bucket_configured(self) -> bool:
+        """True when uploads can go to a bucket."""
+        return bool(self.bucket_name and (self.bucket_endpoint_url or self.bucket_access_key_id))
+
     extra_roots: tuple[str, ...] = field(default=DEFAULT_MODEL_ROOTS)
 
     @classmethod
@@ -66,6 +81,15 @@ class Settings:
             max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024),
             max_input_pixels=_int("MAX_INPUT_PIXELS", 4096 * 4096),
             input_timeout_s=float(_str("INPUT_TIMEOUT_S", "15")),
+            bucket_endpoint_url=_str("BUCKET_ENDPOINT_URL"),
+            bucket_access_key_id=_str("BUCKET_ACCESS_KEY_ID"),
+            bucket_secret_access_key=_str("BUCKET_SECRET_ACCESS_KEY"),
+            bucket_name=_str("BUCKET_NAME"),
+            bucket_prefix=_str("BUCKET_PREFIX", "images"),
+            bucket_region=_str("BUCKET_REGION", "us-east-1"),
+            bucket_presign_ttl=_int("BUCKET_PRESIGN_TTL", 3600),
+            bucket_public_url=_str("BUCKET_PUBLIC_URL"),
+            bucket_path_style=_flag("BUCKET_PATH_STYLE"),
         )
 
     @property

@@ -76,7 +76,7 @@ def test_every_scheduler_runs_and_is_restored(engine, scheduler):
 
 def test_result_carries_timings(engine):
     result = engine.run(parse_job({**BASE, "seed": 3}))
-    assert set(result.timings_ms) == {"load", "denoise", "decode", "encode", "total"}
+    assert set(result.timings_ms) == {"load", "denoise", "decode", "encode", "upload", "total"}
     assert all(value >= 0 for value in result.timings_ms.values())
     assert result.timings_ms["total"] >= result.timings_ms["denoise"]
 

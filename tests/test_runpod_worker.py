@@ -103,12 +103,12 @@ def test_cancel_stops_the_job_between_steps_and_leaves_no_state(worker, engine):
     async def scenario():
         original = engine.run
 
-        def run_recording(job, progress=None, cancelled=None, inline_limit=None):
+        def run_recording(job, progress=None, cancelled=None, inline_limit=None, job_id="x"):
             def record(p):
                 steps_seen.append(p.step) if p.phase == "denoising" else None
                 progress(p)
 
-            return original(job, record, cancelled, inline_limit)
+            return original(job, record, cancelled, inline_limit, job_id)
 
         engine.run = run_recording
         try:

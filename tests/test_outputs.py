@@ -1,0 +1,359 @@
+"""Delivery to a real S3 endpoint (moto's server on 127.0.0.1, reached by boto3 over HTTP),
+through a fault-injecting proxy; encoding and infotext."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import logging
+import threading
+import urllib.request
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import pytest
+from PIL import Image
+
+from handler.engine import Engine
+from handler.errors import InvalidInput, UploadFailed
+from handler.outputs import Storage, deliver, encode_image, read_infotext
+from handler.schema import parse_job
+from tests.servers import Server, free_port
+
+ACCESS_KEY, SECRET_KEY, BUCKET = "AKIATESTKEY", "test-secret-key-do-not-log", "images-bucket"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    port = free_port()
+    server = Server(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        env={},
+        log_path=tmp_path_factory.mktemp("moto") / "moto.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, timeout=60)
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=BUCKET)
+        yield url, client
+    finally:
+        server.stop()
+
+
+class FaultProxy:
+    """Forwards HTTP to moto; can answer 500 or drop the connection for the next N PUTs."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.fail_puts = 0
+        self.drop_puts = 0
+        self.puts_seen = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if self.command == "PUT":
+                    proxy.puts_seen += 1
+                    if proxy.drop_puts > 0:
+                        proxy.drop_puts -= 1
+                        self.close_connection = True
+                        self.connection.close()
+                        return
+                    if proxy.fail_puts > 0:
+                        proxy.fail_puts -= 1
+                        payload = (
+                            b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                        )
+                        self.send_response(500)
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
+                connection = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = proxy.upstream
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def proxy(moto):
+    fault_proxy = FaultProxy(moto[0])
+    yield fault_proxy
+    fault_proxy.close()
+
+
+def bucket_settings(settings, endpoint: str, **extra):
+    return replace(
+        settings,
+        bucket_endpoint_url=endpoint,
+        bucket_access_key_id=ACCESS_KEY,
+        bucket_secret_access_key=SECRET_KEY,
+        bucket_name=BUCKET,
+        bucket_path_style=True,
+        bucket_prefix="renders",
+        **extra,
+    )
+
+
+def encoded_batch(count=3, fmt="png"):
+    return [
+        encode_image(Image.new("RGB", (32, 24), (i * 40, 100, 200)), i, 1000 + i, fmt, 90, "x")
+        for i in range(count)
+    ]
+
+
+def test_uploads_with_content_type_key_layout_and_presigned_urls(moto, settings):
+    _, client = moto
+    storage = Storage(bucket_settings(settings, moto[0]))
+    images = encoded_batch(2) + [encode_image(Image.new("RGB", (8, 8)), 2, 1002, "webp", 80, None)]
+    results, warnings = deliver(
+        images, destination="s3", job_id="job-123", storage=storage, inline_limit=None
+    )
+    assert warnings == []
+    assert [r.key for r in results] == [
+        "renders/job-123/0-1000.png",
+        "renders/job-123/1-1001.png",
+        "renders/job-123/2-1002.webp",
+    ]
+    for result, image in zip(results, images, strict=True):
+        head = client.head_object(Bucket=BUCKET, Key=result.key)
+        assert head["ContentType"] == image.mime_type and head["ContentLength"] == image_bytes(
+            image
+        )
+        assert result.bucket == BUCKET and result.image is None and result.bytes == len(image.data)
+        with urllib.request.urlopen(result.url, timeout=10) as response:  # a plain HTTP client
+            assert response.read() == image.data
+        assert "X-Amz-Signature" in result.url
+
+
+def image_bytes(image) -> int:
+    return len(image.data)
+
+
+def test_public_base_url(moto, settings):
+    storage = Storage(
+        bucket_settings(settings, moto[0], bucket_public_url="https://cdn.example.com/")
+    )
+    results, _ = deliver(
+        encoded_batch(1), destination="s3", job_id="j", storage=storage, inline_limit=None
+    )
+    assert results[0].url == "https://cdn.example.com/renders/j/0-1000.png"
+
+
+def test_retries_injected_500s_and_dropped_connections(proxy, moto, settings):
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.fail_puts, proxy.drop_puts = 2, 1
+    results, warnings = deliver(
+        encoded_batch(2), destination="s3", job_id="retry", storage=storage, inline_limit=None
+    )
+    assert warnings == [] and len(results) == 2
+    assert proxy.puts_seen == 2 + 3  # two images, plus three failed attempts retried
+    for result in results:
+        assert moto[1].get_object(Bucket=BUCKET, Key=result.key)["Body"].read()
+
+
+def test_upload_failed_when_retries_run_out(proxy, settings):
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.fail_puts = 100
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(2), destination="s3", job_id="fail", storage=storage, inline_limit=None
+        )
+    assert info.value.code == "upload_failed" and "after 4 attempts" in info.value.message
+
+
+def test_auto_falls_back_to_base64_and_says_so(proxy, settings):
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.fail_puts = 100
+    results, warnings = deliver(
+        encoded_batch(2), destination="auto", job_id="fb", storage=storage, inline_limit=10_000_000
+    )
+    assert all(
+        r.image and r.image.startswith("data:image/png;base64,") and r.url is None for r in results
+    )
+    assert warnings and "inline base64" in warnings[0]
+
+
+def test_s3_without_a_bucket_is_invalid_input():
+    with pytest.raises(InvalidInput) as info:
+        deliver(encoded_batch(1), destination="s3", job_id="x", storage=None, inline_limit=None)
+    assert info.value.field == "destination"
+
+
+def test_engine_job_delivers_to_s3_with_infotext_and_sidecar(moto, settings, caplog):
+    _, client = moto
+    engine = Engine(bucket_settings(settings, moto[0]))
+    job = parse_job(
+        {
+            "prompt": "a cube of glass",
+            "negative_prompt": "fog",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "seed": 99,
+            "checkpoint": "demo-sd15",
+            "num_images": 2,
+            "guidance_scale": 6.5,
+            "sidecar": True,
+            "scheduler": "DPM++ 2M Karras",
+        }
+    )
+    loaded, _ = engine.checkpoint("demo-sd15")
+    engine.registry.compute_hash(loaded.model)
+    with caplog.at_level(logging.DEBUG):
+        result = engine.run(job, job_id="job-e2e")
+    assert [image.key for image in result.images] == [
+        "renders/job-e2e/0-99.png",
+        "renders/job-e2e/1-100.png",
+    ]
+    data = client.get_object(Bucket=BUCKET, Key=result.images[1].key)["Body"].read()
+    infotext = read_infotext(data)
+    assert infotext.splitlines()[0] == "a cube of glass"
+    assert "Negative prompt: fog" in infotext
+    for part in (
+        "Steps: 2",
+        "Sampler: DPM++ 2M",
+        "Schedule type: Karras",
+        "CFG scale: 6.5",
+        "Seed: 100",
+        "Size: 64x64",
+        "Model: demo-sd15",
+        f"Model hash: {engine.registry.cached_hash(loaded.model)}",
+    ):
+        assert part in infotext, part
+    sidecar = json.loads(
+        client.get_object(Bucket=BUCKET, Key="renders/job-e2e/job.json")["Body"].read()
+    )
+    assert sidecar["seeds"] == [99, 100] and sidecar["inputs"]["prompt"] == "a cube of glass"
+    assert "timings_ms" in sidecar and SECRET_KEY not in json.dumps(sidecar)
+    # credentials and presigned URLs stay out of the logs
+    assert SECRET_KEY not in caplog.text and "X-Amz-Signature" not in caplog.text
+
+
+def test_strip_metadata_writes_no_parameters(engine):
+    result = engine.run(
+        parse_job(
+            {
+                "prompt": "secret",
+                "width": 64,
+                "height": 64,
+                "steps": 1,
+                "checkpoint": "demo-sd15",
+                "strip_metadata": True,
+            }
+        )
+    )
+    import base64
+
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    assert read_infotext(data) is None and b"secret" not in data
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_infotext_in_jpeg_and_webp_exif(engine, fmt):
+    import base64
+
+    result = engine.run(
+        parse_job(
+            {
+                "prompt": "a red cube",
+                "width": 64,
+                "height": 64,
+                "steps": 1,
+                "seed": 4,
+                "checkpoint": "demo-sd15",
+                "output_format": fmt,
+            }
+        )
+    )
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    assert read_infotext(data).startswith("a red cube\n") and "Seed: 4" in read_infotext(data)
+    assert Image.open(io.BytesIO(data)).format == fmt.upper()
+
+
+def test_runpod_api_job_delivers_presigned_urls(moto, demo_volume, tmp_path):
+    """Through the SDK's local API: the reply carries URLs whose bytes are the images."""
+    import requests
+
+    from tests.servers import python
+
+    port = free_port()
+    server = Server(
+        [
+            python(),
+            "-m",
+            "handler",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        env={
+            "MODELS_DIR": str(demo_volume),
+            "DEFAULT_CHECKPOINT": "demo-sd15",
+            "DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "BUCKET_ENDPOINT_URL": moto[0],
+            "BUCKET_NAME": BUCKET,
+            "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
+            "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY,
+            "BUCKET_PATH_STYLE": "1",
+            "PYTHONUNBUFFERED": "1",
+        },
+        log_path=tmp_path / "worker.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_until(lambda: requests.get(f"{url}/docs", timeout=2).status_code == 200)
+        reply = requests.post(
+            f"{url}/runsync",
+            json={"input": {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}},
+            timeout=300,
+        ).json()
+        assert reply["status"] == "COMPLETED", reply
+        image = reply["output"]["images"][0]
+        assert "image" not in image and image["key"].endswith("/0-5.png")
+        with urllib.request.urlopen(image["url"], timeout=10) as response:
+            data = response.read()
+        assert len(data) == image["bytes"] and Image.open(io.BytesIO(data)).size == (64, 64)
+        log = server.log()
+        assert SECRET_KEY not in log and "X-Amz-Signature" not in log
+    finally:
+        server.stop()
