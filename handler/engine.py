@@ -22,7 +22,13 @@ from handler.errors import (
 )
 from handler.inputs import load_image
 from handler.outputs import Storage, a1111_infotext, deliver, encode_image
-from handler.pipelines import CheckpointCache, LoadedCheckpoint, load_checkpoint, pipeline_for
+from handler.pipelines import (
+    CheckpointCache,
+    LatentDecoder,
+    LoadedCheckpoint,
+    load_checkpoint,
+    pipeline_for,
+)
 from handler.registry import NATIVE_SIZE, Registry, detect_lora
 from handler.schedulers import build_scheduler
 from handler.schema import Job, Result
@@ -240,21 +246,18 @@ class Engine:
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
 
-        # 3. Denoise and decode; an OOM gets one retry after the cache is emptied
-        images, denoise_ms, decode_ms = _with_oom_retry(
-            lambda: self._generate(
+        # 3. Denoise; an OOM gets one retry after the CUDA cache is emptied
+        latents, decoder_pipeline, denoise_ms = _with_oom_retry(
+            lambda: self._denoise(
                 loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
             )
         )
-        timings["denoise"], timings["decode"] = denoise_ms, decode_ms
+        timings["denoise"] = denoise_ms
 
-        # 4. Encode and deliver
-        progress(Progress("uploading", 0, len(images)))
-        encode_started = time.perf_counter()
+        # 4. Decode image by image; each is encoded in the pool while the next one decodes
         model_hash = self.registry.cached_hash(loaded.model)
 
-        def encode(item):
-            index, image = item
+        def encode(index: int, image):
             infotext = None
             if not job.strip_metadata:
                 infotext = a1111_infotext(
@@ -273,8 +276,17 @@ class Engine:
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
             )
 
-        encoded = list(self._encoders.map(encode, enumerate(images)))
-        timings["encode"] = _ms(encode_started)
+        decode_started = time.perf_counter()
+        pending = []
+        with torch.inference_mode(), LatentDecoder(decoder_pipeline) as decoder:
+            for index in range(len(seeds)):
+                image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
+                pending.append(self._encoders.submit(encode, index, image))
+        timings["decode"] = _ms(decode_started)
+        progress(Progress("uploading", 0, len(seeds)))
+        encode_wait = time.perf_counter()
+        encoded = [future.result() for future in pending]
+        timings["encode"] = _ms(encode_wait)  # the encoding not hidden behind decoding
         upload_started = time.perf_counter()
         sidecar = None
         if job.sidecar:
@@ -337,21 +349,20 @@ class Engine:
             )
         return refiner
 
-    def _generate(
-        self, loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
-    ):
-        """Run the pipeline(s); returns (PIL images, denoise ms, decode ms)."""
-
-        def generators() -> list[torch.Generator]:
-            return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-        marks = {"start": time.perf_counter(), "last_step": None}
+    def _denoise(self, loaded, refiner, job, init_image, width, height, seeds, progress, cancelled):
+        """Run the pipeline(s) to final latents; returns (latents, pipeline to decode with, ms)."""
+        started = time.perf_counter()
         common = {
             "prompt": [job.prompt] * len(seeds),
             "negative_prompt": [job.negative_prompt] * len(seeds),
             "num_inference_steps": job.steps,
             "guidance_scale": job.guidance_scale,
+            "output_type": "latent",
         }
+
+        def generators() -> list[torch.Generator]:
+            return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
         mode = "img2img" if init_image is not None else "txt2img"
         args: dict[str, Any] = {**common, "generator": generators()}
         if init_image is not None:
@@ -361,7 +372,6 @@ class Engine:
 
         refine_args = None
         if refiner is not None:
-            args["output_type"] = "latent"
             refine_args = {**common, "generator": generators()}
             if job.high_noise_frac is not None:
                 # Ensemble of experts: the base denoises the high-noise part, the refiner the rest.
@@ -378,10 +388,6 @@ class Engine:
                 if cancelled():
                     raise Cancelled("the job was cancelled")
                 total = getattr(pipe, "_num_timesteps", None) or job.steps
-                if step + 1 == total:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    marks["last_step"] = time.perf_counter()
                 progress(Progress(phase, step + 1, total))
                 return callback_kwargs
 
@@ -389,12 +395,14 @@ class Engine:
 
         with torch.inference_mode():
             output = self._call(loaded, mode, job, args, on_step_end("denoising"))
+            final = loaded
             if refine_args is not None:
                 refine_args["image"] = output.images
                 output = self._call(refiner, "img2img", job, refine_args, on_step_end("refining"))
-        done = time.perf_counter()
-        last_step = marks["last_step"] or done
-        return output.images, (last_step - marks["start"]) * 1000, (done - last_step) * 1000
+                final = refiner
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return output.images, pipeline_for(final, "txt2img"), _ms(started)
 
     def _call(self, loaded: LoadedCheckpoint, mode: str, job: Job, args: dict, callback):
         """Call one pipeline with this job's scheduler, restoring the shared one afterwards."""

@@ -167,3 +167,42 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class LatentDecoder:
+    """Decodes latents one image at a time (so encoding overlaps the next decode).
+
+    As diffusers' SDXL pipeline does, a VAE whose config says `force_upcast` decodes in fp32
+    when it runs in fp16; it is cast back when the decoder closes, whatever happens.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.vae = pipeline.vae
+        self.upcast = self.vae.dtype == torch.float16 and getattr(
+            self.vae.config, "force_upcast", False
+        )
+
+    def __enter__(self) -> LatentDecoder:
+        if self.upcast:
+            self.vae.to(dtype=torch.float32)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.upcast:
+            self.vae.to(dtype=torch.float16)
+
+    def decode(self, latents: torch.Tensor):
+        """One PIL image from latents of shape [1, C, h, w]."""
+        config = self.vae.config
+        latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            channels = latents.shape[1]
+            mean = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
