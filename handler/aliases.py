@@ -152,6 +152,18 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
             )
         title = str(overrides.pop("sd_model_checkpoint"))
         data["checkpoint"] = _TITLE_HASH.sub("", title)
+    if "CLIP_stop_at_last_layers" in overrides:
+        if "clip_skip" in data:
+            raise InvalidInput(
+                "both clip_skip and override_settings.CLIP_stop_at_last_layers are given",
+                field="override_settings.CLIP_stop_at_last_layers",
+                accepted="one of them",
+            )
+        data["clip_skip"] = overrides.pop("CLIP_stop_at_last_layers")
+    if "sd_vae" in overrides:
+        vae = overrides.pop("sd_vae")
+        if vae not in ("Automatic", "None", None, ""):
+            data["vae"] = _TITLE_HASH.sub("", str(vae))
     if overrides:
         unknown = ", ".join(sorted(overrides))
         raise InvalidInput(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,14 @@ from handler.errors import (
     WorkerError,
 )
 from handler.inputs import load_image
+from handler.loras import (
+    AppliedLora,
+    StateDictCache,
+    check_compatible,
+    embeddings_in,
+    extract_inline_loras,
+    job_additions,
+)
 from handler.outputs import Storage, a1111_infotext, deliver, encode_image
 from handler.pipelines import (
     CheckpointCache,
@@ -37,6 +47,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 GENERATOR_ARCHITECTURES = ("sd15", "sd2-512", "sd2-768-v", "sdxl")
+MAX_LORAS = 8
 # worker-sdxl's default strength for refining a finished base image.
 REFINE_AFTER_STRENGTH = 0.3
 
@@ -71,9 +82,13 @@ class Engine:
         self.device = pick_device(self.settings.device)
         # fp16 on the GPU; fp32 on the CPU, where half precision is slow and inexact.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        # A configured refiner stays cached beside the base checkpoint.
-        capacity = self.settings.cpu_checkpoints + (1 if self.settings.refiner_checkpoint else 0)
-        self.cache = CheckpointCache(capacity)
+        # A configured refiner stays on the device beside the base checkpoint.
+        device_slots = self.settings.gpu_checkpoints + (
+            1 if self.settings.refiner_checkpoint else 0
+        )
+        self.cache = CheckpointCache(device_slots, self.settings.cpu_checkpoints, self.device)
+        self.state_dicts = StateDictCache(self.settings.max_lora_cache_bytes)
+        self._vaes: OrderedDict[tuple, Any] = OrderedDict()
         self._encoders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
         self._lock = threading.Lock()
         self._storage: Storage | None = None
@@ -211,6 +226,8 @@ class Engine:
                 accepted="SD 1.x, SD 2.x or SDXL base checkpoints",
             )
         refiner = self._refiner_for(job, loaded, warnings)
+        job, loras, embeddings = self._additions_for(job, loaded)
+        vae = self._vae_for(job, loaded)
         timings["load"] = _ms(started)
 
         # 2. Check the request against this checkpoint
@@ -246,47 +263,26 @@ class Engine:
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
 
-        # 3. Denoise; an OOM gets one retry after the CUDA cache is emptied
-        latents, decoder_pipeline, denoise_ms = _with_oom_retry(
-            lambda: self._denoise(
-                loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
-            )
-        )
-        timings["denoise"] = denoise_ms
-
-        # 4. Decode image by image; each is encoded in the pool while the next one decodes
-        model_hash = self.registry.cached_hash(loaded.model)
-
-        def encode(index: int, image):
-            infotext = None
-            if not job.strip_metadata:
-                infotext = a1111_infotext(
-                    prompt=job.prompt,
-                    negative_prompt=job.negative_prompt,
-                    steps=job.steps,
-                    sampler=job.scheduler,
-                    cfg_scale=job.guidance_scale,
-                    seed=seeds[index],
-                    width=width,
-                    height=height,
-                    model=loaded.name,
-                    model_hash=model_hash,
+        # 3. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards;
+        #    an OOM gets one retry after the CUDA cache is emptied
+        mode = "img2img" if init_image is not None else "txt2img"
+        pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
+        with contextlib.ExitStack() as undo:
+            undo.enter_context(job_additions(pipelines, loras, embeddings, self.state_dicts))
+            if vae is not None:
+                undo.enter_context(_swapped_vae(pipelines, vae))
+            latents, decoder_pipeline, denoise_ms = _with_oom_retry(
+                lambda: self._denoise(
+                    loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
                 )
-            return encode_image(
-                image, index, seeds[index], job.output_format, job.output_quality, infotext
+            )
+            timings["denoise"] = denoise_ms
+            encoded = self._decode_and_encode(
+                job, loaded, loras, decoder_pipeline, latents, seeds, width, height, timings
             )
 
-        decode_started = time.perf_counter()
-        pending = []
-        with torch.inference_mode(), LatentDecoder(decoder_pipeline) as decoder:
-            for index in range(len(seeds)):
-                image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
-                pending.append(self._encoders.submit(encode, index, image))
-        timings["decode"] = _ms(decode_started)
+        # 4. Deliver
         progress(Progress("uploading", 0, len(seeds)))
-        encode_wait = time.perf_counter()
-        encoded = [future.result() for future in pending]
-        timings["encode"] = _ms(encode_wait)  # the encoding not hidden behind decoding
         upload_started = time.perf_counter()
         sidecar = None
         if job.sidecar:
@@ -321,6 +317,109 @@ class Engine:
             timings_ms={k: round(v, 1) for k, v in timings.items()},
             warnings=warnings,
         )
+
+    def _decode_and_encode(
+        self, job, loaded, loras, decoder_pipeline, latents, seeds, width, height, timings
+    ):
+        """Decode image by image; each is encoded in the pool while the next one decodes."""
+        model_hash = self.registry.cached_hash(loaded.model)
+        lora_info = [(lora.name, lora.scale, self._lora_hash(lora)) for lora in loras]
+
+        def encode(index: int, image):
+            infotext = None
+            if not job.strip_metadata:
+                infotext = a1111_infotext(
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt,
+                    steps=job.steps,
+                    sampler=job.scheduler,
+                    cfg_scale=job.guidance_scale,
+                    seed=seeds[index],
+                    width=width,
+                    height=height,
+                    model=loaded.name,
+                    model_hash=model_hash,
+                    loras=lora_info,
+                    extra={"Clip skip": job.clip_skip} if job.clip_skip > 1 else None,
+                )
+            return encode_image(
+                image, index, seeds[index], job.output_format, job.output_quality, infotext
+            )
+
+        decode_started = time.perf_counter()
+        pending = []
+        with torch.inference_mode(), LatentDecoder(decoder_pipeline) as decoder:
+            for index in range(len(seeds)):
+                image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
+                pending.append(self._encoders.submit(encode, index, image))
+        timings["decode"] = _ms(decode_started)
+        encode_wait = time.perf_counter()
+        encoded = [future.result() for future in pending]
+        timings["encode"] = _ms(encode_wait)  # the encoding not hidden behind decoding
+        return encoded
+
+    def _additions_for(self, job: Job, loaded: LoadedCheckpoint):
+        """Resolve the job's LoRA stack (list + inline tags) and the embeddings its prompts use.
+
+        Everything is checked here, before the pipeline is touched.
+        """
+        prompt, inline = extract_inline_loras(job.prompt)
+        negative, _ = extract_inline_loras(job.negative_prompt)
+        requested = [(s.name, s.scale, f"loras[{i}].name") for i, s in enumerate(job.loras)]
+        requested += [(name, scale, "prompt") for name, scale in inline]
+        if len(requested) > MAX_LORAS:
+            raise InvalidInput(
+                f"{len(requested)} LoRAs requested",
+                field="loras",
+                accepted=f"at most {MAX_LORAS} LoRAs per job",
+            )
+        loras = []
+        for name, scale, field in requested:
+            model = self.registry.resolve("lora", name, field)
+            check_compatible(model, loaded.architecture, field)
+            loras.append(AppliedLora(model.name, scale, model))
+        embeddings = embeddings_in([prompt, negative], self.registry.files("embedding"))
+        update = {"prompt": prompt, "negative_prompt": negative}
+        return job.model_copy(update=update), loras, embeddings
+
+    def _lora_hash(self, lora: AppliedLora) -> str | None:
+        return self.registry.cached_hash(lora.model) or self.registry.compute_hash(lora.model)
+
+    def _vae_for(self, job: Job, loaded: LoadedCheckpoint):
+        """The job's VAE override, loaded once and kept (two at most), or None."""
+        if not job.vae:
+            return None
+        from diffusers import AutoencoderKL
+
+        model = self.registry.resolve("vae", job.vae, "vae")
+        stat = model.path.stat()
+        key = (str(model.path), stat.st_mtime, stat.st_size, loaded.architecture)
+        if key not in self._vaes:
+            try:
+                if model.path.is_dir():
+                    vae = AutoencoderKL.from_pretrained(str(model.path), torch_dtype=self.dtype)
+                else:
+                    detection = self.registry.detect(loaded.model)
+                    config = self.registry.config_folder(loaded.model, detection)
+                    vae = AutoencoderKL.from_single_file(
+                        str(model.path),
+                        config=str(config),
+                        subfolder="vae",
+                        torch_dtype=self.dtype,
+                        local_files_only=True,
+                    )
+            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                raise InvalidInput(
+                    f"{model.name} could not be loaded as a VAE for {loaded.architecture} "
+                    f"({type(error).__name__})",
+                    field="vae",
+                    accepted="SD/SDXL VAE .safetensors files matching the checkpoint",
+                ) from None
+            self._vaes[key] = vae.to(self.device).eval()
+            while len(self._vaes) > 2:
+                self._vaes.popitem(last=False)
+        self._vaes.move_to_end(key)
+        return self._vaes[key]
 
     def _refiner_for(
         self, job: Job, base: LoadedCheckpoint, warnings: list[str]
@@ -359,6 +458,9 @@ class Engine:
             "guidance_scale": job.guidance_scale,
             "output_type": "latent",
         }
+        if job.clip_skip > 1:
+            # A1111 counts the last layer as 1; diffusers counts layers skipped.
+            common["clip_skip"] = job.clip_skip - 1
 
         def generators() -> list[torch.Generator]:
             return [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -413,6 +515,19 @@ class Engine:
             return pipeline(**args, callback_on_step_end=callback)
         finally:
             pipeline.scheduler = original
+
+
+@contextlib.contextmanager
+def _swapped_vae(pipelines: list[Any], vae: Any):
+    """Use `vae` in every pipeline view of a checkpoint for one job, then put the original back."""
+    originals = [(p, p.vae) for p in pipelines]
+    try:
+        for pipeline, _ in originals:
+            pipeline.vae = vae
+        yield
+    finally:
+        for pipeline, original in originals:
+            pipeline.vae = original
 
 
 def _with_oom_retry(call):

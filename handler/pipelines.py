@@ -131,11 +131,19 @@ def load_checkpoint(
 
 
 class CheckpointCache:
-    """A least-recently-used cache of loaded checkpoints, bounded by count."""
+    """Loaded checkpoints in two least-recently-used tiers: on the device, and offloaded to CPU RAM.
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
+    A checkpoint pushed off the device moves to CPU RAM (in its run dtype, so fp16 stays fp16)
+    while the RAM tier has room, and is dropped after that. Bringing it back from RAM reads no
+    disk. On a CPU-only machine both tiers are RAM and the total is what counts.
+    """
+
+    def __init__(self, device_slots: int, ram_slots: int, device: torch.device) -> None:
+        self.device_slots = max(1, device_slots)
+        self.ram_slots = max(0, ram_slots)
+        self.device = device
         self._entries: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
+        self._on_device: set[tuple] = set()
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._entries
@@ -143,22 +151,46 @@ class CheckpointCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def on_device(self, key: tuple) -> bool:
+        return key in self._on_device
+
     def get(
         self, key: tuple, load: Callable[[], LoadedCheckpoint]
     ) -> tuple[LoadedCheckpoint, bool]:
-        """The entry for `key`, loading it on a miss; returns (entry, was_cached)."""
+        """The entry for `key` on the device, loading it on a miss; returns (entry, was_cached)."""
         if key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key], True
-        # Evict before loading so two full pipelines never sit in memory at once.
-        while len(self._entries) >= self.capacity:
-            _, evicted = self._entries.popitem(last=False)
+            entry = self._entries[key]
+            if key not in self._on_device:
+                self._make_room(keep=key)
+                entry.pipeline.to(self.device)
+                self._on_device.add(key)
+            return entry, True
+        # Make room first, so two full pipelines never sit on the device at once.
+        self._make_room(keep=None)
+        entry = load()
+        self._entries[key] = entry
+        self._on_device.add(key)
+        return entry, False
+
+    def _make_room(self, keep: tuple | None) -> None:
+        """Offload least-recently-used entries until one more fits on the device."""
+        for key in list(self._entries):
+            if len(self._on_device - {keep}) < self.device_slots:
+                break
+            if key == keep or key not in self._on_device:
+                continue
+            entry = self._entries[key]
+            self._on_device.discard(key)
+            if self.device.type != "cpu":
+                log.info("offloading checkpoint %s to CPU RAM", entry.name)
+                entry.pipeline.to("cpu")
+        offloaded = [k for k in self._entries if k not in self._on_device and k != keep]
+        while len(offloaded) > self.ram_slots:
+            evicted = self._entries.pop(offloaded.pop(0))
             log.info("evicting checkpoint %s", evicted.name)
             del evicted
             _free_memory()
-        entry = load()
-        self._entries[key] = entry
-        return entry, False
 
 
 def _free_memory() -> None:

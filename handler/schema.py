@@ -18,6 +18,15 @@ MAX_SEED = 2**64 - 1
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+class LoraSpec(BaseModel):
+    """One LoRA of a job's stack."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="LoRA name under loras/ (extension optional).")
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="LoRA strength.")
+
+
 class Job(BaseModel):
     """One generation job, after validation."""
 
@@ -88,6 +97,20 @@ class Job(BaseModel):
         description="SDXL refiner steps (refine-after when high_noise_frac is empty).",
     )
 
+    loras: list[LoraSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="LoRA stack: [{name, scale}]. A1111's <lora:name:scale> in the prompt also works.",
+    )
+    vae: str | None = Field(
+        None, description="VAE name under vae/ to use instead of the checkpoint's."
+    )
+    clip_skip: int = Field(
+        1,
+        ge=1,
+        le=12,
+        description="A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before.",
+    )
     destination: Literal["auto", "s3", "base64"] = Field(
         "auto",
         description="Where images go: s3 (presigned URLs), base64 (inline), or auto "

@@ -36,7 +36,9 @@ class Settings:
     log_prompts: bool = False
     device: str | None = None
     max_pixels: int = 2048 * 2048
+    gpu_checkpoints: int = 1
     cpu_checkpoints: int = 1
+    max_lora_cache_bytes: int = 1024 * 1024 * 1024
     refiner_checkpoint: str | None = None
     require_gpu: bool = False
     max_inline_bytes: int = 10 * 1024 * 1024
@@ -72,7 +74,9 @@ class Settings:
             log_prompts=_flag("LOG_PROMPTS"),
             device=_str("DEVICE"),
             max_pixels=_int("MAX_IMAGE_PIXELS", 2048 * 2048),
-            cpu_checkpoints=_int("CHECKPOINT_CACHE_SIZE", 1),
+            gpu_checkpoints=_int("GPU_CHECKPOINTS", 1),
+            cpu_checkpoints=_int("CPU_CHECKPOINTS", 1),
+            max_lora_cache_bytes=_int("LORA_CACHE_MB", 1024) * 1024 * 1024,
             refiner_checkpoint=_str("REFINER_CHECKPOINT"),
             require_gpu=_flag("REQUIRE_GPU"),
             max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),

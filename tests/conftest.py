@@ -38,4 +38,4 @@ def engine(settings):
 
     from handler.engine import Engine
 
-    return Engine(replace(settings, cpu_checkpoints=2))
+    return Engine(replace(settings, gpu_checkpoints=2, cpu_checkpoints=2))

@@ -1,0 +1,225 @@
+"""LoRA stacks and textual-inversion embeddings, applied per job and always removed after.
+
+LoRAs load through diffusers/peft under job-scoped adapter names and are never fused, so
+unloading returns every weight to exactly its previous value. Embeddings are added as tokens
+and removed the same way. Both happen inside `job_additions`, whose `finally` undoes them
+whether the job succeeded, failed or was cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from handler.errors import InvalidInput, LoraIncompatible, WorkerError
+from handler.registry import ModelFile, detect_lora
+
+log = logging.getLogger(__name__)
+
+# A1111's inline syntax: <lora:name:scale>, scale optional (1.0).
+INLINE_LORA = re.compile(r"<lora:([^:>]+)(?::(-?[0-9]*\.?[0-9]+))?>")
+# Which LoRA bases fit which checkpoint architectures.
+LORA_FAMILIES = {
+    "sd15": "sd15",
+    "sd15-inpaint": "sd15",
+    "sd2-512": "sd2",
+    "sd2-768-v": "sd2",
+    "sdxl": "sdxl",
+    "sdxl-inpaint": "sdxl",
+    "sdxl-refiner": "sdxl-refiner",
+}
+
+
+def extract_inline_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Remove `<lora:name:scale>` tags from a prompt; returns (clean prompt, [(name, scale)])."""
+    found = [
+        (m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0)
+        for m in INLINE_LORA.finditer(prompt)
+    ]
+    clean = INLINE_LORA.sub("", prompt)
+    return re.sub(r"\s{2,}", " ", clean).strip(), found
+
+
+class StateDictCache:
+    """A least-recently-used cache of LoRA / embedding state dicts, bounded by bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # disk reads, for tests and logs
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def get(self, path: Path) -> dict[str, torch.Tensor]:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime, stat.st_size)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        state = _read_state_dict(path)
+        self.loads += 1
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        with self._lock:
+            self._entries[key] = (state, size)
+            while self.size_bytes > self.max_bytes and len(self._entries) > 1:
+                self._entries.popitem(last=False)
+        return state
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    # Pickles get here only with ALLOW_PICKLE=1, and even then no code runs.
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA of a job: its name, scale and AutoV2 hash (for infotext)."""
+
+    name: str
+    scale: float
+    model: ModelFile
+
+
+def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
+    """Refuse a LoRA made for another architecture, before the pipeline is touched."""
+    base = detect_lora(model.path) if model.path.suffix == ".safetensors" else "unknown"
+    family = LORA_FAMILIES[architecture]
+    if base != "unknown" and base != family:
+        raise LoraIncompatible(
+            f"{model.name} is a LoRA for {base}, the checkpoint is {architecture}",
+            field=field,
+            accepted=f"LoRAs made for {family}",
+        )
+
+
+@contextlib.contextmanager
+def job_additions(
+    pipelines: list[Any],
+    loras: list[AppliedLora],
+    embeddings: list[ModelFile],
+    cache: StateDictCache,
+) -> Iterator[None]:
+    """Apply a job's LoRAs and embeddings to `pipelines[0]` (which shares its modules with the
+    others); undo everything on exit."""
+    pipeline = pipelines[0]
+    adapter_names: list[str] = []
+    added_tokens: list[str] = []
+    try:
+        # 1. LoRAs, under job-scoped adapter names
+        for index, lora in enumerate(loras):
+            name = f"job_lora_{index}"
+            try:
+                pipeline.load_lora_weights(dict(cache.get(lora.model.path)), adapter_name=name)
+            except WorkerError:
+                raise
+            except Exception as error:
+                raise LoraIncompatible(
+                    f"{lora.model.name} could not be applied ({type(error).__name__}: {str(error)[:200]})",
+                    field=f"loras[{index}].name",
+                    accepted="kohya or diffusers/peft LoRAs for this checkpoint's architecture",
+                ) from None
+            adapter_names.append(name)
+        if adapter_names:
+            pipeline.set_adapters(adapter_names, adapter_weights=[lora.scale for lora in loras])
+        # 2. Embeddings, as new tokens
+        for embedding in embeddings:
+            added_tokens += _load_embedding(pipeline, embedding, cache)
+        yield
+    finally:
+        # Undo in reverse; the weights were never fused, so this restores them exactly.
+        if added_tokens:
+            _unload_embeddings(pipeline, added_tokens)
+        if adapter_names:
+            pipeline.delete_adapters(adapter_names)
+            if not pipeline.get_list_adapters() or not any(pipeline.get_list_adapters().values()):
+                pipeline.unload_lora_weights()
+
+
+def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) -> list[str]:
+    """Add one A1111 embedding's token(s) to the text encoder(s) it was made for."""
+    state = cache.get(embedding.path)
+    token = Path(embedding.name).name
+    added = []
+    if "clip_l" in state and "clip_g" in state:  # SDXL embeddings carry one tensor per encoder
+        if getattr(pipeline, "text_encoder_2", None) is None:
+            raise InvalidInput(
+                f"embedding {token} is for SDXL",
+                field="prompt",
+                accepted="embeddings made for this checkpoint",
+            )
+        pipeline.load_textual_inversion(
+            {"emb_params": state["clip_l"]},
+            token=token,
+            text_encoder=pipeline.text_encoder,
+            tokenizer=pipeline.tokenizer,
+        )
+        pipeline.load_textual_inversion(
+            {"emb_params": state["clip_g"]},
+            token=token,
+            text_encoder=pipeline.text_encoder_2,
+            tokenizer=pipeline.tokenizer_2,
+        )
+    else:
+        vectors = state.get("emb_params")
+        if vectors is None and "string_to_param" in state:
+            vectors = next(iter(state["string_to_param"].values()))
+        if vectors is None:
+            raise InvalidInput(
+                f"embedding {token} has no vectors",
+                field="prompt",
+                accepted="A1111 textual-inversion embeddings",
+            )
+        if getattr(pipeline, "text_encoder_2", None) is not None:
+            raise InvalidInput(
+                f"embedding {token} is for SD 1.x/2.x, not SDXL",
+                field="prompt",
+                accepted="embeddings made for this checkpoint",
+            )
+        pipeline.load_textual_inversion(
+            {"emb_params": vectors},
+            token=token,
+            text_encoder=pipeline.text_encoder,
+            tokenizer=pipeline.tokenizer,
+        )
+    added.append(token)
+    return added
+
+
+def _unload_embeddings(pipeline: Any, tokens: list[str]) -> None:
+    pipeline.unload_textual_inversion(
+        tokens, tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder
+    )
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        vocab = pipeline.tokenizer_2.get_vocab()
+        mine = [t for t in tokens if t in vocab or any(k.startswith(f"{t}_") for k in vocab)]
+        if mine:
+            pipeline.unload_textual_inversion(
+                mine, tokenizer=pipeline.tokenizer_2, text_encoder=pipeline.text_encoder_2
+            )
+
+
+def embeddings_in(prompts: list[str], available: list[ModelFile]) -> list[ModelFile]:
+    """The embeddings whose file name appears as a word in any prompt (A1111 behaviour)."""
+    used = []
+    for embedding in available:
+        token = Path(embedding.name).name
+        pattern = re.compile(rf"(?<![\w-]){re.escape(token)}(?![\w-])")
+        if any(pattern.search(p) for p in prompts):
+            used.append(embedding)
+    return used
