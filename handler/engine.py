@@ -38,6 +38,7 @@ from handler.pipelines import (
     LoadedCheckpoint,
     load_checkpoint,
     pipeline_for,
+    text_model_alias,
 )
 from handler.registry import NATIVE_SIZE, Registry, detect_lora
 from handler.schedulers import build_scheduler
@@ -512,7 +513,8 @@ class Engine:
         original = pipeline.scheduler
         pipeline.scheduler = build_scheduler(job.scheduler, loaded.scheduler_config)
         try:
-            return pipeline(**args, callback_on_step_end=callback)
+            with text_model_alias(pipeline):
+                return pipeline(**args, callback_on_step_end=callback)
         finally:
             pipeline.scheduler = original
 

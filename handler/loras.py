@@ -197,11 +197,22 @@ def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) 
             text_encoder=pipeline.text_encoder,
             tokenizer=pipeline.tokenizer,
         )
+    # A multi-vector embedding becomes the tokens "name", "name_1", ... "name_{n-1}".
     added.append(token)
+    vectors = state["clip_l"] if "clip_l" in state else vectors
+    added += [f"{token}_{i}" for i in range(1, vectors.shape[0] if vectors.ndim == 2 else 1)]
     return added
 
 
 def _unload_embeddings(pipeline: Any, tokens: list[str]) -> None:
+    _unload_tokens(pipeline, tokens)
+    # diffusers resizes the embedding matrix back but leaves config.vocab_size at the larger size.
+    for encoder in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if encoder is not None:
+            encoder.config.vocab_size = encoder.get_input_embeddings().weight.shape[0]
+
+
+def _unload_tokens(pipeline: Any, tokens: list[str]) -> None:
     pipeline.unload_textual_inversion(
         tokens, tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -37,8 +39,9 @@ def clip_tokenizer(pad_token: str):
 
 
 def _tokenizers(architecture: str) -> dict[str, Any]:
-    clip_l = clip_tokenizer("<|endoftext|>")
-    open_clip = clip_tokenizer("!")
+    # Each pipeline gets its own copy: embeddings add tokens to it for the length of a job.
+    clip_l = copy.deepcopy(clip_tokenizer("<|endoftext|>"))
+    open_clip = copy.deepcopy(clip_tokenizer("!"))
     if architecture.startswith("sd15"):
         return {"tokenizer": clip_l}
     if architecture.startswith("sd2"):
@@ -128,6 +131,30 @@ def load_checkpoint(
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
     )
+
+
+@contextlib.contextmanager
+def text_model_alias(pipeline: Any):
+    """For one call, give a flattened CLIPTextModel the `.text_model` diffusers' clip skip reads.
+
+    transformers >= 5.6 flattened CLIPTextModel, but diffusers 0.42's StableDiffusionPipeline
+    still calls `text_encoder.text_model.final_layer_norm` when clip_skip is set. The alias is a
+    plain attribute (not a submodule) and is removed after the call, because diffusers' LoRA
+    loader reads `text_model` to decide how to name text-encoder keys.
+    """
+    encoder = getattr(pipeline, "text_encoder", None)
+    added = (
+        encoder is not None
+        and "text_model" not in encoder.__dict__
+        and not hasattr(encoder, "text_model")
+    )
+    if added:
+        object.__setattr__(encoder, "text_model", encoder)
+    try:
+        yield
+    finally:
+        if added:
+            object.__delattr__(encoder, "text_model")
 
 
 class CheckpointCache:

@@ -177,13 +177,8 @@ class Registry:
                 self._detections[key] = detect_diffusers_folder(model.path)
             elif model.path.suffix in SAFE_EXTENSIONS:
                 self._detections[key] = detect_checkpoint(model.path)
-            else:
-                raise UnsupportedModel(
-                    f"{model.path.name}: the architecture of pickled checkpoints cannot be read "
-                    "without loading them; convert it to .safetensors",
-                    field="checkpoint",
-                    accepted=".safetensors checkpoints",
-                )
+            else:  # a pickle, allowed by ALLOW_PICKLE=1 (resolve refuses it otherwise)
+                self._detections[key] = detect_pickled_checkpoint(model.path)
         return self._detections[key]
 
     # -- hashes -----------------------------------------------------------------------------
@@ -369,9 +364,37 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
+def detect_pickled_checkpoint(path: Path) -> Detection:
+    """Architecture of a pickled .ckpt, loaded with weights_only=True (no code can run)."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise UnsupportedModel(
+            f"{path.name} could not be read as plain tensors ({type(error).__name__}); it may hold "
+            "code, which is never run",
+            field="checkpoint",
+            accepted=".safetensors checkpoints",
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    tensors = {k: {"shape": list(v.shape)} for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return detect_from_tensors(tensors, {}, path)
+
+
 def detect_checkpoint(path: Path) -> Detection:
     """Architecture of a single-file checkpoint, from its key names and shapes only."""
     tensors, metadata = read_safetensors_header(path)
+    return detect_from_tensors(tensors, metadata, path)
+
+
+def detect_from_tensors(
+    tensors: dict[str, dict], metadata: dict[str, str], path: Path
+) -> Detection:
+    """Architecture from tensor names and shapes ({name: {"shape": [...]}})."""
     keys = tensors.keys()
 
     def has(prefix: str) -> bool:

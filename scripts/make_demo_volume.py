@@ -311,6 +311,21 @@ def write_embedding(root: Path, name: str, arch: str, seed: int) -> Path:
     return path
 
 
+def write_vae(root: Path, name: str, arch: str, seed: int) -> Path:
+    """A standalone VAE file, as distributed (LDM keys without the first_stage_model. prefix)."""
+    from diffusers import AutoencoderKL
+
+    folder = tiny_folders()[arch]
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(folder["vae/config.json"]).eval()
+    state = ldm_export.vae_to_ldm(vae.state_dict(), folder["vae/config.json"])
+    state = {k.removeprefix(ldm_export.VAE_PREFIX): v.to(torch.float16).contiguous() for k, v in state.items()}
+    path = root / "vae" / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
 def make_demo_volume(root: Path, include_all: bool = False) -> dict:
     """Write the demo model root and return a summary of what it holds."""
     root = Path(root)
@@ -326,8 +341,7 @@ def make_demo_volume(root: Path, include_all: bool = False) -> dict:
     if include_all:
         for index, arch in enumerate(["sd15-inpaint", "sd2-768-v", "sdxl-refiner", "sdxl-inpaint"]):
             written.append(write_checkpoint(root, f"demo-{arch}", arch, seed=10 + index))
-    for sub in ("vae",):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    written.append(write_vae(root, "demo-vae-sd15", "sd15", seed=300))
     return {
         "root": str(root),
         "files": sorted(str(p.relative_to(root)) for p in written),

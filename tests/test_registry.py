@@ -161,3 +161,53 @@ def test_model_not_found_lists_the_closest_names(registry):
         registry.resolve("checkpoint", "demo-sd1.5", "checkpoint")
     assert info.value.field == "checkpoint"
     assert "demo-sd15" in info.value.accepted
+
+
+def test_allowed_pickles_are_detected_and_loaded_without_running_code(
+    settings, demo_volume, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from handler.engine import Engine
+    from handler.registry import detect_pickled_checkpoint
+    from handler.schema import parse_job
+
+    state = load_file(demo_volume / "checkpoints" / "demo-sd15.safetensors")
+    pickled = demo_volume / "checkpoints" / "legacy-sd15.ckpt"
+    torch.save({"state_dict": state}, pickled)
+    (demo_volume / "checkpoints" / "legacy-sd15.config").symlink_to(
+        demo_volume / "checkpoints" / "demo-sd15.config"
+    )
+    try:
+        assert detect_pickled_checkpoint(pickled).architecture == "sd15"
+        engine = Engine(replace(settings, allow_pickle=True))
+        result = engine.run(
+            parse_job(
+                {
+                    "prompt": "x",
+                    "width": 64,
+                    "height": 64,
+                    "steps": 1,
+                    "seed": 1,
+                    "checkpoint": "legacy-sd15",
+                }
+            )
+        )
+        assert result.architecture == "sd15"
+        with pytest.raises(InvalidInput):
+            Engine(settings).run(parse_job({"prompt": "x", "checkpoint": "legacy-sd15"}))
+    finally:
+        pickled.unlink()
+        (demo_volume / "checkpoints" / "legacy-sd15.config").unlink()
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    import pickle
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"x": RunsCode()}))
+    with pytest.raises(UnsupportedModel):
+        detect_pickled_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()

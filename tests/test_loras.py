@@ -1,0 +1,231 @@
+"""Per-job LoRA stacks, embeddings, VAE and clip skip: applied for one job, gone after it."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handler.errors import LoraIncompatible, ModelNotFound
+from handler.loras import extract_inline_loras
+from handler.outputs import read_infotext
+from handler.schema import parse_job
+
+SD15 = {
+    "prompt": "a cube",
+    "width": 64,
+    "height": 64,
+    "steps": 2,
+    "seed": 21,
+    "checkpoint": "demo-sd15",
+}
+SDXL = {**SD15, "checkpoint": "demo-sdxl"}
+
+
+def pixels(result, index=0) -> np.ndarray:
+    data = base64.b64decode(result.images[index].image.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inline_tags_are_parsed_and_removed():
+    prompt, loras = extract_inline_loras("a cube <lora:styles/ink:0.6>, sharp <lora:demo>")
+    assert prompt == "a cube , sharp" and loras == [("styles/ink", 0.6), ("demo", 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("base", "lora"),
+    [
+        (SD15, "demo_sd15_kohya"),
+        (SD15, "demo_sd15_peft"),
+        (SDXL, "demo_sdxl_kohya"),
+        (SDXL, "demo_sdxl_peft"),
+    ],
+)
+def test_lora_changes_the_image_and_leaves_no_trace(engine, base, lora):
+    loaded, _ = engine.checkpoint(base["checkpoint"])
+    unet_before = weights(loaded.pipeline.unet)
+    text_before = weights(loaded.pipeline.text_encoder)
+    plain = engine.run(parse_job(base))
+    with_lora = engine.run(parse_job({**base, "loras": [{"name": lora, "scale": 1.0}]}))
+    after = engine.run(parse_job(base))
+    assert np.abs(pixels(with_lora) - pixels(plain)).max() > 0, "the LoRA had no effect"
+    assert (pixels(after) == pixels(plain)).all(), "LoRA state leaked into the next job"
+    assert same_weights(weights(loaded.pipeline.unet), unet_before)
+    assert same_weights(weights(loaded.pipeline.text_encoder), text_before)
+    assert not any(loaded.pipeline.get_list_adapters().values())
+
+
+def test_job_after_lora_job_matches_a_fresh_worker(settings, engine):
+    """Bit-identical to the same job on a worker that never saw a LoRA."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    engine.run(
+        parse_job(
+            {
+                **SD15,
+                "loras": [
+                    {"name": "demo_sd15_kohya", "scale": 0.8},
+                    {"name": "demo_sd15_peft", "scale": 0.5},
+                ],
+            }
+        )
+    )
+    after = engine.run(parse_job(SD15))
+    fresh = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0)).run(parse_job(SD15))
+    assert (pixels(after) == pixels(fresh)).all()
+
+
+def test_inline_tag_equals_the_loras_field(engine):
+    tagged = engine.run(parse_job({**SD15, "prompt": "a cube <lora:demo_sd15_kohya:0.7>"}))
+    listed = engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_kohya", "scale": 0.7}]}))
+    assert (pixels(tagged) == pixels(listed)).all()
+
+
+def test_stack_of_two_in_both_formats_and_infotext_lists_them(engine):
+    result = engine.run(
+        parse_job(
+            {
+                **SD15,
+                "loras": [
+                    {"name": "demo_sd15_kohya", "scale": 0.5},
+                    {"name": "demo_sd15_peft", "scale": -0.5},
+                ],
+            }
+        )
+    )
+    infotext = read_infotext(base64.b64decode(result.images[0].image.split(",", 1)[1]))
+    assert "<lora:demo_sd15_kohya:0.5>" in infotext and "<lora:demo_sd15_peft:-0.5>" in infotext
+    assert "Lora hashes:" in infotext
+
+
+def test_incompatible_lora_fails_before_the_pipeline_is_touched(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    before = weights(loaded.pipeline.unet)
+    with pytest.raises(LoraIncompatible) as info:
+        engine.run(parse_job({**SD15, "loras": [{"name": "demo_sdxl_kohya"}]}))
+    assert info.value.field == "loras[0].name" and "sdxl" in info.value.message
+    assert same_weights(weights(loaded.pipeline.unet), before)
+    assert not any(loaded.pipeline.get_list_adapters().values())
+
+
+def test_unknown_lora_names_the_field_and_close_names(engine):
+    with pytest.raises(ModelNotFound) as info:
+        engine.run(parse_job({**SD15, "prompt": "x <lora:demo_sd15_kohy:1>"}))
+    assert info.value.field == "prompt" and "demo_sd15_kohya" in info.value.accepted
+
+
+def test_too_many_loras(engine):
+    with pytest.raises(Exception) as info:
+        parse_job({**SD15, "loras": [{"name": "demo_sd15_kohya"}] * 9})
+    assert "loras" in str(info.value)
+
+
+def test_lora_state_dicts_are_cached(engine):
+    engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft"}]}))
+    loads = engine.state_dicts.loads
+    engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft"}]}))
+    assert engine.state_dicts.loads == loads
+
+
+def test_lora_is_removed_after_a_failed_job(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    plain = engine.run(parse_job(SD15))
+
+    def fail(module, args):
+        raise RuntimeError("injected failure inside the UNet")
+
+    hook = loaded.pipeline.unet.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError):
+            engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_kohya"}]}))
+    finally:
+        hook.remove()
+    assert not any(loaded.pipeline.get_list_adapters().values())
+    assert (pixels(engine.run(parse_job(SD15))) == pixels(plain)).all()
+
+
+@pytest.mark.parametrize(
+    ("base", "embedding"), [(SD15, "demo-sd15-embedding"), (SDXL, "demo-sdxl-embedding")]
+)
+def test_embedding_by_name_in_the_prompt_then_removed(engine, base, embedding):
+    loaded, _ = engine.checkpoint(base["checkpoint"])
+    vocab = len(loaded.pipeline.tokenizer)
+    plain = engine.run(parse_job({**base, "prompt": "a cube"}))
+    used = engine.run(parse_job({**base, "prompt": f"a cube, {embedding}"}))
+    word = engine.run(parse_job({**base, "prompt": "a cube, unknownword"}))
+    assert np.abs(pixels(used) - pixels(word)).max() > 0
+    assert len(loaded.pipeline.tokenizer) == vocab
+    encoder = loaded.pipeline.text_encoder
+    assert encoder.config.vocab_size == encoder.get_input_embeddings().weight.shape[0] == vocab
+    assert (pixels(engine.run(parse_job({**base, "prompt": "a cube"}))) == pixels(plain)).all()
+
+
+def test_vae_override_applies_and_is_restored(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    original_vae = loaded.pipeline.vae
+    plain = engine.run(parse_job(SD15))
+    swapped = engine.run(parse_job({**SD15, "vae": "demo-vae-sd15"}))
+    assert np.abs(pixels(swapped) - pixels(plain)).max() > 0
+    assert loaded.pipeline.vae is original_vae
+    assert (pixels(engine.run(parse_job(SD15))) == pixels(plain)).all()
+
+
+def test_clip_skip_changes_the_image_and_is_per_job(engine):
+    plain = engine.run(parse_job(SD15))
+    skipped = engine.run(parse_job({**SD15, "clip_skip": 2}))
+    assert np.abs(pixels(skipped) - pixels(plain)).max() > 0
+    assert (pixels(engine.run(parse_job(SD15))) == pixels(plain)).all()
+
+
+def test_a1111_override_settings_for_clip_skip_and_vae():
+    job = parse_job(
+        {
+            **SD15,
+            "override_settings": {
+                "CLIP_stop_at_last_layers": 2,
+                "sd_vae": "demo-vae-sd15.safetensors",
+            },
+        }
+    )
+    assert job.clip_skip == 2 and job.vae == "demo-vae-sd15.safetensors"
+
+
+# -- checkpoint cache ------------------------------------------------------------------------------
+
+
+def test_cache_evicts_under_its_limits_and_switching_back_reads_no_disk(settings, monkeypatch):
+    from dataclasses import replace
+
+    from handler import engine as engine_module
+    from handler.engine import Engine
+
+    loads = []
+    real_load = engine_module.load_checkpoint
+    monkeypatch.setattr(
+        engine_module,
+        "load_checkpoint",
+        lambda *a, **k: loads.append(a[0].name) or real_load(*a, **k),
+    )
+    small = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=1))
+    small.checkpoint("demo-sd15")
+    small.checkpoint("demo-sdxl")  # sd15 moves to the RAM tier
+    small.checkpoint("demo-sd15")  # back from RAM: no load
+    assert loads == ["demo-sd15", "demo-sdxl"] and len(small.cache) == 2
+    small.checkpoint("demo-sd2-768-v")  # over both limits: the least recently used is dropped
+    assert len(small.cache) == 2
+    small.checkpoint("demo-sdxl")  # was evicted: loads again
+    assert loads == ["demo-sd15", "demo-sdxl", "demo-sd2-768-v", "demo-sdxl"]
