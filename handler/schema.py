@@ -86,8 +86,8 @@ class Job(BaseModel):
     )
     high_noise_frac: float | None = Field(
         None,
-        gt=0.0,
-        lt=1.0,
+        ge=0.05,
+        le=0.95,
         description="SDXL refiner ensemble: the fraction of steps the base model runs.",
     )
     refiner_inference_steps: int | None = Field(

@@ -319,7 +319,10 @@ def write_vae(root: Path, name: str, arch: str, seed: int) -> Path:
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(folder["vae/config.json"]).eval()
     state = ldm_export.vae_to_ldm(vae.state_dict(), folder["vae/config.json"])
-    state = {k.removeprefix(ldm_export.VAE_PREFIX): v.to(torch.float16).contiguous() for k, v in state.items()}
+    state = {
+        k.removeprefix(ldm_export.VAE_PREFIX): v.to(torch.float16).contiguous()
+        for k, v in state.items()
+    }
     path = root / "vae" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))

@@ -30,17 +30,30 @@ def measure(image: Image.Image, level: int, repeats: int = 5) -> tuple[float, in
 
 
 def main() -> None:
-    photos = [Image.open(p).convert("RGB").resize((1024, 1024), Image.BICUBIC) for p in sys.argv[1:]]
+    photos = [
+        Image.open(p).convert("RGB").resize((1024, 1024), Image.BICUBIC) for p in sys.argv[1:]
+    ]
     rows = []
     for level in range(10):
         seconds, sizes = zip(*(measure(photo, level) for photo in photos), strict=True)
-        rows.append({
-            "compress_level": level,
-            "mean_ms": round(1000 * sum(seconds) / len(seconds), 1),
-            "mean_kib": round(sum(sizes) / len(sizes) / 1024),
-        })
-    print(json.dumps({"photos": [Path(p).name for p in sys.argv[1:]], "size": "1024x1024",
-                      "pillow": Image.__version__, "results": rows}, indent=1))
+        rows.append(
+            {
+                "compress_level": level,
+                "mean_ms": round(1000 * sum(seconds) / len(seconds), 1),
+                "mean_kib": round(sum(sizes) / len(sizes) / 1024),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "photos": [Path(p).name for p in sys.argv[1:]],
+                "size": "1024x1024",
+                "pillow": Image.__version__,
+                "results": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

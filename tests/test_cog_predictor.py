@@ -1,0 +1,263 @@
+"""The Cog predictor: input parity with the schema, the generated OpenAPI file, and the real
+Cog HTTP server (coglet) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+import threading
+import time
+import typing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from handler.schedulers import SCHEDULER_NAMES
+from handler.schema import Job
+from tests.servers import REPO, Server, free_port
+
+COG_ONLY = {"loras"}  # a "name:scale, ..." string in the form, a list in the schema
+
+
+def cog_inputs():
+    from cog._inspector import create_predictor
+
+    return create_predictor("handler.cog_predictor", "Predictor").inputs
+
+
+def bounds(field) -> tuple:
+    ge = le = None
+    for rule in field.metadata:
+        ge = getattr(rule, "ge", ge)
+        le = getattr(rule, "le", le)
+    return ge, le
+
+
+def test_every_cog_input_matches_the_schema():
+    for name, cog_field in cog_inputs().items():
+        assert name in Job.model_fields, f"{name} is not a schema field"
+        if name in COG_ONLY:
+            continue
+        field = Job.model_fields[name]
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        assert cog_field.default == default, name
+        ge, le = bounds(field)
+        # cog's inspector keeps bounds as floats (2**64 - 1 too); compare them as floats.
+        as_float = [None if b is None else float(b) for b in (ge, le)]
+        assert [cog_field.ge, cog_field.le] == as_float, name
+        if name == "scheduler":
+            assert tuple(cog_field.choices) == SCHEDULER_NAMES
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            assert tuple(cog_field.choices) == typing.get_args(field.annotation), name
+        else:
+            assert not cog_field.choices, name
+        assert cog_field.description, f"{name} has no description"
+
+
+def test_image_is_a_cog_path():
+    assert cog_inputs()["image"].type.json_type() == {"type": "string", "format": "uri"}
+
+
+def test_committed_openapi_schema_is_current():
+    from scripts.cog_schema import SCHEMA_PATH, build_schema
+
+    assert json.loads(SCHEMA_PATH.read_text()) == json.loads(json.dumps(build_schema())), (
+        "run: python scripts/cog_schema.py"
+    )
+
+
+def test_lora_string_parsing():
+    from handler.cog_predictor import parse_lora_list
+
+    assert parse_lora_list("a:0.5, styles/b , c:-1") == [
+        {"name": "a", "scale": 0.5},
+        {"name": "styles/b", "scale": 1.0},
+        {"name": "c", "scale": -1.0},
+    ]
+    assert parse_lora_list("") == []
+
+
+def test_cog_yaml_points_at_the_predictor_and_the_shared_requirements():
+    text = (REPO / "cog.yaml").read_text()
+    assert 'run: "handler/cog_predictor.py:Predictor"' in text
+    assert "python_requirements: docker/requirements.txt" in text and "gpu: true" in text
+
+
+# -- the real Cog server ------------------------------------------------------------------------
+
+
+class WebhookSink:
+    """Collects the prediction updates coglet posts to a webhook on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                sink.events.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def cog(demo_volume, tmp_path_factory):
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # coglet starts its worker with `python` from PATH
+    server = Server(
+        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        env={
+            "COG_PREDICT_TYPE_STUB": "handler/cog_predictor.py:Predictor",
+            "PORT": str(port),
+            "MODELS_DIR": str(demo_volume),
+            "DEFAULT_CHECKPOINT": "demo-sd15",
+            "DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        },
+        log_path=tmp_path_factory.mktemp("cog") / "cog.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_until(
+            lambda: requests.get(f"{url}/health-check", timeout=2).json()["status"] == "READY"
+        )
+        yield url
+    finally:
+        server.stop()
+
+
+def predict(url, job_input, timeout=300) -> requests.Response:
+    """POST a prediction; a 409 means the single slot is still being released, so try again."""
+    for _ in range(100):
+        response = requests.post(f"{url}/predictions", json={"input": job_input}, timeout=timeout)
+        if response.status_code != 409:
+            return response
+        time.sleep(0.1)
+    return response
+
+
+def decode(data_url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+
+
+def test_health_check_is_ready(cog):
+    assert requests.get(f"{cog}/health-check", timeout=5).json()["status"] == "READY"
+
+
+def test_openapi_shows_inputs_with_descriptions(cog):
+    schema = requests.get(f"{cog}/openapi.json", timeout=5).json()
+    inputs = schema["components"]["schemas"]["Input"]
+    assert inputs["required"] == ["prompt"]
+    assert "multiple of 8" in inputs["properties"]["width"]["description"]
+    assert inputs["properties"]["steps"]["maximum"] == 150
+    assert schema["components"]["schemas"]["scheduler"]["enum"] == list(SCHEDULER_NAMES)
+
+
+def test_prediction_returns_images_with_seeds(cog):
+    response = predict(
+        cog,
+        {
+            "prompt": "a cube",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "seed": 9,
+            "num_images": 2,
+            "loras": "demo_sd15_kohya:0.5",
+        },
+    )
+    body = response.json()
+    assert body["status"] == "succeeded", body
+    assert len(body["output"]) == 2 and decode(body["output"][0]).size == (64, 64)
+    assert "image 0: seed 9" in body["logs"] and "image 1: seed 10" in body["logs"]
+    assert "Seed: 10" in decode(body["output"][1]).info["parameters"]
+    assert "<lora:demo_sd15_kohya:0.5>" in decode(body["output"][0]).info["parameters"]
+
+
+def test_out_of_range_input_is_a_422_naming_the_field(cog):
+    response = predict(cog, {"prompt": "x", "steps": 500})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "input", "steps"]
+
+
+def test_unknown_checkpoint_fails_with_model_not_found_and_the_names(cog):
+    body = predict(cog, {"prompt": "x", "checkpoint": "demo-sdx"}).json()
+    assert body["status"] == "failed"
+    assert "model_not_found" in body["error"] and "demo-sdxl" in body["error"]
+
+
+def test_same_seed_gives_identical_images(cog):
+    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 3, "seed": 1234}
+    first, second = predict(cog, job).json(), predict(cog, job).json()
+    assert first.get("status") == second.get("status") == "succeeded", (first, second)
+    assert decode(first["output"][0]).tobytes() == decode(second["output"][0]).tobytes()
+
+
+def test_img2img_from_a_data_url(cog):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = predict(
+        cog, {"prompt": "x", "image": data_url, "strength": 0.5, "steps": 4, "seed": 2}
+    ).json()
+    assert body["status"] == "succeeded", body
+    assert decode(body["output"][0]).size == (64, 64)
+
+
+def test_cancel_stops_between_steps_and_leaves_no_state(cog):
+    job = {
+        "prompt": "a cube",
+        "width": 64,
+        "height": 64,
+        "steps": 3,
+        "seed": 77,
+        "loras": "demo_sd15_peft:1",
+    }
+    sink = WebhookSink()
+    try:
+        long_job = {**job, "steps": 150, "width": 256, "height": 256}
+        response = requests.put(
+            f"{cog}/predictions/cancel-me",
+            json={"input": long_job, "webhook": sink.url},
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )
+        assert response.status_code in (200, 202)
+        deadline = time.monotonic() + 120
+        while not any("denoising" in (e.get("logs") or "") for e in sink.events):
+            assert time.monotonic() < deadline, sink.events
+            time.sleep(0.2)
+        requests.post(f"{cog}/predictions/cancel-me/cancel", timeout=30)
+        while not any(e.get("status") == "canceled" for e in sink.events):
+            assert time.monotonic() < deadline, sink.events[-1:]
+            time.sleep(0.2)
+        final = next(e for e in sink.events if e.get("status") == "canceled")
+        assert "denoising 150/150" not in (final.get("logs") or "")
+    finally:
+        sink.close()
+    plain = {k: v for k, v in job.items() if k != "loras"}
+    after = predict(cog, plain).json()
+    with_lora = predict(cog, job).json()
+    again = predict(cog, plain).json()
+    assert after["status"] == again["status"] == "succeeded"
+    assert decode(after["output"][0]).tobytes() == decode(again["output"][0]).tobytes()
+    assert decode(with_lora["output"][0]).tobytes() != decode(after["output"][0]).tobytes()
