@@ -454,7 +454,9 @@ class Engine:
         started = time.perf_counter()
         common = {
             "prompt": [job.prompt] * len(seeds),
-            "negative_prompt": [job.negative_prompt] * len(seeds),
+            # No negative prompt is None, not "": SDXL then uses zero embeddings
+            # (force_zeros_for_empty_prompt), as diffusers and A1111 do.
+            "negative_prompt": [job.negative_prompt] * len(seeds) if job.negative_prompt else None,
             "num_inference_steps": job.steps,
             "guidance_scale": job.guidance_scale,
             "output_type": "latent",

@@ -115,3 +115,36 @@ def test_output_formats(engine, fmt):
     decoded = base64.b64decode(image.image.split(",", 1)[1])
     assert len(decoded) == image.bytes
     assert Image.open(io.BytesIO(decoded)).format == fmt.upper()
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "scheduler"), [("demo-sd15", "PNDM"), ("demo-sdxl", "Euler")]
+)
+def test_same_image_as_plain_diffusers(engine, checkpoint, scheduler):
+    """The handler path (per-image decode, our scheduler objects) draws what diffusers draws."""
+    import torch
+
+    loaded, _ = engine.checkpoint(checkpoint)
+    ours = engine.run(
+        parse_job(
+            {
+                "prompt": "a cube",
+                "width": 64,
+                "height": 64,
+                "steps": 3,
+                "seed": 5,
+                "checkpoint": checkpoint,
+                "scheduler": scheduler,
+            }
+        )
+    )
+    plain = loaded.pipeline(
+        "a cube",
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=7.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
+    reference = np.asarray(plain.convert("RGB"), dtype=np.int16)
+    assert np.abs(pixels(ours.images[0]) - reference).max() <= 1
