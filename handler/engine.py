@@ -25,6 +25,7 @@ from handler.errors import (
 from handler.inputs import load_image
 from handler.loras import (
     AppliedLora,
+    ResidentAdapters,
     StateDictCache,
     check_compatible,
     embeddings_in,
@@ -269,7 +270,11 @@ class Engine:
         mode = "img2img" if init_image is not None else "txt2img"
         pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
         with contextlib.ExitStack() as undo:
-            undo.enter_context(job_additions(pipelines, loras, embeddings, self.state_dicts))
+            if loaded.adapters is None:
+                loaded.adapters = ResidentAdapters(self.settings.resident_loras)
+            undo.enter_context(
+                job_additions(loaded.pipeline, loras, embeddings, self.state_dicts, loaded.adapters)
+            )
             if vae is not None:
                 undo.enter_context(_swapped_vae(pipelines, vae))
             latents, decoder_pipeline, denoise_ms = _with_oom_retry(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from handler.errors import InvalidInput, LoraIncompatible, WorkerError
+from handler.errors import InvalidInput, LoraIncompatible
 from handler.registry import ModelFile, detect_lora
 
 log = logging.getLogger(__name__)
@@ -108,47 +108,87 @@ def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
         )
 
 
+class ResidentAdapters:
+    """LoRA adapters kept loaded (but disabled) in one pipeline between jobs, least recently
+    used first out. Re-using one costs a `set_adapters` call instead of a multi-second load."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.names: OrderedDict[tuple, str] = OrderedDict()
+        self._counter = 0
+
+    def key(self, lora: AppliedLora) -> tuple:
+        stat = lora.model.path.stat()
+        return (str(lora.model.path), stat.st_mtime, stat.st_size)
+
+    def new_name(self) -> str:
+        self._counter += 1
+        return f"lora_{self._counter}"
+
+
 @contextlib.contextmanager
 def job_additions(
-    pipelines: list[Any],
+    pipeline: Any,
     loras: list[AppliedLora],
     embeddings: list[ModelFile],
     cache: StateDictCache,
+    resident: ResidentAdapters,
 ) -> Iterator[None]:
-    """Apply a job's LoRAs and embeddings to `pipelines[0]` (which shares its modules with the
-    others); undo everything on exit."""
-    pipeline = pipelines[0]
-    adapter_names: list[str] = []
+    """Apply a job's LoRAs and embeddings to `pipeline` (whose modules its img2img view shares);
+    on exit, disable every adapter and remove the embedding tokens.
+
+    A disabled peft adapter computes exactly the base layer, and weights are never fused, so
+    the next job sees the checkpoint bit for bit. If anything goes wrong mid-way, all adapters
+    are unloaded rather than trusted.
+    """
     added_tokens: list[str] = []
+    clean_exit = False
     try:
-        # 1. LoRAs, under job-scoped adapter names
+        # 1. LoRAs: reuse resident adapters, load the others under fresh names
+        names = []
         for index, lora in enumerate(loras):
-            name = f"job_lora_{index}"
-            try:
-                pipeline.load_lora_weights(dict(cache.get(lora.model.path)), adapter_name=name)
-            except WorkerError:
-                raise
-            except Exception as error:
-                raise LoraIncompatible(
-                    f"{lora.model.name} could not be applied ({type(error).__name__}: {str(error)[:200]})",
-                    field=f"loras[{index}].name",
-                    accepted="kohya or diffusers/peft LoRAs for this checkpoint's architecture",
-                ) from None
-            adapter_names.append(name)
-        if adapter_names:
-            pipeline.set_adapters(adapter_names, adapter_weights=[lora.scale for lora in loras])
+            key = resident.key(lora)
+            if key in resident.names:
+                resident.names.move_to_end(key)
+            else:
+                name = resident.new_name()
+                try:
+                    pipeline.load_lora_weights(dict(cache.get(lora.model.path)), adapter_name=name)
+                except Exception as error:
+                    raise LoraIncompatible(
+                        f"{lora.model.name} could not be applied ({type(error).__name__}: {str(error)[:200]})",
+                        field=f"loras[{index}].name",
+                        accepted="kohya or diffusers/peft LoRAs for this checkpoint's architecture",
+                    ) from None
+                resident.names[key] = name
+            names.append(resident.names[key])
+        _evict(pipeline, resident, keep=set(names))
+        if names:
+            pipeline.enable_lora()
+            pipeline.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
         # 2. Embeddings, as new tokens
         for embedding in embeddings:
             added_tokens += _load_embedding(pipeline, embedding, cache)
         yield
+        clean_exit = True
     finally:
-        # Undo in reverse; the weights were never fused, so this restores them exactly.
         if added_tokens:
             _unload_embeddings(pipeline, added_tokens)
-        if adapter_names:
-            pipeline.delete_adapters(adapter_names)
-            if not pipeline.get_list_adapters() or not any(pipeline.get_list_adapters().values()):
+        if resident.names:
+            if clean_exit:
+                pipeline.disable_lora()
+            else:  # a failed or cancelled job: drop every adapter, trust nothing half-applied
                 pipeline.unload_lora_weights()
+                resident.names.clear()
+
+
+def _evict(pipeline: Any, resident: ResidentAdapters, keep: set[str]) -> None:
+    """Delete least-recently-used adapters beyond the capacity (never one this job uses)."""
+    for key in list(resident.names):
+        if len(resident.names) <= resident.capacity:
+            break
+        if resident.names[key] not in keep:
+            pipeline.delete_adapters([resident.names.pop(key)])
 
 
 def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) -> list[str]:

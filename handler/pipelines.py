@@ -72,6 +72,7 @@ class LoadedCheckpoint:
     scheduler_config: dict[str, Any]
     load_ms: float
     derived: dict[str, Any] = field(default_factory=dict)
+    adapters: Any = None  # handler.loras.ResidentAdapters, set by the engine
 
 
 def pipeline_for(loaded: LoadedCheckpoint, mode: str):

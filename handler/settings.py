@@ -39,6 +39,7 @@ class Settings:
     gpu_checkpoints: int = 1
     cpu_checkpoints: int = 1
     max_lora_cache_bytes: int = 1024 * 1024 * 1024
+    resident_loras: int = 8
     refiner_checkpoint: str | None = None
     require_gpu: bool = False
     max_inline_bytes: int = 10 * 1024 * 1024
@@ -77,6 +78,7 @@ class Settings:
             gpu_checkpoints=_int("GPU_CHECKPOINTS", 1),
             cpu_checkpoints=_int("CPU_CHECKPOINTS", 1),
             max_lora_cache_bytes=_int("LORA_CACHE_MB", 1024) * 1024 * 1024,
+            resident_loras=_int("RESIDENT_LORAS", 8),
             refiner_checkpoint=_str("REFINER_CHECKPOINT"),
             require_gpu=_flag("REQUIRE_GPU"),
             max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),

@@ -207,12 +207,18 @@ def run_benchmark(workdir: Path, out: Path) -> dict:
             "psnr_vs_baseline_db": psnr(decode_png(reply), baseline_image),
         }
         if arch == "sdxl":
-            lora_s, _ = ours({**job, "loras": [{"name": "demo_sdxl_kohya", "scale": 0.8}]})
+            # First use loads the LoRA from disk into the pipeline; later jobs find it resident
+            # and only switch it on (the swap users pay between jobs).
+            from handler.runpod_worker import run_job
+
+            lora_job = {**job, "loras": [{"name": "demo_sdxl_kohya", "scale": 0.8}]}
+            started = time.perf_counter()
+            run_job({"id": "lora-first", "input": lora_job}, threading.Event())
+            entry["lora_first_use_ms"] = round((time.perf_counter() - started - ours_s) * 1000, 1)
+            lora_s, _ = ours(lora_job)
             entry["lora_swap_ms"] = round((lora_s - ours_s) * 1000, 1)
             # Switch to SD 1.5 (SDXL moves to the RAM tier), then back: the second load is the
             # switch from RAM that users pay when alternating checkpoints.
-            from handler.runpod_worker import run_job
-
             small = {**job, "steps": 1, "width": 512, "height": 512}
             run_job(
                 {"id": "switch-1", "input": {**small, "checkpoint": "bench-sd15"}},

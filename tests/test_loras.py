@@ -32,7 +32,12 @@ def pixels(result, index=0) -> np.ndarray:
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
+    """The module's own weights (resident, disabled LoRA adapters excluded)."""
+    return {
+        k.replace(".base_layer", ""): v.clone()
+        for k, v in module.state_dict().items()
+        if "lora_" not in k
+    }
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -64,7 +69,6 @@ def test_lora_changes_the_image_and_leaves_no_trace(engine, base, lora):
     assert (pixels(after) == pixels(plain)).all(), "LoRA state leaked into the next job"
     assert same_weights(weights(loaded.pipeline.unet), unet_before)
     assert same_weights(weights(loaded.pipeline.text_encoder), text_before)
-    assert not any(loaded.pipeline.get_list_adapters().values())
 
 
 def test_job_after_lora_job_matches_a_fresh_worker(settings, engine):
@@ -119,7 +123,6 @@ def test_incompatible_lora_fails_before_the_pipeline_is_touched(engine):
         engine.run(parse_job({**SD15, "loras": [{"name": "demo_sdxl_kohya"}]}))
     assert info.value.field == "loras[0].name" and "sdxl" in info.value.message
     assert same_weights(weights(loaded.pipeline.unet), before)
-    assert not any(loaded.pipeline.get_list_adapters().values())
 
 
 def test_unknown_lora_names_the_field_and_close_names(engine):
@@ -132,6 +135,32 @@ def test_too_many_loras(engine):
     with pytest.raises(Exception) as info:
         parse_job({**SD15, "loras": [{"name": "demo_sd15_kohya"}] * 9})
     assert "loras" in str(info.value)
+
+
+def test_lora_adapters_stay_resident_and_are_reused(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    first = engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft", "scale": 0.9}]}))
+    names = dict(loaded.adapters.names)
+    again = engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft", "scale": 0.9}]}))
+    assert dict(loaded.adapters.names) == names  # no reload
+    assert (pixels(first) == pixels(again)).all()
+    other_scale = engine.run(
+        parse_job({**SD15, "loras": [{"name": "demo_sd15_peft", "scale": 0.3}]})
+    )
+    assert np.abs(pixels(other_scale) - pixels(first)).max() > 0
+
+
+def test_resident_adapters_are_bounded(settings):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    small = Engine(replace(settings, resident_loras=1, gpu_checkpoints=1, cpu_checkpoints=0))
+    small.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft"}]}))
+    small.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_kohya"}]}))
+    loaded, _ = small.checkpoint("demo-sd15")
+    assert len(loaded.adapters.names) == 1
+    assert len([n for n in loaded.pipeline.get_list_adapters().get("unet", [])]) == 1
 
 
 def test_lora_state_dicts_are_cached(engine):
@@ -154,7 +183,7 @@ def test_lora_is_removed_after_a_failed_job(engine):
             engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_kohya"}]}))
     finally:
         hook.remove()
-    assert not any(loaded.pipeline.get_list_adapters().values())
+    assert not any(loaded.pipeline.get_list_adapters().values())  # a failed job drops them all
     assert (pixels(engine.run(parse_job(SD15))) == pixels(plain)).all()
 
 

@@ -8,7 +8,11 @@ from scripts.make_demo_volume import build_components, tiny_folders
 
 
 def _assert_same_weights(module: torch.nn.Module, expected: torch.nn.Module, label: str) -> None:
-    got, want = module.state_dict(), expected.state_dict()
+    # Resident LoRA adapters (disabled) from earlier tests wrap layers; compare the base weights.
+    got = {
+        k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k
+    }
+    want = expected.state_dict()
     assert set(got) == set(want), label
     for key, value in want.items():
         # The file stores fp16 (as civitai files do); the CPU pipeline runs in fp32.
