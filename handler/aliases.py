@@ -22,6 +22,7 @@ FIELD_ALIASES = {
     "cfg_scale": "guidance_scale",
     "sampler_name": "scheduler",
     "denoising_strength": "strength",
+    "inpainting_mask_invert": "invert_mask",
     # worker-sdxl
     "image_url": "image",
 }
@@ -42,6 +43,11 @@ A1111_NEUTRAL = {
     "alwayson_scripts": {},
     "styles": [],
     "eta": (None, 0, 0.0),
+    # img2img/inpainting: only the behaviour this worker has
+    "inpainting_fill": (1,),  # 1 = start from the original image
+    "inpaint_full_res": (False, 0),
+    "inpaint_full_res_padding": (0, 32),
+    "resize_mode": (0,),  # 0 = just resize
     "s_noise": (None, 1, 1.0),
 }
 # A1111 >= 1.9 names the noise schedule separately from the sampler.

@@ -108,7 +108,18 @@ class Predictor(BaseRunner):
             description="LoRAs as 'name:scale, name:scale' (names under loras/). "
             "<lora:name:scale> in the prompt works too.",
         ),
-        image: Path | None = Input(default=None, description="Init image for img2img."),
+        image: Path | None = Input(
+            default=None, description="Init image for img2img, or the image to inpaint."
+        ),
+        mask: Path | None = Input(
+            default=None, description="Inpainting mask: white is repainted, black is kept."
+        ),
+        mask_blur: int = Input(
+            default=4, ge=0, le=64, description="Inpainting: mask edge blur in pixels."
+        ),
+        invert_mask: bool = Input(
+            default=False, description="Inpainting: repaint the black part instead."
+        ),
         strength: float = Input(
             default=0.75,
             ge=0.0,
@@ -158,6 +169,8 @@ class Predictor(BaseRunner):
             "num_images": num_images,
             "loras": parse_lora_list(loras),
             "strength": strength,
+            "mask_blur": mask_blur,
+            "invert_mask": invert_mask,
             "vae": vae or None,
             "clip_skip": clip_skip,
             "refiner_checkpoint": refiner_checkpoint or None,
@@ -167,9 +180,9 @@ class Predictor(BaseRunner):
             "strip_metadata": strip_metadata,
             "destination": "base64",
         }
-        if image is not None:
-            data = FilePath(image).read_bytes()
-            payload["image"] = base64.b64encode(data).decode("ascii")
+        for name, path in (("image", image), ("mask", mask)):
+            if path is not None:
+                payload[name] = base64.b64encode(FilePath(path).read_bytes()).decode("ascii")
         # WorkerError propagates: the prediction fails with "<code>: <field>: ...".
         result = self.engine.run(parse_job(payload), progress=_LogProgress())
         files = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image, ImageFilter, ImageOps
 
 from handler.errors import (
     Cancelled,
@@ -49,6 +50,7 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 
 GENERATOR_ARCHITECTURES = ("sd15", "sd2-512", "sd2-768-v", "sdxl")
+INPAINT_ARCHITECTURES = ("sd15-inpaint", "sdxl-inpaint")
 MAX_LORAS = 8
 # worker-sdxl's default strength for refining a finished base image.
 REFINE_AFTER_STRENGTH = 0.3
@@ -221,11 +223,21 @@ class Engine:
             name, warning = self.default_checkpoint_name()
             warnings += [warning] if warning else []
         loaded, _ = self.checkpoint(name)
-        if loaded.architecture not in GENERATOR_ARCHITECTURES:
+        if loaded.architecture in INPAINT_ARCHITECTURES and not job.mask:
+            raise InvalidInput(
+                f"{loaded.name} is an inpainting checkpoint: it needs image and mask",
+                field="checkpoint",
+                accepted="image + mask with this checkpoint, or an SD 1.x/2.x/XL base checkpoint",
+            )
+        if loaded.architecture not in GENERATOR_ARCHITECTURES + INPAINT_ARCHITECTURES:
             raise InvalidInput(
                 f"{loaded.name} is an {loaded.architecture} checkpoint, which cannot start a generation",
                 field="checkpoint",
                 accepted="SD 1.x, SD 2.x or SDXL base checkpoints",
+            )
+        if job.mask and not job.image:
+            raise InvalidInput(
+                "a mask needs the image it masks", field="mask", accepted="image and mask together"
             )
         refiner = self._refiner_for(job, loaded, warnings)
         job, loras, embeddings = self._additions_for(job, loaded)
@@ -261,13 +273,14 @@ class Engine:
                 )
         if init_image is not None and init_image.size != (width, height):
             init_image = init_image.resize((width, height), resample=3)  # bicubic
+        mask = self._mask_for(job, width, height) if job.mask else None
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
 
         # 3. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards;
         #    an OOM gets one retry after the CUDA cache is emptied
-        mode = "img2img" if init_image is not None else "txt2img"
+        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
         with contextlib.ExitStack() as undo:
             if loaded.adapters is None:
@@ -279,12 +292,31 @@ class Engine:
                 undo.enter_context(_swapped_vae(pipelines, vae))
             latents, decoder_pipeline, denoise_ms = _with_oom_retry(
                 lambda: self._denoise(
-                    loaded, refiner, job, init_image, width, height, seeds, progress, cancelled
+                    loaded,
+                    refiner,
+                    job,
+                    init_image,
+                    mask,
+                    width,
+                    height,
+                    seeds,
+                    progress,
+                    cancelled,
                 )
             )
             timings["denoise"] = denoise_ms
+            overlay = (init_image, mask) if mask is not None else None
             encoded = self._decode_and_encode(
-                job, loaded, loras, decoder_pipeline, latents, seeds, width, height, timings
+                job,
+                loaded,
+                loras,
+                decoder_pipeline,
+                latents,
+                seeds,
+                width,
+                height,
+                timings,
+                overlay,
             )
 
         # 4. Deliver
@@ -325,9 +357,13 @@ class Engine:
         )
 
     def _decode_and_encode(
-        self, job, loaded, loras, decoder_pipeline, latents, seeds, width, height, timings
+        self, job, loaded, loras, decoder_pipeline, latents, seeds, width, height, timings, overlay
     ):
-        """Decode image by image; each is encoded in the pool while the next one decodes."""
+        """Decode image by image; each is encoded in the pool while the next one decodes.
+
+        For inpainting, `overlay` is (init image, mask): pixels outside the mask are pasted back
+        from the init image, so they come out exactly as they went in.
+        """
         model_hash = self.registry.cached_hash(loaded.model)
         lora_info = [(lora.name, lora.scale, self._lora_hash(lora)) for lora in loras]
 
@@ -357,6 +393,8 @@ class Engine:
         with torch.inference_mode(), LatentDecoder(decoder_pipeline) as decoder:
             for index in range(len(seeds)):
                 image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
+                if overlay is not None:
+                    image = Image.composite(image, overlay[0], overlay[1])
                 pending.append(self._encoders.submit(encode, index, image))
         timings["decode"] = _ms(decode_started)
         encode_wait = time.perf_counter()
@@ -440,6 +478,9 @@ class Engine:
                     "configured (set REFINER_CHECKPOINT or refiner_checkpoint)"
                 )
             return None
+        if job.mask:
+            warnings.append("refiner ignored: inpainting runs without the refiner")
+            return None
         if base.architecture != "sdxl":
             warnings.append(
                 f"refiner ignored: {base.name} is {base.architecture}, the refiner is for SDXL"
@@ -454,7 +495,19 @@ class Engine:
             )
         return refiner
 
-    def _denoise(self, loaded, refiner, job, init_image, width, height, seeds, progress, cancelled):
+    def _mask_for(self, job: Job, width: int, height: int):
+        """The job's mask as an L image of the output size: white repaints; blurred if asked."""
+        mask = load_image(job.mask, "mask", self.settings).convert("L")
+        mask = mask.resize((width, height), resample=Image.NEAREST)
+        if job.invert_mask:
+            mask = ImageOps.invert(mask)
+        if job.mask_blur:
+            mask = mask.filter(ImageFilter.GaussianBlur(job.mask_blur))
+        return mask
+
+    def _denoise(
+        self, loaded, refiner, job, init_image, mask, width, height, seeds, progress, cancelled
+    ):
         """Run the pipeline(s) to final latents; returns (latents, pipeline to decode with, ms)."""
         started = time.perf_counter()
         common = {
@@ -473,9 +526,17 @@ class Engine:
         def generators() -> list[torch.Generator]:
             return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
-        mode = "img2img" if init_image is not None else "txt2img"
+        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         args: dict[str, Any] = {**common, "generator": generators()}
-        if init_image is not None:
+        if mask is not None:
+            args.update(
+                image=[init_image] * len(seeds),
+                mask_image=[mask] * len(seeds),
+                strength=job.strength,
+                width=width,
+                height=height,
+            )
+        elif init_image is not None:
             args.update(image=[init_image] * len(seeds), strength=job.strength)
         else:
             args.update(width=width, height=height)

@@ -57,6 +57,11 @@ DERIVED_CLASSES = {
     ("sd2-512", "img2img"): "StableDiffusionImg2ImgPipeline",
     ("sd2-768-v", "img2img"): "StableDiffusionImg2ImgPipeline",
     ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    # A regular checkpoint inpaints by blending latents with the mask each step.
+    ("sd15", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sd2-512", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sd2-768-v", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
 }
 
 
@@ -76,11 +81,11 @@ class LoadedCheckpoint:
 
 
 def pipeline_for(loaded: LoadedCheckpoint, mode: str):
-    """The pipeline for `mode` (txt2img or img2img), sharing the loaded weights (`from_pipe`)."""
+    """The pipeline for `mode` (txt2img, img2img, inpaint), sharing the loaded weights (`from_pipe`)."""
     import diffusers
 
-    if mode == "txt2img" or loaded.architecture == "sdxl-refiner":
-        return loaded.pipeline
+    if mode == "txt2img" or loaded.architecture in ("sdxl-refiner", "sd15-inpaint", "sdxl-inpaint"):
+        return loaded.pipeline  # refiner and inpainting checkpoints load as their own pipeline
     if mode not in loaded.derived:
         cls = getattr(diffusers, DERIVED_CLASSES[(loaded.architecture, mode)])
         pipeline = cls.from_pipe(loaded.pipeline)

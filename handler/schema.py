@@ -81,6 +81,12 @@ class Job(BaseModel):
         le=1.0,
         description="img2img: how much of the init image is repainted (1.0 ignores it).",
     )
+    mask: str | None = Field(
+        None,
+        description="Inpainting mask (white repaints, black keeps), same forms as image; needs image.",
+    )
+    mask_blur: int = Field(4, ge=0, le=64, description="Inpainting: mask edge blur in pixels.")
+    invert_mask: bool = Field(False, description="Inpainting: repaint the black part instead.")
     refiner_checkpoint: str | None = Field(
         None, description="SDXL refiner checkpoint. Empty means the worker's REFINER_CHECKPOINT."
     )

@@ -60,8 +60,9 @@ def test_every_cog_input_matches_the_schema():
         assert cog_field.description, f"{name} has no description"
 
 
-def test_image_is_a_cog_path():
-    assert cog_inputs()["image"].type.json_type() == {"type": "string", "format": "uri"}
+def test_image_and_mask_are_cog_paths():
+    for name in ("image", "mask"):
+        assert cog_inputs()[name].type.json_type() == {"type": "string", "format": "uri"}
 
 
 def test_committed_openapi_schema_is_current():
@@ -221,6 +222,34 @@ def test_img2img_from_a_data_url(cog):
     ).json()
     assert body["status"] == "succeeded", body
     assert decode(body["output"][0]).size == (64, 64)
+
+
+def test_inpainting_with_a_mask_file(cog):
+    import numpy as np
+
+    init = Image.fromarray((np.random.RandomState(3).rand(64, 64, 3) * 255).astype("uint8"))
+    mask = np.zeros((64, 64), dtype="uint8")
+    mask[:, 32:] = 255
+
+    def data_url(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    body = predict(
+        cog,
+        {
+            "prompt": "x",
+            "image": data_url(init),
+            "mask": data_url(Image.fromarray(mask)),
+            "mask_blur": 0,
+            "steps": 4,
+            "seed": 2,
+        },
+    ).json()
+    assert body["status"] == "succeeded", body
+    out = np.asarray(decode(body["output"][0]).convert("RGB"))
+    assert (out[:, :32] == np.asarray(init)[:, :32]).all()
 
 
 def test_cancel_stops_between_steps_and_leaves_no_state(cog):

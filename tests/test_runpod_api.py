@@ -220,3 +220,34 @@ def test_logs_carry_no_prompts_no_base64_and_one_line_per_job(api):
     assert done and all(
         "size=" in line and "steps=" in line and "timings_ms=" in line for line in done
     )
+
+
+def test_a1111_inpainting_payload(api):
+    import numpy as np
+
+    init = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype("uint8"))
+    mask = np.zeros((64, 64), dtype="uint8")
+    mask[16:48, 16:48] = 255
+
+    def b64(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    reply = runsync(
+        api,
+        {
+            "prompt": "a cube",
+            "init_images": [b64(init)],
+            "mask": b64(Image.fromarray(mask)),
+            "mask_blur": 0,
+            "denoising_strength": 0.8,
+            "steps": 4,
+            "seed": 2,
+            "override_settings": {"sd_model_checkpoint": "demo-sd15"},
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    out = np.asarray(decode(reply["output"]["images"][0]).convert("RGB"))
+    keep = mask == 0
+    assert (out[keep] == np.asarray(init)[keep]).all()

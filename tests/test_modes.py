@@ -1,0 +1,119 @@
+"""img2img and inpainting through the engine, and one inpainting job through the RunPod API."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handler.errors import InvalidInput
+from handler.schema import parse_job
+
+INIT = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+HALF = np.zeros((64, 64), dtype="uint8")
+HALF[:, 32:] = 255  # white right half: repaint it, keep the left
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(result) -> np.ndarray:
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def inpaint_job(checkpoint: str, **extra) -> dict:
+    return {
+        "prompt": "a cube",
+        "image": data_uri(INIT),
+        "mask": data_uri(Image.fromarray(HALF)),
+        "mask_blur": 0,
+        "steps": 4,
+        "seed": 3,
+        "checkpoint": checkpoint,
+        "strength": 1.0 if "inpaint" in checkpoint else 0.75,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "checkpoint", ["demo-sd15", "demo-sdxl", "demo-sd15-inpaint", "demo-sdxl-inpaint"]
+)
+def test_inpainting_keeps_pixels_outside_the_mask(engine, checkpoint):
+    result = engine.run(parse_job(inpaint_job(checkpoint)))
+    out, init = pixels(result), np.asarray(INIT, dtype=np.int16)
+    assert (out[:, :32] == init[:, :32]).all()
+    assert np.abs(out[:, 32:] - init[:, 32:]).mean() > 1
+    again = engine.run(parse_job(inpaint_job(checkpoint)))
+    assert (pixels(again) == out).all()
+
+
+def test_inverted_mask_keeps_the_other_half(engine):
+    result = engine.run(parse_job(inpaint_job("demo-sd15", invert_mask=True)))
+    out, init = pixels(result), np.asarray(INIT, dtype=np.int16)
+    assert (out[:, 32:] == init[:, 32:]).all() and np.abs(out[:, :32] - init[:, :32]).mean() > 1
+
+
+def test_a1111_inpainting_names(engine):
+    job = parse_job(
+        {
+            "prompt": "x",
+            "init_images": [data_uri(INIT)],
+            "mask": data_uri(Image.fromarray(HALF)),
+            "mask_blur": 0,
+            "inpainting_mask_invert": 1,
+            "denoising_strength": 0.6,
+            "inpainting_fill": 1,
+            "inpaint_full_res": False,
+        }
+    )
+    assert job.invert_mask is True and job.strength == 0.6 and job.image and job.mask
+
+
+def test_mask_without_image_and_inpaint_model_without_mask_are_refused(engine):
+    with pytest.raises(InvalidInput) as info:
+        engine.run(
+            parse_job(
+                {"prompt": "x", "mask": data_uri(Image.fromarray(HALF)), "checkpoint": "demo-sd15"}
+            )
+        )
+    assert info.value.field == "mask"
+    with pytest.raises(InvalidInput) as info:
+        engine.run(
+            parse_job({"prompt": "x", "image": data_uri(INIT), "checkpoint": "demo-sd15-inpaint"})
+        )
+    assert info.value.field == "checkpoint"
+
+
+def test_img2img_is_deterministic_and_follows_strength(engine):
+    job = {"prompt": "x", "image": data_uri(INIT), "steps": 4, "seed": 8, "checkpoint": "demo-sd15"}
+    weak, weak_again = (
+        engine.run(parse_job({**job, "strength": 0.25})),
+        engine.run(parse_job({**job, "strength": 0.25})),
+    )
+    strong = engine.run(parse_job({**job, "strength": 1.0}))
+    init = np.asarray(INIT, dtype=np.int16)
+    assert (pixels(weak) == pixels(weak_again)).all()
+    assert np.abs(pixels(weak) - init).mean() < np.abs(pixels(strong) - init).mean()
+
+
+def test_img2img_with_too_little_strength_names_the_field(engine):
+    with pytest.raises(InvalidInput) as info:
+        engine.run(
+            parse_job(
+                {
+                    "prompt": "x",
+                    "image": data_uri(INIT),
+                    "steps": 2,
+                    "strength": 0.2,
+                    "checkpoint": "demo-sd15",
+                }
+            )
+        )
+    assert info.value.field == "strength"
