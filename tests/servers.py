@@ -64,3 +64,37 @@ class Server:
 
 def python() -> str:
     return sys.executable
+
+
+def start_runpod_api(demo_volume: Path, log_path: Path, **env: str) -> tuple[str, Server]:
+    """`python -m handler --rp_serve_api` on a free port of 127.0.0.1, ready; returns (url, server)."""
+    import requests
+
+    port = free_port()
+    server = Server(
+        [
+            python(),
+            "-m",
+            "handler",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        env={
+            "MODELS_DIR": str(demo_volume),
+            "DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        },
+        log_path=log_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_until(lambda: requests.get(f"{url}/docs", timeout=2).status_code == 200)
+    except BaseException:
+        server.stop()
+        raise
+    return url, server

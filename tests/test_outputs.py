@@ -311,37 +311,19 @@ def test_runpod_api_job_delivers_presigned_urls(moto, demo_volume, tmp_path):
     """Through the SDK's local API: the reply carries URLs whose bytes are the images."""
     import requests
 
-    from tests.servers import python
+    from tests.servers import start_runpod_api
 
-    port = free_port()
-    server = Server(
-        [
-            python(),
-            "-m",
-            "handler",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
-        env={
-            "MODELS_DIR": str(demo_volume),
-            "DEFAULT_CHECKPOINT": "demo-sd15",
-            "DEVICE": "cpu",
-            "HF_HUB_OFFLINE": "1",
-            "BUCKET_ENDPOINT_URL": moto[0],
-            "BUCKET_NAME": BUCKET,
-            "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
-            "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY,
-            "BUCKET_PATH_STYLE": "1",
-            "PYTHONUNBUFFERED": "1",
-        },
-        log_path=tmp_path / "worker.log",
+    url, server = start_runpod_api(
+        demo_volume,
+        tmp_path / "worker.log",
+        DEFAULT_CHECKPOINT="demo-sd15",
+        BUCKET_ENDPOINT_URL=moto[0],
+        BUCKET_NAME=BUCKET,
+        BUCKET_ACCESS_KEY_ID=ACCESS_KEY,
+        BUCKET_SECRET_ACCESS_KEY=SECRET_KEY,
+        BUCKET_PATH_STYLE="1",
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        server.wait_until(lambda: requests.get(f"{url}/docs", timeout=2).status_code == 200)
         reply = requests.post(
             f"{url}/runsync",
             json={"input": {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 5}},

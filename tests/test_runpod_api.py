@@ -9,38 +9,16 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.servers import Server, free_port, python
+from tests.servers import start_runpod_api
 
 SECRET_PROMPT = "zebra-7f3a9c tangerine lighthouse"
 
 
 @pytest.fixture(scope="module")
 def api(demo_volume, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("runpod") / "worker.log"
-    server = Server(
-        [
-            python(),
-            "-m",
-            "handler",
-            "--rp_serve_api",
-            "--rp_api_host",
-            "127.0.0.1",
-            "--rp_api_port",
-            str(port),
-        ],
-        env={
-            "MODELS_DIR": str(demo_volume),
-            "DEFAULT_CHECKPOINT": "demo-sdxl",
-            "DEVICE": "cpu",
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        },
-        log_path=log,
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, server = start_runpod_api(demo_volume, log, DEFAULT_CHECKPOINT="demo-sdxl")
     try:
-        server.wait_until(lambda: requests.get(f"{url}/docs", timeout=2).status_code == 200)
         yield url, server
     finally:
         server.stop()
