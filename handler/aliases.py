@@ -47,7 +47,6 @@ A1111_NEUTRAL = {
     "inpainting_fill": (1,),  # 1 = start from the original image
     "inpaint_full_res": (False, 0),
     "inpaint_full_res_padding": (0, 32),
-    "resize_mode": (0,),  # 0 = just resize
     "s_noise": (None, 1, 1.0),
 }
 # A1111 >= 1.9 names the noise schedule separately from the sampler.
@@ -62,6 +61,7 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     """Map alias field names onto native ones; returns (native payload, warnings)."""
     data = dict(payload)
     warnings: list[str] = []
+    _apply_hires_fields(data)  # first: with enable_hr, denoising_strength belongs to hires
 
     # 1. Plain renames; two names for one field is ambiguous, so it is refused.
     for alias, native in FIELD_ALIASES.items():
@@ -95,6 +95,15 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 accepted="integers with batch_size x n_iter from 1 to 8",
             )
         data["num_images"] = batch * iterations
+    if "resize_mode" in data and isinstance(data["resize_mode"], int):
+        modes = {0: "just_resize", 1: "crop", 2: "fill", 3: "just_resize"}
+        if data["resize_mode"] not in modes:
+            raise InvalidInput(
+                "must be 0 to 3 (A1111) or a name",
+                field="resize_mode",
+                accepted="just_resize, crop, fill (or A1111's 0, 1, 2, 3)",
+            )
+        data["resize_mode"] = modes[data["resize_mode"]]
     if "init_images" in data:
         if "image" in data:
             raise InvalidInput(
@@ -126,6 +135,48 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         if name in data and data[name] is None:
             data.pop(name)
     return data, warnings
+
+
+# A1111 sends these with every txt2img request; they only matter when enable_hr is true.
+A1111_HIRES_FIELDS = (
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "hr_checkpoint_name",
+    "hr_additional_modules",
+)
+
+
+def _apply_hires_fields(data: dict[str, Any]) -> None:
+    """A1111's enable_hr + hr_* fields -> `hires`; its denoising_strength is the hires strength."""
+    enabled = data.pop("enable_hr", None)
+    given = {name: data.pop(name) for name in A1111_HIRES_FIELDS if name in data}
+    if not enabled:
+        return
+    if "hires" in data:
+        raise InvalidInput(
+            "both enable_hr and hires are given", field="enable_hr", accepted="one of them"
+        )
+    if given.get("hr_resize_x") or given.get("hr_resize_y"):
+        raise InvalidInput(
+            "hr_resize_x/hr_resize_y are not supported; use hr_scale",
+            field="hr_resize_x",
+            accepted="hr_scale from 1 to 4",
+        )
+    hires: dict[str, Any] = {"scale": given.get("hr_scale", 2.0)}
+    if given.get("hr_second_pass_steps"):
+        hires["steps"] = given["hr_second_pass_steps"]
+    if "denoising_strength" in data:
+        hires["strength"] = data.pop("denoising_strength")
+    upscaler = str(given.get("hr_upscaler") or "Latent")
+    hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
+    data["hires"] = hires
 
 
 def _is_schedule_type(value: Any) -> bool:

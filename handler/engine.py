@@ -23,7 +23,7 @@ from handler.errors import (
     OutOfMemory,
     WorkerError,
 )
-from handler.inputs import load_image
+from handler.inputs import fit_image, load_image
 from handler.loras import (
     AppliedLora,
     ResidentAdapters,
@@ -271,9 +271,10 @@ class Engine:
                     field="refiner_inference_steps",
                     accepted=f"at least {int(1 / REFINE_AFTER_STRENGTH) + 1} steps",
                 )
-        if init_image is not None and init_image.size != (width, height):
-            init_image = init_image.resize((width, height), resample=3)  # bicubic
+        if init_image is not None:
+            init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, width, height) if job.mask else None
+        final_w, final_h = self._check_hires(job, width, height)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
@@ -282,6 +283,8 @@ class Engine:
         #    an OOM gets one retry after the CUDA cache is emptied
         mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
+        if job.hires:
+            pipelines.append(pipeline_for(loaded, "img2img"))
         with contextlib.ExitStack() as undo:
             if loaded.adapters is None:
                 loaded.adapters = ResidentAdapters(self.settings.resident_loras)
@@ -348,8 +351,8 @@ class Engine:
             seed=seed,
             checkpoint=loaded.name,
             architecture=loaded.architecture,
-            width=width,
-            height=height,
+            width=final_w,
+            height=final_h,
             steps=job.steps,
             scheduler=job.scheduler,
             timings_ms={k: round(v, 1) for k, v in timings.items()},
@@ -478,8 +481,8 @@ class Engine:
                     "configured (set REFINER_CHECKPOINT or refiner_checkpoint)"
                 )
             return None
-        if job.mask:
-            warnings.append("refiner ignored: inpainting runs without the refiner")
+        if job.mask or job.hires:
+            warnings.append("refiner ignored: inpainting and hires fix run without the refiner")
             return None
         if base.architecture != "sdxl":
             warnings.append(
@@ -495,10 +498,65 @@ class Engine:
             )
         return refiner
 
+    def _check_hires(self, job: Job, width: int, height: int) -> tuple[int, int]:
+        """The final size: the hires target when hires is on, checked against the limits."""
+        if not job.hires:
+            return width, height
+        if job.mask:
+            raise InvalidInput(
+                "hires fix does not combine with inpainting",
+                field="hires",
+                accepted="hires without mask",
+            )
+        final_w, final_h = (_round_to_8(side * job.hires.scale) for side in (width, height))
+        if max(final_w, final_h) > 2048 or final_w * final_h > self.settings.max_pixels:
+            raise InvalidInput(
+                f"the second pass would be {final_w}x{final_h}",
+                field="hires.scale",
+                accepted=f"a scale keeping each side <= 2048 and width x height <= {self.settings.max_pixels}",
+            )
+        steps = job.hires.steps or job.steps
+        if int(steps * job.hires.strength) < 1:
+            raise InvalidInput(
+                f"{steps} steps x {job.hires.strength} leaves no hires step",
+                field="hires.strength",
+                accepted=f"at least {1 / steps:.3f}",
+            )
+        return final_w, final_h
+
+    def _hires_pass(self, loaded, job, latents, width, height, generators, callback):
+        """Upscale the first pass (latents, or decoded images) and run img2img at the new size."""
+        final_w, final_h = self._check_hires(job, width, height)
+        if job.hires.upscaler == "latent":
+            image = torch.nn.functional.interpolate(
+                latents, size=(final_h // 8, final_w // 8), mode="bilinear", align_corners=False
+            )
+        else:
+            with LatentDecoder(pipeline_for(loaded, "txt2img")) as decoder:
+                image = [
+                    decoder.decode(latents[i : i + 1]).resize((final_w, final_h), Image.LANCZOS)
+                    for i in range(latents.shape[0])
+                ]
+        args = {
+            "prompt": [job.prompt] * latents.shape[0],
+            "negative_prompt": [job.negative_prompt] * latents.shape[0]
+            if job.negative_prompt
+            else None,
+            "num_inference_steps": job.hires.steps or job.steps,
+            "guidance_scale": job.guidance_scale,
+            "output_type": "latent",
+            "image": image,
+            "strength": job.hires.strength,
+            "generator": generators,
+        }
+        if job.clip_skip > 1:
+            args["clip_skip"] = job.clip_skip - 1
+        return self._call(loaded, "img2img", job, args, callback)
+
     def _mask_for(self, job: Job, width: int, height: int):
         """The job's mask as an L image of the output size: white repaints; blurred if asked."""
         mask = load_image(job.mask, "mask", self.settings).convert("L")
-        mask = mask.resize((width, height), resample=Image.NEAREST)
+        mask = fit_image(mask, width, height, job.resize_mode, resample=Image.NEAREST)
         if job.invert_mask:
             mask = ImageOps.invert(mask)
         if job.mask_blur:
@@ -571,6 +629,10 @@ class Engine:
                 refine_args["image"] = output.images
                 output = self._call(refiner, "img2img", job, refine_args, on_step_end("refining"))
                 final = refiner
+            if job.hires:
+                output = self._hires_pass(
+                    loaded, job, output.images, width, height, generators(), on_step_end("hires")
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return output.images, pipeline_for(final, "txt2img"), _ms(started)
@@ -633,6 +695,10 @@ def _free_cuda_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _round_to_8(value: float) -> int:
+    return max(64, int(round(value / 8)) * 8)
 
 
 def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:

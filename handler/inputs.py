@@ -38,12 +38,14 @@ def load_image(value: str, field: str, settings: Settings) -> Image.Image:
                 accepted="data:image/png;base64,...",
             )
         data = _b64decode(payload, field)
+    elif value.startswith("s3://"):
+        data = fetch_s3(value, field, settings)
     elif "://" in value:
         scheme = value.split("://", 1)[0]
         raise InvalidInput(
             f"{scheme}:// inputs are not accepted",
             field=field,
-            accepted="https URLs, data URIs or raw base64",
+            accepted="https URLs, s3://bucket/key, data URIs or raw base64",
         )
     else:
         data = _b64decode(value, field)
@@ -80,6 +82,45 @@ def _b64decode(payload: str, field: str) -> bytes:
             "is neither a URL nor valid base64",
             field=field,
             accepted="https URLs, data URIs or raw base64",
+        ) from None
+
+
+def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
+    """Read s3://bucket/key with the worker's configured bucket credentials, size-capped."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise InvalidInput("is not an s3://bucket/key URL", field=field, accepted="s3://bucket/key")
+    if not (settings.bucket_access_key_id or settings.bucket_endpoint_url):
+        raise InvalidInput(
+            "s3:// inputs need the worker's bucket credentials",
+            field=field,
+            accepted="https URLs or data URIs, or configure BUCKET_* on the worker",
+        )
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from handler.outputs import s3_client
+
+    try:
+        response = s3_client(settings).get_object(Bucket=bucket, Key=key)
+        if response.get("ContentLength", 0) > settings.max_input_bytes:
+            raise InvalidInput(
+                f"the object is {response['ContentLength']} bytes, over the input cap",
+                field=field,
+                accepted=f"images up to {settings.max_input_bytes} bytes",
+            )
+        return response["Body"].read(settings.max_input_bytes + 1)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "error")
+        raise InputFetchFailed(
+            f"the bucket answered {code}",
+            field=field,
+            accepted="an existing object the worker's credentials can read",
+        ) from None
+    except BotoCoreError as error:
+        raise InputFetchFailed(
+            f"reading the object failed ({type(error).__name__})",
+            field=field,
+            accepted="a reachable bucket",
         ) from None
 
 
@@ -193,3 +234,39 @@ def _get(parts, address: str, field: str, settings: Settings) -> tuple[int, str 
         ) from None
     finally:
         connection.close()
+
+
+def fit_image(
+    image: Image.Image, width: int, height: int, mode: str, resample=Image.LANCZOS
+) -> Image.Image:
+    """Fit an image to width x height as A1111 does: just_resize (stretch), crop (scale to cover,
+    centre crop) or fill (scale to fit, then stretch the edge rows/columns into the borders)."""
+    if image.size == (width, height):
+        return image
+    if mode == "just_resize":
+        return image.resize((width, height), resample=resample)
+    ratio = width / height
+    src_ratio = image.width / image.height
+    cover = (mode == "crop") == (ratio > src_ratio)
+    scaled_w = width if cover else round(height * src_ratio)
+    scaled_h = round(width / src_ratio) if cover else height
+    scaled = image.resize((max(1, scaled_w), max(1, scaled_h)), resample=resample)
+    canvas = Image.new(image.mode, (width, height))
+    left, top = (width - scaled.width) // 2, (height - scaled.height) // 2
+    canvas.paste(scaled, (left, top))
+    if mode == "fill":
+        if left > 0:  # stretch the first and last columns into the side borders
+            canvas.paste(
+                scaled.crop((0, 0, 1, scaled.height)).resize((left, scaled.height)), (0, top)
+            )
+            right = width - left - scaled.width
+            edge = scaled.crop((scaled.width - 1, 0, scaled.width, scaled.height))
+            canvas.paste(edge.resize((right, scaled.height)), (left + scaled.width, top))
+        if top > 0:
+            canvas.paste(
+                scaled.crop((0, 0, scaled.width, 1)).resize((scaled.width, top)), (left, 0)
+            )
+            bottom = height - top - scaled.height
+            edge = scaled.crop((0, scaled.height - 1, scaled.width, scaled.height))
+            canvas.paste(edge.resize((scaled.width, bottom)), (left, top + scaled.height))
+    return canvas

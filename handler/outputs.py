@@ -126,30 +126,34 @@ def a1111_infotext(
 # -- delivery ------------------------------------------------------------------------------------
 
 
+def s3_client(settings: Settings):
+    """A boto3 S3 client for the configured endpoint and credentials, with standard retries."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.bucket_endpoint_url,
+        aws_access_key_id=settings.bucket_access_key_id,
+        aws_secret_access_key=settings.bucket_secret_access_key,
+        region_name=settings.bucket_region,
+        config=Config(
+            retries={"max_attempts": UPLOAD_ATTEMPTS, "mode": "standard"},
+            s3={"addressing_style": "path" if settings.bucket_path_style else "auto"},
+            connect_timeout=5,
+            read_timeout=30,
+            signature_version="s3v4",
+        ),
+    )
+
+
 class Storage:
     """An S3-compatible bucket reached through boto3, configured from the environment."""
 
     def __init__(self, settings: Settings) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.settings = settings
         self.bucket = settings.bucket_name
-        addressing = "path" if settings.bucket_path_style else "auto"
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.bucket_endpoint_url,
-            aws_access_key_id=settings.bucket_access_key_id,
-            aws_secret_access_key=settings.bucket_secret_access_key,
-            region_name=settings.bucket_region,
-            config=Config(
-                retries={"max_attempts": UPLOAD_ATTEMPTS, "mode": "standard"},
-                s3={"addressing_style": addressing},
-                connect_timeout=5,
-                read_timeout=30,
-                signature_version="s3v4",
-            ),
-        )
+        self.client = s3_client(settings)
 
     def key(self, job_id: str, name: str) -> str:
         prefix = self.settings.bucket_prefix.strip("/")

@@ -27,6 +27,21 @@ class LoraSpec(BaseModel):
     scale: float = Field(1.0, ge=-4.0, le=4.0, description="LoRA strength.")
 
 
+class HiresFix(BaseModel):
+    """A1111's hires fix: generate, upscale, then an img2img pass at the larger size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(2.0, ge=1.0, le=4.0, description="Upscale factor of the second pass.")
+    steps: int | None = Field(
+        None, ge=1, le=150, description="Second-pass steps. Empty uses the job's steps."
+    )
+    strength: float = Field(0.55, ge=0.05, le=1.0, description="Second-pass denoising strength.")
+    upscaler: Literal["latent", "image"] = Field(
+        "latent", description="Upscale the latents, or the decoded image (Lanczos)."
+    )
+
+
 class Job(BaseModel):
     """One generation job, after validation."""
 
@@ -80,6 +95,14 @@ class Job(BaseModel):
         ge=0.0,
         le=1.0,
         description="img2img: how much of the init image is repainted (1.0 ignores it).",
+    )
+    resize_mode: Literal["just_resize", "crop", "fill"] = Field(
+        "just_resize",
+        description="How image (and mask) fit width x height: stretch, crop to fill, or fit and "
+        "fill the borders (A1111's just resize / crop and resize / resize and fill).",
+    )
+    hires: HiresFix | None = Field(
+        None, description="Hires fix: {scale, steps, strength, upscaler}. Empty means one pass."
     )
     mask: str | None = Field(
         None,

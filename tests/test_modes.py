@@ -117,3 +117,90 @@ def test_img2img_with_too_little_strength_names_the_field(engine):
             )
         )
     assert info.value.field == "strength"
+
+
+# -- resize modes ------------------------------------------------------------------------------
+
+from handler.inputs import fit_image  # noqa: E402
+
+
+def test_resize_modes_follow_a1111():
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 100))  # a blue left edge
+    stretched = fit_image(wide, 64, 64, "just_resize")
+    cropped = fit_image(wide, 64, 64, "crop")
+    filled = fit_image(wide, 64, 64, "fill")
+    assert stretched.size == cropped.size == filled.size == (64, 64)
+    assert cropped.getpixel((0, 32))[0] > 200  # the blue edge was cropped away
+    assert stretched.getpixel((0, 32))[2] > 200  # stretching keeps it
+    assert filled.getpixel((32, 2)) == filled.getpixel(
+        (32, 20)
+    )  # top border stretched from the edge row
+
+
+def test_resize_mode_reaches_the_job(engine):
+    job = {
+        "prompt": "x",
+        "image": data_uri(INIT.resize((128, 64))),
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "seed": 1,
+        "checkpoint": "demo-sd15",
+    }
+    crop = engine.run(parse_job({**job, "resize_mode": "crop"}))
+    stretch = engine.run(parse_job({**job, "resize_mode": 0}))  # A1111's number works too
+    assert np.abs(pixels(crop) - pixels(stretch)).max() > 0
+
+
+# -- hires fix ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "image"])
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_hires_fix_doubles_the_size_deterministically(engine, checkpoint, upscaler):
+    job = {
+        "prompt": "x",
+        "width": 72,
+        "height": 64,
+        "steps": 3,
+        "seed": 4,
+        "checkpoint": checkpoint,
+        "hires": {"scale": 2, "strength": 0.5, "upscaler": upscaler},
+    }
+    first, again = engine.run(parse_job(job)), engine.run(parse_job(job))
+    assert (first.width, first.height) == (144, 128) and first.images[0].width == 144
+    assert (pixels(first) == pixels(again)).all()
+
+
+def test_a1111_enable_hr_maps_onto_hires():
+    job = parse_job(
+        {
+            "prompt": "x",
+            "enable_hr": True,
+            "hr_scale": 1.5,
+            "hr_second_pass_steps": 7,
+            "denoising_strength": 0.45,
+            "hr_upscaler": "Latent (nearest)",
+        }
+    )
+    assert job.hires.scale == 1.5 and job.hires.steps == 7 and job.hires.strength == 0.45
+    assert job.hires.upscaler == "latent"
+    plain = parse_job({"prompt": "x", "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent"})
+    assert plain.hires is None
+
+
+def test_hires_second_pass_has_its_own_limit(engine):
+    with pytest.raises(InvalidInput) as info:
+        engine.run(
+            parse_job(
+                {
+                    "prompt": "x",
+                    "width": 1024,
+                    "height": 1024,
+                    "checkpoint": "demo-sd15",
+                    "hires": {"scale": 4},
+                }
+            )
+        )
+    assert info.value.field == "hires.scale"

@@ -339,3 +339,19 @@ def test_runpod_api_job_delivers_presigned_urls(moto, demo_volume, tmp_path):
         assert SECRET_KEY not in log and "X-Amz-Signature" not in log
     finally:
         server.stop()
+
+
+def test_s3_inputs_read_with_the_worker_credentials(moto, settings):
+    from handler.errors import InputFetchFailed
+    from handler.inputs import load_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(buffer, format="PNG")
+    moto[1].put_object(Bucket=BUCKET, Key="inputs/photo.png", Body=buffer.getvalue())
+    configured = bucket_settings(settings, moto[0])
+    assert load_image(f"s3://{BUCKET}/inputs/photo.png", "image", configured).size == (20, 10)
+    with pytest.raises(InputFetchFailed) as info:
+        load_image(f"s3://{BUCKET}/inputs/missing.png", "image", configured)
+    assert info.value.field == "image"
+    with pytest.raises(InvalidInput):
+        load_image(f"s3://{BUCKET}/inputs/photo.png", "image", settings)  # no credentials

@@ -229,3 +229,42 @@ def test_a1111_inpainting_payload(api):
     out = np.asarray(decode(reply["output"]["images"][0]).convert("RGB"))
     keep = mask == 0
     assert (out[keep] == np.asarray(init)[keep]).all()
+
+
+def test_a1111_hires_fix_payload(api):
+    reply = runsync(
+        api,
+        {
+            "prompt": "a cube",
+            "width": 64,
+            "height": 64,
+            "steps": 3,
+            "seed": 4,
+            "enable_hr": True,
+            "hr_scale": 2,
+            "hr_upscaler": "Latent",
+            "hr_second_pass_steps": 2,
+            "denoising_strength": 0.6,
+            "override_settings": {"sd_model_checkpoint": "demo-sd15"},
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    assert (reply["output"]["width"], reply["output"]["height"]) == (128, 128)
+    assert decode(reply["output"]["images"][0]).size == (128, 128)
+
+
+def test_worker_sdxl_refiner_payload_with_a_refiner(api):
+    reply = runsync(
+        api,
+        {
+            "prompt": "a lighthouse",
+            "width": 64,
+            "height": 64,
+            "num_inference_steps": 4,
+            "seed": 5,
+            "high_noise_frac": 0.75,
+            "refiner_checkpoint": "demo-sdxl-refiner",
+        },
+    )
+    assert reply["status"] == "COMPLETED", reply
+    assert not any("refiner" in w for w in reply["output"]["warnings"])
