@@ -40,8 +40,8 @@ from handler.pipelines import (
     LoadedCheckpoint,
     load_checkpoint,
     pipeline_for,
-    text_model_alias,
 )
+from handler.prompts import encode_sd, encode_sdxl, needs_own_encoding
 from handler.registry import NATIVE_SIZE, Registry, detect_lora
 from handler.schedulers import build_scheduler
 from handler.schema import Job, Result
@@ -241,6 +241,12 @@ class Engine:
             )
         refiner = self._refiner_for(job, loaded, warnings)
         job, loras, embeddings = self._additions_for(job, loaded)
+        if refiner is not None:
+            tokens = refiner.pipeline.tokenizer_2(job.prompt, add_special_tokens=False).input_ids
+            if len(tokens) > 75:
+                warnings.append(
+                    f"the refiner reads only the first 75 of the prompt's {len(tokens)} tokens"
+                )
         vae = self._vae_for(job, loaded)
         timings["load"] = _ms(started)
 
@@ -524,7 +530,7 @@ class Engine:
             )
         return final_w, final_h
 
-    def _hires_pass(self, loaded, job, latents, width, height, generators, callback):
+    def _hires_pass(self, loaded, job, text, latents, width, height, generators, callback):
         """Upscale the first pass (latents, or decoded images) and run img2img at the new size."""
         final_w, final_h = self._check_hires(job, width, height)
         if job.hires.upscaler == "latent":
@@ -538,10 +544,7 @@ class Engine:
                     for i in range(latents.shape[0])
                 ]
         args = {
-            "prompt": [job.prompt] * latents.shape[0],
-            "negative_prompt": [job.negative_prompt] * latents.shape[0]
-            if job.negative_prompt
-            else None,
+            **text,
             "num_inference_steps": job.hires.steps or job.steps,
             "guidance_scale": job.guidance_scale,
             "output_type": "latent",
@@ -549,9 +552,33 @@ class Engine:
             "strength": job.hires.strength,
             "generator": generators,
         }
-        if job.clip_skip > 1:
-            args["clip_skip"] = job.clip_skip - 1
         return self._call(loaded, "img2img", job, args, callback)
+
+    @staticmethod
+    def _text_args(pipeline, job: Job, count: int) -> dict[str, Any]:
+        """The prompt arguments of a pipeline call.
+
+        Plain prompts that fit one 77-token window go to diffusers as text (its own encoding);
+        A1111 weights, BREAK and longer prompts are encoded here, chunked, never truncated.
+        """
+        tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
+        # Clip skip is encoded here too: diffusers applies it to the prompt but not to the
+        # negative prompt, while A1111 applies it to both.
+        if job.clip_skip == 1 and not needs_own_encoding(
+            [job.prompt, job.negative_prompt], tokenizer
+        ):
+            return {
+                "prompt": [job.prompt] * count,
+                # No negative prompt is None, not "": SDXL then uses zero embeddings
+                # (force_zeros_for_empty_prompt), as diffusers and A1111 do.
+                "negative_prompt": [job.negative_prompt] * count if job.negative_prompt else None,
+            }
+        encode = encode_sdxl if hasattr(pipeline, "text_encoder_2") else encode_sd
+        embeds = encode(pipeline, job.prompt, job.negative_prompt, job.clip_skip)
+        return {
+            name: tensor.repeat(count, *([1] * (tensor.dim() - 1)))
+            for name, tensor in embeds.items()
+        }
 
     def _mask_for(self, job: Job, width: int, height: int):
         """The job's mask as an L image of the output size: white repaints; blurred if asked."""
@@ -568,23 +595,18 @@ class Engine:
     ):
         """Run the pipeline(s) to final latents; returns (latents, pipeline to decode with, ms)."""
         started = time.perf_counter()
+        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
+        text = self._text_args(pipeline_for(loaded, mode), job, len(seeds))
         common = {
-            "prompt": [job.prompt] * len(seeds),
-            # No negative prompt is None, not "": SDXL then uses zero embeddings
-            # (force_zeros_for_empty_prompt), as diffusers and A1111 do.
-            "negative_prompt": [job.negative_prompt] * len(seeds) if job.negative_prompt else None,
+            **text,
             "num_inference_steps": job.steps,
             "guidance_scale": job.guidance_scale,
             "output_type": "latent",
         }
-        if job.clip_skip > 1:
-            # A1111 counts the last layer as 1; diffusers counts layers skipped.
-            common["clip_skip"] = job.clip_skip - 1
 
         def generators() -> list[torch.Generator]:
             return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
-        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         args: dict[str, Any] = {**common, "generator": generators()}
         if mask is not None:
             args.update(
@@ -601,7 +623,17 @@ class Engine:
 
         refine_args = None
         if refiner is not None:
-            refine_args = {**common, "generator": generators()}
+            # The refiner has its own text encoder: it gets the prompt as text.
+            plain = {
+                "prompt": [job.prompt] * len(seeds),
+                "negative_prompt": [job.negative_prompt] * len(seeds)
+                if job.negative_prompt
+                else None,
+            }
+            refine_args = {**common, **plain, "generator": generators()}
+            for key in text:
+                if key not in plain:
+                    refine_args.pop(key, None)
             if job.high_noise_frac is not None:
                 # Ensemble of experts: the base denoises the high-noise part, the refiner the rest.
                 args["denoising_end"] = job.high_noise_frac
@@ -631,7 +663,14 @@ class Engine:
                 final = refiner
             if job.hires:
                 output = self._hires_pass(
-                    loaded, job, output.images, width, height, generators(), on_step_end("hires")
+                    loaded,
+                    job,
+                    text,
+                    output.images,
+                    width,
+                    height,
+                    generators(),
+                    on_step_end("hires"),
                 )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -643,8 +682,7 @@ class Engine:
         original = pipeline.scheduler
         pipeline.scheduler = build_scheduler(job.scheduler, loaded.scheduler_config)
         try:
-            with text_model_alias(pipeline):
-                return pipeline(**args, callback_on_step_end=callback)
+            return pipeline(**args, callback_on_step_end=callback)
         finally:
             pipeline.scheduler = original
 

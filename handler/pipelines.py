@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -137,30 +136,6 @@ def load_checkpoint(
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
     )
-
-
-@contextlib.contextmanager
-def text_model_alias(pipeline: Any):
-    """For one call, give a flattened CLIPTextModel the `.text_model` diffusers' clip skip reads.
-
-    transformers >= 5.6 flattened CLIPTextModel, but diffusers 0.42's StableDiffusionPipeline
-    still calls `text_encoder.text_model.final_layer_norm` when clip_skip is set. The alias is a
-    plain attribute (not a submodule) and is removed after the call, because diffusers' LoRA
-    loader reads `text_model` to decide how to name text-encoder keys.
-    """
-    encoder = getattr(pipeline, "text_encoder", None)
-    added = (
-        encoder is not None
-        and "text_model" not in encoder.__dict__
-        and not hasattr(encoder, "text_model")
-    )
-    if added:
-        object.__setattr__(encoder, "text_model", encoder)
-    try:
-        yield
-    finally:
-        if added:
-            object.__delattr__(encoder, "text_model")
 
 
 class CheckpointCache:

@@ -1,0 +1,209 @@
+"""A1111 prompt syntax: attention weights and prompts longer than CLIP's 77 tokens.
+
+`(word)` multiplies the weight by 1.1, `[word]` divides it by 1.1, `(word:1.3)` multiplies it
+by 1.3, `\\(` is a literal parenthesis, unclosed brackets run to the end, and `BREAK` starts a
+new 75-token chunk. Long prompts are split into chunks of 75 tokens, each encoded as its own
+77-token window (BOS + 75 + EOS) and concatenated, as A1111 does, so nothing is truncated.
+Weighted token embeddings are rescaled to keep the chunk's mean (A1111's "original" emphasis).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+CHUNK_TOKENS = 75  # 77 minus BOS and EOS
+ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
+_TOKEN = re.compile(
+    r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:"
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; adjacent runs of equal weight are merged.
+
+    A weight of -1 marks a BREAK.
+    """
+    runs: list[list[Any]] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\") and len(token) == 2:
+            runs.append([token[1], 1.0])
+        elif token == "(":
+            round_open.append(len(runs))
+        elif token == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            scale(round_open.pop(), ROUND_UP)
+        elif token == "]" and square_open:
+            scale(square_open.pop(), SQUARE_DOWN)
+        else:
+            parts = _BREAK.split(token)
+            for index, part in enumerate(parts):
+                if index:
+                    runs.append(["BREAK", -1.0])
+                if part:
+                    runs.append([part, 1.0])
+    for start in round_open:
+        scale(start, ROUND_UP)
+    for start in square_open:
+        scale(start, SQUARE_DOWN)
+
+    merged: list[list[Any]] = []
+    for text_run, weight in runs:
+        if merged and merged[-1][1] == weight and weight != -1.0:
+            merged[-1][0] += text_run
+        else:
+            merged.append([text_run, weight])
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def needs_own_encoding(prompts: list[str], tokenizer) -> bool:
+    """True when a prompt uses A1111 syntax or is longer than one 77-token window."""
+    for prompt in prompts:
+        if _SYNTAX.search(prompt):
+            return True
+        if len(tokenizer(prompt, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
+            return True
+    return False
+
+
+@dataclass
+class Chunks:
+    """Token ids and weights of a prompt, in 77-token windows."""
+
+    ids: list[list[int]]
+    weights: list[list[float]]
+
+
+def tokenize_chunks(text: str, tokenizer) -> Chunks:
+    """Tokens of the weighted runs, packed into windows of 75 (+ BOS/EOS, padded)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    ids: list[list[int]] = []
+    weights: list[list[float]] = []
+    current_ids: list[int] = []
+    current_weights: list[float] = []
+
+    def close() -> None:
+        window = [bos] + current_ids + [eos] + [pad] * (CHUNK_TOKENS - len(current_ids))
+        ids.append(window)
+        weights.append([1.0] + current_weights + [1.0] * (CHUNK_TOKENS + 1 - len(current_weights)))
+        current_ids.clear()
+        current_weights.clear()
+
+    for run, weight in parse_attention(text):
+        if weight == -1.0:
+            close()
+            continue
+        for token in tokenizer(run, add_special_tokens=False).input_ids:
+            if len(current_ids) == CHUNK_TOKENS:
+                close()
+            current_ids.append(token)
+            current_weights.append(weight)
+    if current_ids or not ids:
+        close()
+    return Chunks(ids, weights)
+
+
+def _encode_windows(
+    encoder, chunks: Chunks, layer: int | None, device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [1, 77 * n, dim] of the chosen layer, weighted; and the first window's pooled output."""
+    outputs = []
+    pooled = None
+    for ids, weights in zip(chunks.ids, chunks.weights, strict=True):
+        result = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+        if layer is None:
+            hidden = result[0]  # the last layer, after the final layer norm
+        else:
+            hidden = result.hidden_states[layer]
+        if pooled is None and hasattr(result, "text_embeds"):
+            pooled = result.text_embeds
+        weight = torch.tensor(weights, device=device, dtype=hidden.dtype)
+        if not torch.all(weight == 1):
+            original_mean = hidden.mean()
+            hidden = hidden * weight[None, :, None]
+            hidden = hidden * (original_mean / hidden.mean())
+        outputs.append(hidden)
+    return torch.cat(outputs, dim=1), pooled
+
+
+def _pad_windows(a: Chunks, b: Chunks, tokenizer) -> None:
+    """Give prompt and negative prompt the same number of windows (empty ones at the end)."""
+    empty = tokenize_chunks("", tokenizer)
+    for chunks in (a, b):
+        while len(chunks.ids) < max(len(a.ids), len(b.ids)):
+            chunks.ids.append(list(empty.ids[0]))
+            chunks.weights.append(list(empty.weights[0]))
+
+
+@torch.no_grad()
+def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str, torch.Tensor]:
+    """prompt_embeds / negative_prompt_embeds for SD 1.x/2.x (A1111 clip skip: 1 = last layer)."""
+    tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
+    positive, negatives = tokenize_chunks(prompt, tokenizer), tokenize_chunks(negative, tokenizer)
+    _pad_windows(positive, negatives, tokenizer)
+    device = encoder.device
+
+    def encode(chunks: Chunks) -> torch.Tensor:
+        if clip_skip <= 1:
+            return _encode_windows(encoder, chunks, None, device)[0]
+        hidden = _encode_windows(encoder, chunks, -clip_skip, device)[0]
+        return (
+            encoder.final_layer_norm(hidden)
+            if hasattr(encoder, "final_layer_norm")
+            else (encoder.text_model.final_layer_norm(hidden))
+        )
+
+    return {"prompt_embeds": encode(positive), "negative_prompt_embeds": encode(negatives)}
+
+
+@torch.no_grad()
+def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str, torch.Tensor]:
+    """prompt/negative embeds and pooled embeds for SDXL, from both text encoders."""
+    layer = -(clip_skip + 1)  # SDXL uses the penultimate layer; A1111's clip skip goes further back
+    device = pipeline.text_encoder_2.device
+    pairs = [
+        (pipeline.tokenizer, pipeline.text_encoder),
+        (pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ]
+    embeds, negative_embeds, pooled, negative_pooled = [], [], None, None
+    for tokenizer, encoder in pairs:
+        positive, negatives = (
+            tokenize_chunks(prompt, tokenizer),
+            tokenize_chunks(negative, tokenizer),
+        )
+        _pad_windows(positive, negatives, tokenizer)
+        hidden, pooled_out = _encode_windows(encoder, positive, layer, device)
+        negative_hidden, negative_pooled_out = _encode_windows(encoder, negatives, layer, device)
+        embeds.append(hidden)
+        negative_embeds.append(negative_hidden)
+        pooled, negative_pooled = pooled_out, negative_pooled_out
+    result = {
+        "prompt_embeds": torch.cat(embeds, dim=-1),
+        "negative_prompt_embeds": torch.cat(negative_embeds, dim=-1),
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": negative_pooled,
+    }
+    if not negative and pipeline.config.get("force_zeros_for_empty_prompt", False):
+        # As diffusers does for an empty negative prompt on SDXL: zeros, not the empty string.
+        result["negative_prompt_embeds"] = torch.zeros_like(result["negative_prompt_embeds"])
+        result["negative_pooled_prompt_embeds"] = torch.zeros_like(
+            result["negative_pooled_prompt_embeds"]
+        )
+    return result

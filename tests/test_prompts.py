@@ -1,0 +1,105 @@
+"""A1111 prompt syntax and long prompts: parsing, and what reaches the image."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handler.prompts import parse_attention, tokenize_chunks
+from handler.schema import parse_job
+
+
+# The examples A1111 documents for its parser, with its outputs.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("\\(literal\\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ("a ", 1.0),
+                ("house", 1.3 * 1.1 * 1.1),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.1**4),
+                (".", 1.1),
+            ],
+        ),
+    ],
+)
+def test_parser_matches_a1111_examples(text, expected):
+    parsed = parse_attention(text)
+    assert [t for t, _ in parsed] == [t for t, _ in expected]
+    assert [w for _, w in parsed] == pytest.approx([w for _, w in expected])
+
+
+def test_break_starts_a_new_window(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    chunks = tokenize_chunks("a cat BREAK a dog", loaded.pipeline.tokenizer)
+    assert len(chunks.ids) == 2 and all(len(ids) == 77 for ids in chunks.ids)
+
+
+def test_long_prompts_are_chunked_not_truncated(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    long_text = ", ".join(f"word{i}" for i in range(60))
+    chunks = tokenize_chunks(long_text, loaded.pipeline.tokenizer)
+    tokens = len(loaded.pipeline.tokenizer(long_text, add_special_tokens=False).input_ids)
+    assert tokens > 75 and len(chunks.ids) == -(-tokens // 75)
+
+
+def pixels(result) -> np.ndarray:
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def run(engine, checkpoint, prompt, **extra):
+    return pixels(
+        engine.run(
+            parse_job(
+                {
+                    "prompt": prompt,
+                    "width": 64,
+                    "height": 64,
+                    "steps": 2,
+                    "seed": 3,
+                    "checkpoint": checkpoint,
+                    **extra,
+                }
+            )
+        )
+    )
+
+
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_weight_one_through_our_encoder_equals_diffusers_encoding(engine, checkpoint):
+    assert (run(engine, checkpoint, "a (cube:1.0)") == run(engine, checkpoint, "a cube")).all()
+    assert (
+        run(engine, checkpoint, "a (cube:1.0)", clip_skip=2)
+        == run(engine, checkpoint, "a cube", clip_skip=2)
+    ).all()
+
+
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_weights_and_break_change_the_image(engine, checkpoint):
+    plain = run(engine, checkpoint, "a cube")
+    assert np.abs(run(engine, checkpoint, "a (cube:1.5)") - plain).max() > 0
+    assert np.abs(run(engine, checkpoint, "a BREAK cube") - plain).max() > 0
+
+
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_words_after_token_75_reach_the_image(engine, checkpoint):
+    head = ", ".join(f"word{i}" for i in range(60))
+    first = run(engine, checkpoint, head + ", a red cube")
+    second = run(engine, checkpoint, head + ", a blue sphere")
+    assert np.abs(first - second).max() > 0  # truncating at 77 tokens would make them equal
