@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
@@ -33,7 +35,7 @@ from handler.loras import (
     extract_inline_loras,
     job_additions,
 )
-from handler.outputs import Storage, a1111_infotext, deliver, encode_image
+from handler.outputs import EncodedImage, Storage, a1111_infotext, deliver, encode_image
 from handler.pipelines import (
     CheckpointCache,
     LatentDecoder,
@@ -97,6 +99,7 @@ class Engine:
         self._lock = threading.Lock()
         self._storage: Storage | None = None
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self._safety = None
 
     @property
     def storage(self) -> Storage | None:
@@ -281,6 +284,7 @@ class Engine:
             init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, width, height) if job.mask else None
         final_w, final_h = self._check_hires(job, width, height)
+        safety = self._safety_checker_for(job)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
@@ -322,10 +326,11 @@ class Engine:
                 decoder_pipeline,
                 latents,
                 seeds,
-                width,
-                height,
+                final_w,
+                final_h,
                 timings,
                 overlay,
+                safety,
             )
 
         # 4. Deliver
@@ -366,7 +371,18 @@ class Engine:
         )
 
     def _decode_and_encode(
-        self, job, loaded, loras, decoder_pipeline, latents, seeds, width, height, timings, overlay
+        self,
+        job,
+        loaded,
+        loras,
+        decoder_pipeline,
+        latents,
+        seeds,
+        width,
+        height,
+        timings,
+        overlay,
+        safety=None,
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
@@ -376,7 +392,7 @@ class Engine:
         model_hash = self.registry.cached_hash(loaded.model)
         lora_info = [(lora.name, lora.scale, self._lora_hash(lora)) for lora in loras]
 
-        def encode(index: int, image):
+        def encode(index: int, image, nsfw: bool | None):
             infotext = None
             if not job.strip_metadata:
                 infotext = a1111_infotext(
@@ -393,9 +409,10 @@ class Engine:
                     loras=lora_info,
                     extra={"Clip skip": job.clip_skip} if job.clip_skip > 1 else None,
                 )
-            return encode_image(
+            encoded = encode_image(
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
             )
+            return dataclasses.replace(encoded, nsfw=nsfw)
 
         decode_started = time.perf_counter()
         pending = []
@@ -404,7 +421,16 @@ class Engine:
                 image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
                 if overlay is not None:
                     image = Image.composite(image, overlay[0], overlay[1])
-                pending.append(self._encoders.submit(encode, index, image))
+                nsfw = self._flagged(safety, image) if safety else None
+                if nsfw and self.settings.safety_policy == "withhold":
+                    withheld = EncodedImage(
+                        index, seeds[index], width, height, job.output_format, b"", nsfw
+                    )
+                    pending.append(_done(withheld))
+                    continue
+                if nsfw:
+                    image = image.filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))
+                pending.append(self._encoders.submit(encode, index, image, nsfw))
         timings["decode"] = _ms(decode_started)
         encode_wait = time.perf_counter()
         encoded = [future.result() for future in pending]
@@ -503,6 +529,49 @@ class Engine:
                 accepted="an SDXL refiner checkpoint",
             )
         return refiner
+
+    def _safety_checker_for(self, job: Job):
+        """(checker, image processor) when this job is checked, loaded once from the volume."""
+        enabled = self.settings.safety_checker if job.safety_checker is None else job.safety_checker
+        if not enabled:
+            return None
+        if self._safety is None:
+            folder = next(
+                (
+                    root / "safety_checker"
+                    for root in self.registry.roots
+                    if (root / "safety_checker" / "config.json").is_file()
+                ),
+                None,
+            )
+            if folder is None:
+                raise InvalidInput(
+                    "the safety checker is on but no safety_checker/ folder is on the model roots",
+                    field="safety_checker",
+                    accepted="safety_checker false, or a diffusers StableDiffusionSafetyChecker "
+                    "folder (with preprocessor_config.json) at <model root>/safety_checker",
+                )
+            from diffusers.pipelines.stable_diffusion.safety_checker import (
+                StableDiffusionSafetyChecker,
+            )
+            from transformers import CLIPImageProcessor
+
+            checker = StableDiffusionSafetyChecker.from_pretrained(
+                str(folder), torch_dtype=self.dtype
+            )
+            self._safety = (
+                checker.to(self.device).eval(),
+                CLIPImageProcessor.from_pretrained(str(folder)),
+            )
+        return self._safety
+
+    def _flagged(self, safety, image) -> bool:
+        """The safety checker's verdict on one image."""
+        checker, processor = safety
+        pixels = processor([image], return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        with torch.inference_mode():
+            _, flags = checker(clip_input=pixels, images=[np.asarray(image)])
+        return bool(flags[0])
 
     def _check_hires(self, job: Job, width: int, height: int) -> tuple[int, int]:
         """The final size: the hires target when hires is on, checked against the limits."""
@@ -733,6 +802,13 @@ def _free_cuda_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _done(value):
+    """A finished future holding `value` (for images that need no encoding)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _round_to_8(value: float) -> int:

@@ -40,6 +40,12 @@ class EncodedImage:
     height: int
     format: str
     data: bytes
+    nsfw: bool | None = None  # the safety checker's verdict, when it ran
+
+    @property
+    def withheld(self) -> bool:
+        """A flagged image the policy keeps back: reported, but not delivered."""
+        return self.nsfw is True and not self.data
 
     @property
     def mime_type(self) -> str:
@@ -213,7 +219,10 @@ def deliver(
 
 
 def _inline(images: list[EncodedImage], inline_limit: int | None) -> list[ImageResult]:
-    results = [_result(encoded, image=encoded.data_uri()) for encoded in images]
+    results = [
+        _result(encoded) if encoded.withheld else _result(encoded, image=encoded.data_uri())
+        for encoded in images
+    ]
     size = sum(len(r.image or "") for r in results)
     if inline_limit is not None and size > inline_limit:
         raise OutputTooLarge(
@@ -230,7 +239,8 @@ def _upload(
     images: list[EncodedImage], storage: Storage, job_id: str, sidecar: dict[str, Any] | None
 ) -> list[ImageResult]:
     """Upload the batch in parallel; every image must be confirmed or the whole batch fails."""
-    keys = [storage.key(job_id, f"{i.index}-{i.seed}.{i.format}") for i in images]
+    delivered = [image for image in images if not image.withheld]
+    keys = [storage.key(job_id, f"{i.index}-{i.seed}.{i.format}") for i in delivered]
 
     def put(pair: tuple[EncodedImage, str]) -> None:
         image, key = pair
@@ -246,14 +256,18 @@ def _upload(
                 accepted="a reachable bucket with write access",
             ) from None
 
-    with ThreadPoolExecutor(max_workers=min(8, len(images)) or 1) as pool:
-        list(pool.map(put, zip(images, keys, strict=True)))
-    results = [
-        _result(image, url=storage.url(key), bucket=storage.bucket, key=key)
-        for image, key in zip(images, keys, strict=True)
-    ]
+    with ThreadPoolExecutor(max_workers=min(8, len(delivered)) or 1) as pool:
+        list(pool.map(put, zip(delivered, keys, strict=True)))
+    urls = {
+        image.index: _result(image, url=storage.url(key), bucket=storage.bucket, key=key)
+        for image, key in zip(delivered, keys, strict=True)
+    }
+    results = [urls.get(image.index) or _result(image) for image in images]
     if sidecar is not None:
-        sidecar = {**sidecar, "images": [{"key": r.key, "seed": r.seed} for r in results]}
+        sidecar = {
+            **sidecar,
+            "images": [{"key": r.key, "seed": r.seed, "nsfw": r.nsfw} for r in results],
+        }
         body = json.dumps(sidecar, indent=2).encode()
         try:
             storage.put(storage.key(job_id, "job.json"), body, "application/json")
@@ -274,5 +288,7 @@ def _result(encoded: EncodedImage, **delivery: Any) -> ImageResult:
         height=encoded.height,
         format=encoded.format,
         bytes=len(encoded.data),
+        nsfw=encoded.nsfw,
+        withheld=True if encoded.withheld else None,
         **delivery,
     )

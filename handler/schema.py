@@ -140,6 +140,11 @@ class Job(BaseModel):
         le=12,
         description="A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before.",
     )
+    safety_checker: bool | None = Field(
+        None,
+        description="Check images with the safety checker from the volume. Empty means the "
+        "worker's SAFETY_CHECKER setting.",
+    )
     destination: Literal["auto", "s3", "base64"] = Field(
         "auto",
         description="Where images go: s3 (presigned URLs), base64 (inline), or auto "
@@ -181,6 +186,8 @@ class ImageResult(BaseModel):
     url: str | None = Field(None, description="presigned or public URL, when uploaded")
     bucket: str | None = None
     key: str | None = None
+    nsfw: bool | None = Field(None, description="safety checker verdict, when it ran")
+    withheld: bool | None = Field(None, description="true when the policy withheld a flagged image")
 
 
 class Result(BaseModel):

@@ -40,6 +40,8 @@ class Settings:
     cpu_checkpoints: int = 1
     max_lora_cache_bytes: int = 1024 * 1024 * 1024
     resident_loras: int = 8
+    safety_checker: bool = False
+    safety_policy: str = "blur"
     refiner_checkpoint: str | None = None
     require_gpu: bool = False
     max_inline_bytes: int = 10 * 1024 * 1024
@@ -79,6 +81,8 @@ class Settings:
             cpu_checkpoints=_int("CPU_CHECKPOINTS", 1),
             max_lora_cache_bytes=_int("LORA_CACHE_MB", 1024) * 1024 * 1024,
             resident_loras=_int("RESIDENT_LORAS", 8),
+            safety_checker=_flag("SAFETY_CHECKER"),
+            safety_policy=_str("SAFETY_POLICY", "blur"),
             refiner_checkpoint=_str("REFINER_CHECKPOINT"),
             require_gpu=_flag("REQUIRE_GPU"),
             max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),

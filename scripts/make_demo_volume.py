@@ -329,6 +329,38 @@ def write_vae(root: Path, name: str, arch: str, seed: int) -> Path:
     return path
 
 
+def write_safety_checker(root: Path, seed: int) -> Path:
+    """A tiny random-weight safety checker in the diffusers format (model + image processor).
+
+    Its concept thresholds are set so that it flags every image: with random weights nothing
+    else would be predictable, and a checker that always fires shows what the policy does.
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    tiny = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    config = CLIPConfig(
+        text_config={**tiny, "vocab_size": 49408},
+        vision_config={**tiny, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)  # cosine similarity is always above -2
+    folder = root / "safety_checker"
+    checker.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder / "config.json"
+
+
 def make_demo_volume(root: Path, include_all: bool = False) -> dict:
     """Write the demo model root and return a summary of what it holds."""
     root = Path(root)
@@ -345,6 +377,7 @@ def make_demo_volume(root: Path, include_all: bool = False) -> dict:
         for index, arch in enumerate(["sd15-inpaint", "sd2-768-v", "sdxl-refiner", "sdxl-inpaint"]):
             written.append(write_checkpoint(root, f"demo-{arch}", arch, seed=10 + index))
     written.append(write_vae(root, "demo-vae-sd15", "sd15", seed=300))
+    written.append(write_safety_checker(root, seed=400))
     return {
         "root": str(root),
         "files": sorted(str(p.relative_to(root)) for p in written),

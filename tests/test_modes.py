@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -204,3 +205,107 @@ def test_hires_second_pass_has_its_own_limit(engine):
             )
         )
     assert info.value.field == "hires.scale"
+
+
+def test_hires_infotext_reports_the_final_size(engine):
+    from handler.outputs import read_infotext
+
+    result = engine.run(
+        parse_job(
+            {
+                "prompt": "x",
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+                "seed": 1,
+                "checkpoint": "demo-sd15",
+                "hires": {"scale": 2},
+            }
+        )
+    )
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    assert "Size: 128x128" in read_infotext(data)
+
+
+# -- safety checker ----------------------------------------------------------------------------
+
+
+def test_safety_checker_blurs_flagged_images_and_keeps_the_batch(engine):
+    job = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "seed": 6,
+        "checkpoint": "demo-sd15",
+        "num_images": 2,
+    }
+    plain = engine.run(parse_job(job))
+    checked = engine.run(parse_job({**job, "safety_checker": True}))
+    assert [image.nsfw for image in checked.images] == [True, True]  # the demo checker flags all
+    assert len(checked.images) == 2 and all(image.image for image in checked.images)
+    assert np.abs(pixels(checked) - pixels(plain)).mean() > 1
+    assert all(image.nsfw is None for image in plain.images)
+
+
+def test_withhold_policy_reports_without_delivering(settings):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    strict = Engine(replace(settings, safety_checker=True, safety_policy="withhold"))
+    result = strict.run(
+        parse_job(
+            {
+                "prompt": "x",
+                "width": 64,
+                "height": 64,
+                "steps": 1,
+                "seed": 2,
+                "checkpoint": "demo-sd15",
+                "num_images": 2,
+            }
+        )
+    )
+    assert len(result.images) == 2
+    assert all(i.nsfw and i.withheld and i.image is None and i.bytes == 0 for i in result.images)
+
+
+def test_unflagged_images_pass_unchanged(engine):
+    job = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "seed": 6,
+        "checkpoint": "demo-sd15",
+    }
+    checker, _ = engine._safety_checker_for(parse_job({**job, "safety_checker": True}))
+    weights = checker.concept_embeds_weights.clone()
+    try:
+        checker.concept_embeds_weights.data.fill_(
+            2.0
+        )  # no cosine similarity reaches 2: nothing flagged
+        checked = engine.run(parse_job({**job, "safety_checker": True}))
+    finally:
+        checker.concept_embeds_weights.data.copy_(weights)
+    assert checked.images[0].nsfw is False
+    assert (pixels(checked) == pixels(engine.run(parse_job(job)))).all()
+
+
+def test_safety_checker_without_weights_fails_clearly(settings, tmp_path):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    empty_root = tmp_path / "root"
+    (empty_root / "checkpoints").mkdir(parents=True)
+    source = settings.models_dir
+    shutil.copy(f"{source}/checkpoints/demo-sd15.safetensors", empty_root / "checkpoints")
+    shutil.copytree(
+        f"{source}/checkpoints/demo-sd15.config", empty_root / "checkpoints/demo-sd15.config"
+    )
+    bare = Engine(replace(settings, models_dir=str(empty_root)))
+    with pytest.raises(InvalidInput) as info:
+        bare.run(parse_job({"prompt": "x", "checkpoint": "demo-sd15", "safety_checker": True}))
+    assert info.value.field == "safety_checker" and "safety_checker/" in info.value.message
