@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from handler import fastpath
 from handler.errors import (
     Cancelled,
     InternalError,
@@ -100,6 +101,12 @@ class Engine:
         self._storage: Storage | None = None
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self._safety = None
+        if self.settings.compile and self.device.type == "cuda":
+            fastpath.use_compile_cache(
+                fastpath.compile_cache_dir(
+                    self.settings.compile_cache_dir, self.settings.model_roots
+                )
+            )
 
     @property
     def storage(self) -> Storage | None:
@@ -109,11 +116,30 @@ class Engine:
         return self._storage
 
     def setup(self) -> None:
-        """Preload DEFAULT_CHECKPOINT (and REFINER_CHECKPOINT), so the first job does not wait."""
+        """Preload DEFAULT_CHECKPOINT (and REFINER_CHECKPOINT), so the first job does not wait.
+
+        On a GPU, a two-step job at the checkpoint's native size then captures the UNet's CUDA
+        graph (and compiles it, with COMPILE=1) before the worker takes jobs.
+        """
         if self.settings.default_checkpoint:
             self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
         if self.settings.refiner_checkpoint:
             self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
+        if self.settings.default_checkpoint and self.settings.warmup and self.device.type == "cuda":
+            self.warm_up(self.settings.default_checkpoint)
+
+    def warm_up(self, checkpoint: str) -> float:
+        """Run a two-step job on `checkpoint` (delivered nowhere); returns its milliseconds."""
+        from handler.schema import parse_job
+
+        started = time.perf_counter()
+        job = parse_job(
+            {"prompt": "warm-up", "checkpoint": checkpoint, "steps": 2, "destination": "base64"}
+        )
+        self.run(job, job_id="warm-up")
+        elapsed = _ms(started)
+        log.info("warm-up on %s took %.0f ms", checkpoint, elapsed)
+        return elapsed
 
     # -- models ---------------------------------------------------------------------------
 
@@ -139,9 +165,16 @@ class Engine:
         stat = model.path.stat()
         key = (str(model.path), stat.st_mtime, stat.st_size)
         config_dir = self.registry.config_folder(model, detection)
-        loaded, cached = self.cache.get(
-            key, lambda: load_checkpoint(model, detection, config_dir, self.device, self.dtype)
-        )
+
+        def load() -> LoadedCheckpoint:
+            loaded = load_checkpoint(model, detection, config_dir, self.device, self.dtype)
+            if self.settings.cuda_graphs:
+                loaded.graphs = fastpath.accelerate(
+                    loaded.pipeline, self.settings.graph_shapes, self.settings.compile
+                )
+            return loaded
+
+        loaded, cached = self.cache.get(key, load)
         if not cached and not model.is_folder and self.registry.cached_hash(model) is None:
             # The AutoV2 hash (for infotext and list_models) is computed off the job's path.
             self._hasher.submit(self.registry.compute_hash, model)

@@ -1,9 +1,14 @@
 """LoRA stacks and textual-inversion embeddings, applied per job and always removed after.
 
-LoRAs load through diffusers/peft under job-scoped adapter names and are never fused, so
-unloading returns every weight to exactly its previous value. Embeddings are added as tokens
-and removed the same way. Both happen inside `job_additions`, whose `finally` undoes them
-whether the job succeeded, failed or was cancelled.
+LoRAs load through diffusers/peft (which reads kohya and diffusers/peft files) as named
+adapters that stay loaded but disabled between jobs. For a job, each layer's delta (peft's
+`get_delta_weight`, times the job's scale) is added into the base weight in place, as A1111
+does; the touched weights are copied first and copied back after the job, so the checkpoint
+returns bit for bit. Merged weights cost nothing per denoising step, and because the weights
+change in place (same storage), captured CUDA graphs of the UNet stay valid.
+
+Embeddings are added as tokens and removed the same way. Both happen inside `job_additions`,
+whose `finally` undoes them whether the job succeeded, failed or was cancelled.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
 
 class ResidentAdapters:
     """LoRA adapters kept loaded (but disabled) in one pipeline between jobs, least recently
-    used first out. Re-using one costs a `set_adapters` call instead of a multi-second load."""
+    used first out. Re-using one costs a merge instead of a multi-second load."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -135,13 +140,12 @@ def job_additions(
     resident: ResidentAdapters,
 ) -> Iterator[None]:
     """Apply a job's LoRAs and embeddings to `pipeline` (whose modules its img2img view shares);
-    on exit, disable every adapter and remove the embedding tokens.
+    on exit, put every merged weight back and remove the embedding tokens.
 
-    A disabled peft adapter computes exactly the base layer, and weights are never fused, so
-    the next job sees the checkpoint bit for bit. If anything goes wrong mid-way, all adapters
-    are unloaded rather than trusted.
+    If anything goes wrong mid-way, the adapters are unloaded as well, rather than trusted.
     """
     added_tokens: list[str] = []
+    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     clean_exit = False
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
@@ -163,23 +167,72 @@ def job_additions(
                 resident.names[key] = name
             names.append(resident.names[key])
         _evict(pipeline, resident, keep=set(names))
+        if resident.names:
+            pipeline.disable_lora()  # adapters never run in forward: their deltas are merged
+        # 2. Merge the stack into the weights, keeping the originals
         if names:
-            pipeline.enable_lora()
-            pipeline.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
-        # 2. Embeddings, as new tokens
+            scales: dict[str, float] = {}
+            for name, lora in zip(names, loras, strict=True):
+                scales[name] = scales.get(name, 0.0) + lora.scale
+            originals = merge_adapters(pipeline, scales)
+        # 3. Embeddings, as new tokens
         for embedding in embeddings:
             added_tokens += _load_embedding(pipeline, embedding, cache)
         yield
         clean_exit = True
     finally:
+        with torch.no_grad():
+            for weight, original in originals:
+                weight.copy_(original)
         if added_tokens:
             _unload_embeddings(pipeline, added_tokens)
-        if resident.names:
-            if clean_exit:
-                pipeline.disable_lora()
-            else:  # a failed or cancelled job: drop every adapter, trust nothing half-applied
-                pipeline.unload_lora_weights()
-                resident.names.clear()
+        if resident.names and not clean_exit:
+            # a failed or cancelled job: drop every adapter, trust nothing half-applied
+            pipeline.unload_lora_weights()
+            resident.names.clear()
+
+
+def merge_adapters(
+    pipeline: Any, scales: dict[str, float]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Add `scale x delta` of each named adapter into its base layers' weights, in place.
+
+    Returns (weight, copy of its original value) for every weight touched, so the caller can
+    restore them exactly; on an error the weights touched so far are restored here.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for component in _lora_components(pipeline):
+                for module in component.modules():
+                    if not isinstance(module, LoraLayer):
+                        continue
+                    active = [(n, s) for n, s in scales.items() if n in module.lora_A]
+                    if not active:
+                        continue
+                    if any(module.use_dora.get(n) for n, _ in active):
+                        raise LoraIncompatible(
+                            "DoRA LoRAs are not supported",
+                            field="loras",
+                            accepted="plain LoRA / LoCon files (kohya or diffusers/peft)",
+                        )
+                    weight = module.get_base_layer().weight
+                    delta = sum(scale * module.get_delta_weight(name) for name, scale in active)
+                    originals.append((weight, weight.detach().clone()))
+                    weight.add_(delta.to(weight.dtype))
+    except BaseException:
+        with torch.no_grad():
+            for weight, original in originals:
+                weight.copy_(original)
+        raise
+    return originals
+
+
+def _lora_components(pipeline: Any) -> list[torch.nn.Module]:
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return [getattr(pipeline, n) for n in names if getattr(pipeline, n, None) is not None]
 
 
 def _evict(pipeline: Any, resident: ResidentAdapters, keep: set[str]) -> None:

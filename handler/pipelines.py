@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -39,15 +40,19 @@ def clip_tokenizer(pad_token: str):
 
 def _tokenizers(architecture: str) -> dict[str, Any]:
     # Each pipeline gets its own copy: embeddings add tokens to it for the length of a job.
-    clip_l = copy.deepcopy(clip_tokenizer("<|endoftext|>"))
-    open_clip = copy.deepcopy(clip_tokenizer("!"))
+    def clip_l():
+        return copy.deepcopy(clip_tokenizer("<|endoftext|>"))
+
+    def open_clip():
+        return copy.deepcopy(clip_tokenizer("!"))
+
     if architecture.startswith("sd15"):
-        return {"tokenizer": clip_l}
+        return {"tokenizer": clip_l()}
     if architecture.startswith("sd2"):
-        return {"tokenizer": open_clip}
+        return {"tokenizer": open_clip()}
     if architecture == "sdxl-refiner":
-        return {"tokenizer_2": open_clip}
-    return {"tokenizer": clip_l, "tokenizer_2": open_clip}
+        return {"tokenizer_2": open_clip()}
+    return {"tokenizer": clip_l(), "tokenizer_2": open_clip()}
 
 
 # Pipelines derived (with shared weights) from a loaded checkpoint, per mode.
@@ -77,6 +82,7 @@ class LoadedCheckpoint:
     load_ms: float
     derived: dict[str, Any] = field(default_factory=dict)
     adapters: Any = None  # handler.loras.ResidentAdapters, set by the engine
+    graphs: Any = None  # handler.fastpath.UNetGraphs on CUDA, set by the engine
 
 
 def pipeline_for(loaded: LoadedCheckpoint, mode: str):
@@ -87,7 +93,8 @@ def pipeline_for(loaded: LoadedCheckpoint, mode: str):
         return loaded.pipeline  # refiner and inpainting checkpoints load as their own pipeline
     if mode not in loaded.derived:
         cls = getattr(diffusers, DERIVED_CLASSES[(loaded.architecture, mode)])
-        pipeline = cls.from_pipe(loaded.pipeline)
+        # from_pipe casts every shared module to torch_dtype, float32 unless told otherwise.
+        pipeline = cls.from_pipe(loaded.pipeline, torch_dtype=loaded.pipeline.dtype)
         pipeline.set_progress_bar_config(disable=True)
         loaded.derived[mode] = pipeline
     return loaded.derived[mode]
@@ -105,13 +112,14 @@ def load_checkpoint(
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        if model.is_folder:
-            pipeline = pipeline_class.from_pretrained(str(model.path), **kwargs)
-        else:
-            kwargs.update(_tokenizers(detection.architecture))
-            pipeline = pipeline_class.from_single_file(
-                str(model.path), config=str(config_dir), **kwargs
-            )
+        with _no_weight_init():
+            if model.is_folder:
+                pipeline = pipeline_class.from_pretrained(str(model.path), **kwargs)
+            else:
+                kwargs.update(_tokenizers(detection.architecture))
+                pipeline = pipeline_class.from_single_file(
+                    str(model.path), config=str(config_dir), **kwargs
+                )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         log.warning("loading %s failed: %s", model.name, error)
         raise UnsupportedModel(
@@ -136,6 +144,19 @@ def load_checkpoint(
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
     )
+
+
+def _no_weight_init():
+    """Skip random initialisation of modules whose weights are about to be loaded.
+
+    diffusers builds the text encoders on the meta device, but transformers still runs its
+    init functions on them (about a second for SDXL's two encoders on a slow CPU).
+    """
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers layout: initialise as usual
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 class CheckpointCache:
@@ -192,11 +213,15 @@ class CheckpointCache:
             self._on_device.discard(key)
             if self.device.type != "cpu":
                 log.info("offloading checkpoint %s to CPU RAM", entry.name)
+                if entry.graphs is not None:
+                    entry.graphs.clear()  # the graphs point at the weights' device memory
                 entry.pipeline.to("cpu")
         offloaded = [k for k in self._entries if k not in self._on_device and k != keep]
         while len(offloaded) > self.ram_slots:
             evicted = self._entries.pop(offloaded.pop(0))
             log.info("evicting checkpoint %s", evicted.name)
+            if evicted.graphs is not None:
+                evicted.graphs.uninstall()
             del evicted
             _free_memory()
 
@@ -212,28 +237,45 @@ def _free_memory() -> None:
 class LatentDecoder:
     """Decodes latents one image at a time (so encoding overlaps the next decode).
 
-    As diffusers' SDXL pipeline does, a VAE whose config says `force_upcast` decodes in fp32
-    when it runs in fp16; it is cast back when the decoder closes, whatever happens.
+    A VAE whose config says `force_upcast` (SDXL's) is not blindly run in fp32, as diffusers
+    does: it decodes in its run dtype first, and only when that overflows (non-finite pixels,
+    which is how fp16 overflow shows) is the image decoded again in fp32. A VAE that overflowed
+    once goes straight to fp32 from then on. An fp16-safe VAE (SD 1.x's, or the SDXL fp16 fix)
+    never pays for fp32. The VAE is cast back when the decoder closes, whatever happens.
     """
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self.vae = pipeline.vae
-        self.upcast = self.vae.dtype == torch.float16 and getattr(
+        self.may_upcast = self.vae.dtype == torch.float16 and getattr(
             self.vae.config, "force_upcast", False
         )
+        self.upcast = False
 
     def __enter__(self) -> LatentDecoder:
-        if self.upcast:
-            self.vae.to(dtype=torch.float32)
+        if self.may_upcast and getattr(self.vae, "_sd_worker_overflows", False):
+            self._upcast()
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self.upcast:
             self.vae.to(dtype=torch.float16)
 
+    def _upcast(self) -> None:
+        self.vae.to(dtype=torch.float32)
+        self.upcast = True
+
     def decode(self, latents: torch.Tensor):
         """One PIL image from latents of shape [1, C, h, w]."""
+        image = self._decode(latents)
+        if self.may_upcast and not self.upcast and not bool(torch.isfinite(image).all()):
+            log.info("fp16 VAE decode overflowed; decoding in fp32 with this VAE from now on")
+            self.vae._sd_worker_overflows = True
+            self._upcast()
+            image = self._decode(latents)
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
         latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
@@ -244,5 +286,4 @@ class LatentDecoder:
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
+        return self.vae.decode(latents, return_dict=False)[0]

@@ -249,6 +249,43 @@ def _relative(model: ModelFile) -> str:
 # -- name checks ---------------------------------------------------------------------------
 
 
+def prefetch(model: ModelFile) -> threading.Thread:
+    """Read a model's files into the OS page cache in a background thread.
+
+    Started before torch and diffusers are imported, the multi-second disk read of a large
+    checkpoint overlaps the imports (file reads release the GIL); the load then reads memory.
+    """
+    paths = [model.path] if model.path.is_file() else sorted(model.path.rglob("*.safetensors"))
+
+    def read() -> None:
+        buffer = bytearray(16 * 1024 * 1024)
+        for path in paths:
+            try:
+                with open(path, "rb", buffering=0) as file:
+                    while file.readinto(buffer):
+                        pass
+            except OSError:
+                return  # the real load reports it
+
+    thread = threading.Thread(target=read, name="prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
+def prefetch_default_checkpoint(settings: Settings | None = None) -> threading.Thread | None:
+    """Start prefetching DEFAULT_CHECKPOINT (if set and valid; the fitness check reports it)."""
+    settings = settings or Settings.from_env()
+    if not settings.default_checkpoint:
+        return None
+    try:
+        model = Registry(settings).resolve(
+            "checkpoint", settings.default_checkpoint, "DEFAULT_CHECKPOINT"
+        )
+    except (InvalidInput, ModelNotFound):
+        return None
+    return prefetch(model)
+
+
 def _checked_name(name: str, field_name: str) -> PurePosixPath:
     """Refuse names that could leave the root before touching the file system."""
     if not isinstance(name, str) or not name.strip():

@@ -43,6 +43,11 @@ class Settings:
     safety_checker: bool = False
     safety_policy: str = "blur"
     refiner_checkpoint: str | None = None
+    cuda_graphs: bool = True
+    graph_shapes: int = 4
+    compile: bool = False
+    compile_cache_dir: str | None = None
+    warmup: bool = True
     require_gpu: bool = False
     max_inline_bytes: int = 10 * 1024 * 1024
     allow_http_inputs: bool = False
@@ -84,6 +89,11 @@ class Settings:
             safety_checker=_flag("SAFETY_CHECKER"),
             safety_policy=_str("SAFETY_POLICY", "blur"),
             refiner_checkpoint=_str("REFINER_CHECKPOINT"),
+            cuda_graphs=_flag("CUDA_GRAPHS", True),
+            graph_shapes=_int("GRAPH_SHAPES", 4),
+            compile=_flag("COMPILE"),
+            compile_cache_dir=_str("COMPILE_CACHE_DIR"),
+            warmup=_flag("WARMUP", True),
             require_gpu=_flag("REQUIRE_GPU"),
             max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),
             allow_http_inputs=_flag("ALLOW_HTTP_INPUTS"),

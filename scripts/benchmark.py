@@ -1,14 +1,18 @@
 """GPU benchmark: plain diffusers against our engine through the RunPod handler, in one run.
 
-    python scripts/benchmark.py [--workdir /tmp/bench] [--out benchmarks]
+    python scripts/benchmark.py [--workdir /tmp/bench] [--out benchmarks] [--deadline-s 540]
     python scripts/benchmark.py --chart benchmarks/RUN.json      # draws RUN.png beside it
 
-Full-size SD 1.5 and SDXL architectures with random fp16 weights are written as single-file
-LDM checkpoints on local disk, so the real loading path runs (bundled configs, diffusers'
-single-file conversion). For each config it times the plain diffusers pipeline (txt2img to PIL)
-and our handler (job in, PNG images out as base64), warm, in the same process, and measures
-cold start (worker process start to first image, in a fresh process), checkpoint switch from
-the RAM tier, LoRA swap and peak VRAM. Prints JSON and writes benchmarks/<gpu>-<time>.json.
+Full-size SD 1.5 and SDXL architectures with random weights are written as fp16 single-file
+LDM checkpoints on local disk (as civitai ships them), so the real loading path runs (bundled
+configs, diffusers' single-file conversion). For each config it times, warm and in the same
+process, the plain diffusers pipeline (txt2img to PIL, its default scheduler) and our handler
+(job in, PNG images out as base64, same scheduler), and compares their images (PSNR).
+For SDXL it also measures LoRA swaps between two resident LoRAs, a checkpoint switch from the
+RAM tier, peak VRAM, and cold starts in fresh worker processes (start to first image, page
+cache dropped): without compile, then with COMPILE=1 on an empty compile cache (the first
+worker) and again on the filled cache (every later worker). The compiled workers also report
+their warm latency. Prints JSON and writes benchmarks/<gpu>-<time>.json after every stage.
 Random weights make noise images; timings do not depend on the weights.
 """
 
@@ -27,50 +31,68 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 CONFIGS = {
-    "sd15-512-50": {"arch": "sd15", "size": 512, "steps": 50},
-    "sdxl-1024-30": {"arch": "sdxl", "size": 1024, "steps": 30},
+    "sd15-512-50": {"arch": "sd15", "size": 512, "steps": 50, "scheduler": "PNDM"},
+    "sdxl-1024-30": {"arch": "sdxl", "size": 1024, "steps": 30, "scheduler": "Euler"},
 }
 REPEATS = 3
+CHILD_MARK = "BENCH_RESULT "
 
 
-def write_checkpoints(models: Path) -> dict[str, Path]:
-    """Random full-size checkpoints (and an SDXL LoRA) in the LDM layout, as civitai ships them."""
+def job_for(name: str) -> dict:
+    """The benchmark job of a config: the same settings the baseline pipeline runs with."""
+    config = CONFIGS[name]
+    return {
+        "prompt": "a red cube",
+        "checkpoint": f"bench-{config['arch']}",
+        "width": config["size"],
+        "height": config["size"],
+        "steps": config["steps"],
+        "seed": 7,
+        "guidance_scale": 7.0,
+        "scheduler": config["scheduler"],
+    }
+
+
+def write_checkpoints(models: Path) -> None:
+    """Random full-size fp16 checkpoints and two SDXL LoRAs, in the layouts civitai ships."""
     import torch
     from safetensors.torch import save_file
 
     from scripts import build_configs as bc
     from scripts.make_demo_volume import build_components, to_ldm, write_loras
 
-    paths = {}
     for arch in ("sd15", "sdxl"):
         path = models / "checkpoints" / f"bench-{arch}.safetensors"
+        if path.exists():
+            continue
         folder = bc.ARCHITECTURES[arch]
         torch.manual_seed(0)
         with torch.device("cuda"):
             components = build_components(folder)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            state = {k: v.cpu() for k, v in to_ldm(arch, folder, components).items()}
-            save_file(state, str(path))
-        if arch == "sdxl" and not (models / "loras" / "demo_sdxl_kohya.safetensors").exists():
-            write_loras(models, "sdxl", components, folder, seed=1)
-        paths[arch] = path
-        del components
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            k: (v.half() if v.is_floating_point() else v).contiguous().cpu()
+            for k, v in to_ldm(arch, folder, components).items()
+        }
+        save_file(state, str(path))
+        if arch == "sdxl":
+            write_loras(models, "sdxl", components, folder, seed=1)  # kohya and peft formats
+        del components, state
         torch.cuda.empty_cache()
-    return paths
 
 
 def timed(fn, repeats=REPEATS):
     """Mean seconds of `repeats` calls after one warm-up call, and the last result."""
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     result = fn()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         result = fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - started)
     return sum(times) / len(times), result
 
@@ -109,17 +131,14 @@ def baseline(arch: str, path: Path, size: int, steps: int):
     return timed(run)  # the pipeline is freed with this frame
 
 
-def ours(job_input: dict):
-    """Our engine through the RunPod handler: job dict in, base64 PNG out."""
+def run_handler(job_input: dict, job_id: str = "bench") -> dict:
+    """One job through our RunPod handler (job dict in, base64 PNG out)."""
     from handler.runpod_worker import run_job
 
-    def run():
-        reply = run_job({"id": "bench", "input": job_input}, threading.Event())
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        return reply
-
-    return timed(run)
+    reply = run_job({"id": job_id, "input": job_input}, threading.Event())
+    if "error" in reply:
+        raise RuntimeError(reply["error"])
+    return reply
 
 
 def psnr(a, b) -> float | None:
@@ -129,31 +148,16 @@ def psnr(a, b) -> float | None:
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         return None
     mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return float("inf") if mse == 0 else round(float(10 * np.log10(255.0**2 / mse)), 2)
 
 
-def decode_png(reply: dict):
+def decode_png(data_uri: str):
     import base64
     import io
 
     from PIL import Image
 
-    return Image.open(
-        io.BytesIO(base64.b64decode(reply["images"][0]["image"].split(",", 1)[1]))
-    ).convert("RGB")
-
-
-def cold_start(models: Path, checkpoint: str, job_input: dict) -> float:
-    """Seconds from starting a fresh worker process to its first image (DEFAULT_CHECKPOINT preloaded)."""
-    code = (
-        "import threading; from handler.runpod_worker import get_engine, run_job; get_engine();"
-        f"r = run_job({{'id': 'cold', 'input': {job_input!r}}}, threading.Event());"
-        "assert 'images' in r, r"
-    )
-    env = {**os.environ, "MODELS_DIR": str(models), "DEFAULT_CHECKPOINT": checkpoint}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
-    return time.perf_counter() - started
+    return Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1]))).convert("RGB")
 
 
 def drop_page_cache() -> bool:
@@ -166,94 +170,235 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_benchmark(workdir: Path, out: Path) -> dict:
-    import diffusers
+# -- cold starts: a fresh worker process per measurement ---------------------------------------
+
+
+def child_worker(configs: list[str]) -> None:
+    """Inside a fresh process: start as `python -m handler` does, then run the jobs.
+
+    Prints one line, CHILD_MARK + JSON, with the phase times (seconds since the parent spawned
+    this process) and each config's warm latency and first image.
+    """
+    spawned = float(os.environ["BENCH_SPAWNED_AT"])
+    from handler.registry import prefetch_default_checkpoint
+
+    prefetch_default_checkpoint()  # what handler/__main__.py does first
     import torch
-    import transformers
 
+    from handler.runpod_worker import get_engine
+
+    imported = time.time()
+    engine = get_engine()  # preload DEFAULT_CHECKPOINT, warm-up (graph capture, compile)
+    ready = time.time()
+    report: dict = {"imports_s": imported - spawned, "ready_s": ready - spawned, "configs": {}}
+    for name in configs:
+        started = time.time()
+        reply = run_handler(job_for(name), job_id=f"cold-{name}")
+        first = time.time()
+        warm, _ = timed(lambda n=name: run_handler(job_for(n)), repeats=REPEATS)
+        report["configs"][name] = {
+            "first_image_s": first - spawned,
+            "first_job_s": first - started,
+            "warm_s": warm,
+            "image": reply["images"][0]["image"],
+        }
+    graphs = {
+        loaded.name: loaded.graphs.compiled if loaded.graphs else None
+        for loaded in engine.cache._entries.values()
+    }
+    report["compiled"] = graphs
+    if torch.cuda.is_available():
+        report["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    print(CHILD_MARK + json.dumps(report), flush=True)
+
+
+def cold_start(models: Path, env: dict, configs: list[str], timeout: float) -> dict:
+    """Spawn a worker process with `env` and return its report (or the error)."""
+    full_env = {
+        **os.environ,
+        "MODELS_DIR": str(models),
+        "DEFAULT_CHECKPOINT": "bench-sdxl",
+        "BENCH_SPAWNED_AT": repr(time.time()),
+        **env,
+    }
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", ",".join(configs)]
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(CHILD_MARK)]
+    if done.returncode != 0 or not lines:
+        return {"error": f"exit {done.returncode}: {done.stderr[-1500:]}"}
+    return json.loads(lines[-1][len(CHILD_MARK) :])
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+class Report:
+    """The run's JSON, written to disk (and $OUT, if set) after every stage."""
+
+    def __init__(self, out: Path) -> None:
+        import diffusers
+        import torch
+        import transformers
+
+        self.data: dict = {
+            "gpu": torch.cuda.get_device_name(0),
+            "versions": {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "cuda": torch.version.cuda,
+            },
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "notes": [
+                "baseline = plain diffusers pipeline call to a PIL image (its default scheduler, "
+                "fp16, SDPA, VAE upcast as diffusers does it).",
+                "ours = the RunPod handler path (run_job): validation, scheduler swap, denoise "
+                "(CUDA-graphed UNet), per-image decode, PNG encode, base64; same scheduler.",
+                "ours_compiled = the same handler path in a worker started with COMPILE=1.",
+                "cold starts run `python -m handler`'s start-up in a fresh process with the page "
+                "cache dropped: prefetch, imports, checkpoint load, warm-up, first job.",
+            ],
+            "results": [],
+        }
+        gpu = self.data["gpu"].replace(" ", "-")
+        self.paths = [out / f"{gpu}-{self.data['time'].replace(':', '')}.json"]
+        if os.environ.get("OUT"):
+            self.paths.append(Path(os.environ["OUT"]) / "benchmark.json")
+
+    def entry(self, config: str) -> dict:
+        for entry in self.data["results"]:
+            if entry["config"] == config:
+                return entry
+        entry = {"config": config}
+        self.data["results"].append(entry)
+        return entry
+
+    def save(self) -> None:
+        text = json.dumps(self.data, indent=2) + "\n"
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def run_benchmark(workdir: Path, out: Path, deadline_s: float) -> dict:
+    import torch
+
+    started = time.monotonic()
     models = workdir / "models"
-    started = time.perf_counter()
     write_checkpoints(models)
-    setup_s = time.perf_counter() - started
     os.environ.update({"MODELS_DIR": str(models), "GPU_CHECKPOINTS": "1", "CPU_CHECKPOINTS": "2"})
+    report = Report(out)
+    report.data["checkpoint_write_s"] = round(time.monotonic() - started, 1)
+    baseline_images = {}
 
-    results = []
+    # 1. Warm latency, baseline and ours, per config
     for name, config in CONFIGS.items():
         arch, size, steps = config["arch"], config["size"], config["steps"]
         path = models / "checkpoints" / f"bench-{arch}.safetensors"
-        baseline_s, baseline_image = baseline(arch, path, size, steps)
+        baseline_s, baseline_images[name] = baseline(arch, path, size, steps)
         torch.cuda.empty_cache()
-        job = {
-            "prompt": "a red cube",
-            "checkpoint": f"bench-{arch}",
-            "width": size,
-            "height": size,
-            "steps": steps,
-            "seed": 7,
-            "guidance_scale": 7.0,
-            "scheduler": "Euler" if arch == "sdxl" else "PNDM",
-        }
         torch.cuda.reset_peak_memory_stats()
-        ours_s, reply = ours(job)
-        entry = {
-            "config": name,
-            "baseline_s": round(baseline_s, 3),
-            "ours_s": round(ours_s, 3),
-            "speedup": round(baseline_s / ours_s, 2),
-            "baseline_it_s": round(steps / baseline_s, 1),
-            "ours_it_s": round(steps / (reply["timings_ms"]["denoise"] / 1000), 1),
-            "ours_timings_ms": reply["timings_ms"],
-            "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "psnr_vs_baseline_db": psnr(decode_png(reply), baseline_image),
+        ours_s, reply = timed(lambda n=name: run_handler(job_for(n)))
+        entry = report.entry(name)
+        entry.update(
+            baseline_s=round(baseline_s, 3),
+            ours_s=round(ours_s, 3),
+            speedup=round(baseline_s / ours_s, 2),
+            baseline_it_s=round(steps / baseline_s, 1),
+            ours_it_s=round(steps / (reply["timings_ms"]["denoise"] / 1000), 1),
+            ours_timings_ms=reply["timings_ms"],
+            peak_vram_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            psnr_vs_baseline_db=psnr(
+                decode_png(reply["images"][0]["image"]), baseline_images[name]
+            ),
+        )
+        report.save()
+
+    # 2. SDXL: LoRA swaps, checkpoint switch
+    from handler.runpod_worker import get_engine
+
+    sdxl = report.entry("sdxl-1024-30")
+    job = job_for("sdxl-1024-30")
+    loras = [
+        {**job, "loras": [{"name": n, "scale": 0.8}]} for n in ("demo_sdxl_kohya", "demo_sdxl_peft")
+    ]
+    plain_s, _ = timed(lambda: run_handler(job))
+    first = time.perf_counter()
+    for lora_job in loras:  # first use: read the file, load the adapter
+        run_handler(lora_job)
+    sdxl["lora_first_use_ms"] = round(((time.perf_counter() - first) / 2 - plain_s) * 1000, 1)
+    loaded, _ = get_engine().checkpoint("bench-sdxl")
+    captures = loaded.graphs.captures if loaded.graphs else None
+    swaps = []
+    for index in range(2 * REPEATS):  # alternate the two resident LoRAs: every job is a swap
+        torch.cuda.synchronize()
+        begun = time.perf_counter()
+        run_handler(loras[index % 2])
+        torch.cuda.synchronize()
+        swaps.append(time.perf_counter() - begun)
+    sdxl["lora_swap_ms"] = round((sum(swaps) / len(swaps) - plain_s) * 1000, 1)
+    sdxl["lora_swap_recaptures"] = (loaded.graphs.captures - captures) if loaded.graphs else None
+    small = {**job, "steps": 1, "width": 512, "height": 512}
+    run_handler({**small, "checkpoint": "bench-sd15"})  # SDXL goes to the RAM tier
+    switch = run_handler(small)  # and comes back
+    sdxl["checkpoint_switch_s"] = round(switch["timings_ms"]["load"] / 1000, 3)
+    report.save()
+
+    # 3. Cold starts in fresh worker processes
+    def remaining() -> float:
+        return deadline_s - (time.monotonic() - started)
+
+    def summarize(child: dict, key: str) -> None:
+        if "error" in child:
+            sdxl[f"{key}_error"] = child["error"]
+            return
+        sdxl[f"{key}_s"] = round(child["configs"]["sdxl-1024-30"]["first_image_s"], 2)
+        sdxl[f"{key}_phases_s"] = {
+            "imports": round(child["imports_s"], 2),
+            "load_and_warm_up": round(child["ready_s"] - child["imports_s"], 2),
+            "first_job": round(child["configs"]["sdxl-1024-30"]["first_job_s"], 2),
         }
-        if arch == "sdxl":
-            # First use loads the LoRA from disk into the pipeline; later jobs find it resident
-            # and only switch it on (the swap users pay between jobs).
-            from handler.runpod_worker import run_job
 
-            lora_job = {**job, "loras": [{"name": "demo_sdxl_kohya", "scale": 0.8}]}
-            started = time.perf_counter()
-            run_job({"id": "lora-first", "input": lora_job}, threading.Event())
-            entry["lora_first_use_ms"] = round((time.perf_counter() - started - ours_s) * 1000, 1)
-            lora_s, _ = ours(lora_job)
-            entry["lora_swap_ms"] = round((lora_s - ours_s) * 1000, 1)
-            # Switch to SD 1.5 (SDXL moves to the RAM tier), then back: the second load is the
-            # switch from RAM that users pay when alternating checkpoints.
-            small = {**job, "steps": 1, "width": 512, "height": 512}
-            run_job(
-                {"id": "switch-1", "input": {**small, "checkpoint": "bench-sd15"}},
-                threading.Event(),
+    sdxl["cold_start_page_cache_dropped"] = drop_page_cache()
+    child = cold_start(models, {}, ["sdxl-1024-30"], timeout=min(180, remaining()))
+    summarize(child, "cold_start")
+    report.save()
+
+    cache = workdir / "compile-cache"
+    compiled_env = {"COMPILE": "1", "COMPILE_CACHE_DIR": str(cache)}
+    names = list(CONFIGS)[::-1]  # SDXL first: it is the default checkpoint
+    runs = {}
+    for key, drop in (("compile_first_worker", False), ("cold_start_compiled", True)):
+        if remaining() < 60:
+            sdxl[f"{key}_error"] = "skipped: out of time"
+            break
+        if drop:
+            drop_page_cache()
+        runs[key] = cold_start(models, compiled_env, names, timeout=remaining() - 20)
+        summarize(runs[key], key)
+        report.save()
+        if "error" in runs[key]:
+            break
+    compiled = runs.get("cold_start_compiled") or runs.get("compile_first_worker") or {}
+    for name in names:
+        result = compiled.get("configs", {}).get(name)
+        if result:
+            entry = report.entry(name)
+            entry["ours_compiled_s"] = round(result["warm_s"], 3)
+            entry["ours_compiled_speedup"] = round(entry["baseline_s"] / result["warm_s"], 2)
+            entry["ours_compiled_psnr_vs_baseline_db"] = psnr(
+                decode_png(result["image"]), baseline_images[name]
             )
-            switch = run_job({"id": "switch-2", "input": small}, threading.Event())
-            entry["checkpoint_switch_s"] = round(switch["timings_ms"]["load"] / 1000, 3)
-            dropped = drop_page_cache()
-            entry["cold_start_s"] = round(cold_start(models, "bench-sdxl", {**job}), 2)
-            entry["cold_start_page_cache_dropped"] = dropped
-            entry["cold_start_compiled_s"] = None
-        results.append(entry)
-
-    report = {
-        "gpu": torch.cuda.get_device_name(0),
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "checkpoint_write_s": round(setup_s, 1),
-        "notes": [
-            "ours = handler path (run_job): job validation, scheduler swap, denoise, per-image "
-            "decode, PNG encode, base64; baseline = diffusers pipeline call to PIL.",
-            "cold_start_compiled_s is null: the compiled path is not implemented yet.",
-        ],
-        "results": results,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{report['gpu'].replace(' ', '-')}-{report['time'].replace(':', '')}.json"
-    target.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return report
+    sdxl["compiled_unets"] = compiled.get("compiled")
+    report.data["run_s"] = round(time.monotonic() - started, 1)
+    report.save()
+    print(json.dumps(report.data, indent=2))
+    return report.data
 
 
 def draw_chart(report_path: Path) -> Path:
@@ -262,21 +407,22 @@ def draw_chart(report_path: Path) -> Path:
 
     report = json.loads(report_path.read_text())
     rows = report["results"]
-    width, height, margin = 720, 120 + 90 * len(rows), 150
-    image = Image.new("RGB", (width, height), "white")
+    bars = [("diffusers", "baseline_s", (160, 160, 160)), ("ours", "ours_s", (40, 110, 200))]
+    if any("ours_compiled_s" in r for r in rows):
+        bars.append(("ours, COMPILE=1", "ours_compiled_s", (20, 160, 90)))
+    width, row_height, margin = 760, 40 + 32 * len(bars), 150
+    image = Image.new("RGB", (width, 60 + row_height * len(rows)), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), f"Warm latency, {report['gpu']} (lower is better)", fill="black")
-    top = max(max(r["baseline_s"], r["ours_s"]) for r in rows)
-    scale = (width - margin - 80) / top
+    top = max(r.get(key) or 0 for r in rows for _, key, _ in bars)
+    scale = (width - margin - 140) / top
     for i, row in enumerate(rows):
-        y = 50 + 90 * i
+        y = 40 + row_height * i
         draw.text((10, y + 12), row["config"], fill="black")
-        for j, (label, value, color) in enumerate(
-            (
-                ("diffusers", row["baseline_s"], (160, 160, 160)),
-                ("ours", row["ours_s"], (40, 110, 200)),
-            )
-        ):
+        for j, (label, key, color) in enumerate(bars):
+            value = row.get(key)
+            if value is None:
+                continue
             y0 = y + j * 32
             draw.rectangle([margin, y0, margin + value * scale, y0 + 24], fill=color)
             draw.text((margin + value * scale + 6, y0 + 6), f"{label} {value:.2f} s", fill="black")
@@ -289,12 +435,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--deadline-s", type=float, default=540, help="stop starting stages after")
     parser.add_argument("--chart", type=Path, help="draw the chart of an existing report")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # a cold-start worker process
     args = parser.parse_args()
-    if args.chart:
+    if args.child:
+        child_worker(args.child.split(","))
+    elif args.chart:
         print(draw_chart(args.chart))
-        return
-    run_benchmark(args.workdir, args.out)
+    else:
+        run_benchmark(args.workdir, args.out, args.deadline_s)
 
 
 if __name__ == "__main__":

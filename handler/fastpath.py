@@ -1,0 +1,257 @@
+"""The GPU fast path: the UNet replayed from CUDA graphs, one per input shape, optionally compiled.
+
+Eager diffusers launches thousands of small kernels per UNet call, and a serverless host CPU is
+often too slow to keep the GPU fed: the GPU waits on Python. A CUDA graph launches the whole
+captured UNet call at once. Graphs run the same kernels on the same weights, so they change
+the speed, not the math.
+
+- A graph is captured the first time a shape is seen (a warm-up call, then the capture; about
+  two eager UNet calls) and kept in a small LRU. Calls the graphs do not cover (ControlNet
+  residuals, attention kwargs, python-number timesteps) run eagerly.
+- The graphs read the UNet's weights where they are. Changing weights in place (LoRAs are
+  merged that way, see `handler.loras`) needs no recapture; moving the weights (offloading a
+  checkpoint to CPU RAM) must `clear()` the graphs first.
+- `COMPILE=1` captures torch.compile's (inductor's) kernels instead of eager ones. Compiling
+  takes a minute or more per shape on first use; the cache lives on the volume
+  (`COMPILE_CACHE_DIR`) so later workers load it. If compiling fails the worker logs it and
+  stays on eager kernels: compile never fails a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP_CALLS = 2  # before a capture: lazy initialisation (and compilation) stay out of the graph
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+class UNetGraphs:
+    """Stands in for a UNet's `forward`: replays a CUDA graph per input shape (LRU of `capacity`).
+
+    `install()` puts it on the module instance, `uninstall()` takes it off; both are cheap.
+    """
+
+    def __init__(self, unet: torch.nn.Module, capacity: int = 4, compile_unet: bool = False):
+        self.unet = unet
+        self.capacity = max(1, capacity)
+        self._eager = type(unet).forward.__get__(unet)
+        self._forward = self._eager
+        self.compiled = False
+        if compile_unet:
+            self._forward = self._compiled_forward()
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._pool = None
+        self.disabled = False
+        self.captures = 0
+        self.replays = 0
+
+    # -- installation -------------------------------------------------------------------
+
+    def install(self) -> UNetGraphs:
+        self.unet.forward = self
+        return self
+
+    def uninstall(self) -> None:
+        self.unet.__dict__.pop("forward", None)
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every graph (before the weights move, or to free their memory)."""
+        self._graphs.clear()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        inputs = self._graph_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        if self.disabled or inputs is None or args or any(v is not None for v in kwargs.values()):
+            return self._forward(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                *args,
+                added_cond_kwargs=added_cond_kwargs,
+                return_dict=return_dict,
+                **kwargs,
+            )
+        key = tuple((name, tuple(t.shape), _static_dtype(name, t)) for name, t in inputs.items())
+        with torch.inference_mode():
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._capture(key, inputs)
+                if graph is None:  # capture failed: this call (and later ones) run eagerly
+                    return self._forward(
+                        sample,
+                        timestep,
+                        encoder_hidden_states,
+                        added_cond_kwargs=added_cond_kwargs,
+                        return_dict=return_dict,
+                    )
+            self._graphs.move_to_end(key)
+            for name, static in graph.inputs.items():
+                static.copy_(inputs[name], non_blocking=True)
+            graph.graph.replay()
+            self.replays += 1
+            # A copy: the graph's output buffer is overwritten by the next replay, and some
+            # schedulers keep past model outputs.
+            output = graph.output.clone()
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=output)
+        return (output,)
+
+    @staticmethod
+    def _graph_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        """The call's tensors by name, or None when a graph cannot stand in for it."""
+        if sample.device.type != "cuda" or not torch.is_tensor(timestep):
+            return None
+        if not torch.is_tensor(encoder_hidden_states):
+            return None
+        inputs = {
+            "sample": sample,
+            "timestep": timestep,
+            "encoder_hidden_states": encoder_hidden_states,
+        }
+        for name, value in sorted((added_cond_kwargs or {}).items()):
+            if not torch.is_tensor(value):
+                return None
+            inputs[f"added.{name}"] = value
+        return inputs
+
+    def _run_static(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        added = {k.removeprefix("added."): v for k, v in static.items() if k.startswith("added.")}
+        return self._forward(
+            static["sample"],
+            static["timestep"],
+            static["encoder_hidden_states"],
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
+
+    def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _Graph | None:
+        device = inputs["sample"].device
+        static = {
+            name: t.detach().to(device, _static_dtype(name, t), copy=True)
+            for name, t in inputs.items()
+        }
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_CALLS):
+                    self._run_static(static)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                output = self._run_static(static)
+        except Exception as error:  # never fail a job over the fast path
+            if self.compiled:
+                log.warning(
+                    "compiled UNet failed (%s: %s); falling back to eager kernels",
+                    type(error).__name__,
+                    str(error)[:200],
+                )
+                self._forward, self.compiled = self._eager, False
+                self.clear()
+                return self._capture(key, inputs)
+            log.warning(
+                "CUDA graph capture failed (%s: %s); this UNet runs eagerly from now on",
+                type(error).__name__,
+                str(error)[:200],
+            )
+            self.disabled = True
+            self.clear()
+            return None
+        self._pool = graph.pool()
+        entry = _Graph(graph, static, output)
+        self._graphs[key] = entry
+        self.captures += 1
+        while len(self._graphs) > self.capacity:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _compiled_forward(self):
+        try:
+            compiled = torch.compile(self._eager, dynamic=False)
+        except Exception as error:
+            log.warning("torch.compile unavailable (%s); using eager kernels", error)
+            return self._eager
+        self.compiled = True
+        return compiled
+
+
+def _static_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
+    # The UNet turns timesteps into float32 before using them, so integer and float timesteps
+    # (DDIM's vs Euler's) give the same result through one float32 graph input.
+    return torch.float32 if name == "timestep" else tensor.dtype
+
+
+def prepare_for_cuda(pipeline: Any) -> None:
+    """channels_last for the convolution-heavy UNet and VAE (cuDNN's native fp16 layout)."""
+    for name in ("unet", "vae"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            module.to(memory_format=torch.channels_last)
+
+
+def accelerate(pipeline: Any, graph_shapes: int, compile_unet: bool) -> UNetGraphs | None:
+    """Install the fast path on a pipeline whose weights are on a CUDA device; None on CPU."""
+    unet = getattr(pipeline, "unet", None)
+    if unet is None or next(unet.parameters()).device.type != "cuda" or graph_shapes < 1:
+        return None
+    prepare_for_cuda(pipeline)
+    return UNetGraphs(unet, capacity=graph_shapes, compile_unet=compile_unet).install()
+
+
+def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:
+    """Where inductor keeps its cache: COMPILE_CACHE_DIR, else a folder on the first writable
+    model root, keyed by GPU and torch version (compiled kernels are only valid for both)."""
+    if configured:
+        base = Path(configured)
+    else:
+        writable = [r for r in roots if r.is_dir() and os.access(r, os.W_OK)]
+        if not writable:
+            return None
+        base = writable[0] / ".sd-worker-cache" / "torch-compile"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    key = f"{gpu}-torch{torch.__version__}".replace(" ", "-").replace("/", "-")
+    return base / key
+
+
+def use_compile_cache(folder: Path | None) -> None:
+    """Point inductor's and triton's on-disk caches at `folder` (before anything compiles)."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")

@@ -1,0 +1,161 @@
+"""The GPU fast path: CUDA graphs of the UNet, the compile cache folder, the fp16-first VAE decode.
+
+The CUDA tests are marked `gpu` and skip without CUDA; scripts/benchmark.py runs them on the GPU
+machine before it measures anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handler.fastpath import UNetGraphs, compile_cache_dir
+from handler.pipelines import LatentDecoder
+from handler.schema import parse_job
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+JOB = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 5}
+
+
+def pixels(result) -> np.ndarray:
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    ).eval()
+
+
+def test_installed_graphs_leave_cpu_calls_to_the_eager_unet():
+    unet = tiny_unet()
+    sample, states = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 12)
+    with torch.inference_mode():
+        expected = unet(sample, torch.tensor(10), encoder_hidden_states=states).sample
+        graphs = UNetGraphs(unet).install()
+        got = unet(sample, torch.tensor(10), encoder_hidden_states=states).sample
+        as_tuple = unet(sample, 10, states, return_dict=False)[0]
+    assert torch.equal(got, expected) and torch.equal(as_tuple, expected)
+    assert len(graphs) == 0 and graphs.captures == 0
+    graphs.uninstall()
+    assert "forward" not in unet.__dict__
+
+
+def test_engine_on_cpu_installs_no_graphs(engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    assert loaded.graphs is None
+
+
+def test_compile_cache_is_keyed_by_gpu_and_torch_version(tmp_path):
+    folder = compile_cache_dir(None, [tmp_path])
+    assert folder.parent == tmp_path / ".sd-worker-cache" / "torch-compile"
+    assert torch.__version__ in folder.name
+    assert compile_cache_dir(str(tmp_path / "elsewhere"), []).parent == tmp_path / "elsewhere"
+    assert compile_cache_dir(None, [tmp_path / "missing"]) is None
+
+
+def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows():
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        force_upcast=True,
+    ).eval()
+
+    class Pipeline:
+        image_processor = VaeImageProcessor()
+
+    Pipeline.vae = vae.to(torch.float16)
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
+        decoder.decode(latents)
+        assert not decoder.upcast  # finite in fp16: no fp32 pass
+    with torch.no_grad():
+        vae.post_quant_conv.weight.mul_(6e4)  # now fp16 activations overflow
+    with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
+        image = decoder.decode(latents)
+        assert decoder.upcast and vae.dtype == torch.float32
+    assert vae.dtype == torch.float16  # cast back on close
+    assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
+    with LatentDecoder(Pipeline) as decoder:  # remembered: straight to fp32
+        assert decoder.upcast
+
+
+# -- on CUDA ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_engines(settings):
+    from handler.engine import Engine
+
+    on_gpu = replace(settings, device="cuda", gpu_checkpoints=1, cpu_checkpoints=2)
+    return Engine(on_gpu), Engine(replace(on_gpu, cuda_graphs=False))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_graphed_unet_matches_eager_and_captures_once(cuda_engines, checkpoint):
+    graphed, eager = cuda_engines
+    job = parse_job({**JOB, "checkpoint": checkpoint})
+    first, second = graphed.run(job), graphed.run(job)
+    loaded, _ = graphed.checkpoint(checkpoint)
+    assert loaded.graphs.captures == 1 and loaded.graphs.replays >= 2 * job.steps
+    assert (pixels(first) == pixels(second)).all()
+    assert np.abs(pixels(first) - pixels(eager.run(job))).max() <= 4
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lora_swap_keeps_the_graph_and_leaves_no_trace(cuda_engines):
+    graphed, _ = cuda_engines
+    job = {**JOB, "checkpoint": "demo-sd15"}
+    before = graphed.run(parse_job(job))
+    loaded, _ = graphed.checkpoint("demo-sd15")
+    captures = loaded.graphs.captures
+    with_a = graphed.run(parse_job({**job, "loras": [{"name": "demo_sd15_kohya", "scale": 1}]}))
+    with_b = graphed.run(parse_job({**job, "loras": [{"name": "demo_sd15_peft", "scale": 1}]}))
+    after = graphed.run(parse_job(job))
+    assert loaded.graphs.captures == captures  # no recapture for a LoRA swap
+    assert np.abs(pixels(with_a) - pixels(before)).max() > 0
+    assert np.abs(pixels(with_b) - pixels(with_a)).max() > 0
+    assert (pixels(after) == pixels(before)).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_offloaded_checkpoint_drops_its_graphs_and_recaptures(cuda_engines):
+    graphed, _ = cuda_engines
+    job = {**JOB, "checkpoint": "demo-sd15"}
+    before = graphed.run(parse_job(job))
+    graphed.run(parse_job({**job, "checkpoint": "demo-sdxl"}))  # pushes SD 1.5 to CPU RAM
+    loaded, _ = graphed.checkpoint("demo-sd15")
+    assert len(loaded.graphs) == 0
+    again = graphed.run(parse_job(job))
+    assert len(loaded.graphs) == 1
+    assert (pixels(again) == pixels(before)).all()
