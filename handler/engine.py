@@ -101,6 +101,7 @@ class Engine:
         self._storage: Storage | None = None
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self._safety = None
+        self.startup_ms: dict[str, float] = {}  # what setup() spent, for logs and benchmarks
         if self.settings.compile and self.device.type == "cuda":
             fastpath.use_compile_cache(
                 fastpath.compile_cache_dir(
@@ -122,11 +123,12 @@ class Engine:
         graph (and compiles it, with COMPILE=1) before the worker takes jobs.
         """
         if self.settings.default_checkpoint:
-            self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
+            loaded, _ = self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
+            self.startup_ms["load"] = loaded.load_ms
         if self.settings.refiner_checkpoint:
             self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
         if self.settings.default_checkpoint and self.settings.warmup and self.device.type == "cuda":
-            self.warm_up(self.settings.default_checkpoint)
+            self.startup_ms["warm_up"] = self.warm_up(self.settings.default_checkpoint)
 
     def warm_up(self, checkpoint: str) -> float:
         """Run a two-step job on `checkpoint` (delivered nowhere); returns its milliseconds."""
@@ -170,7 +172,10 @@ class Engine:
             loaded = load_checkpoint(model, detection, config_dir, self.device, self.dtype)
             if self.settings.cuda_graphs:
                 loaded.graphs = fastpath.accelerate(
-                    loaded.pipeline, self.settings.graph_shapes, self.settings.compile
+                    loaded.pipeline,
+                    self.settings.graph_shapes,
+                    self.settings.compile,
+                    self.settings.attention,
                 )
             return loaded
 
@@ -783,6 +788,8 @@ class Engine:
         pipeline = pipeline_for(loaded, mode)
         original = pipeline.scheduler
         pipeline.scheduler = build_scheduler(job.scheduler, loaded.scheduler_config)
+        if loaded.graphs is not None and not loaded.graphs.disabled:
+            fastpath.host_side_timesteps(pipeline.scheduler)
         try:
             return pipeline(**args, callback_on_step_end=callback)
         finally:

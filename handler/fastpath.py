@@ -46,9 +46,16 @@ class UNetGraphs:
     `install()` puts it on the module instance, `uninstall()` takes it off; both are cheap.
     """
 
-    def __init__(self, unet: torch.nn.Module, capacity: int = 4, compile_unet: bool = False):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        capacity: int = 4,
+        compile_unet: bool = False,
+        attention: str = "auto",
+    ):
         self.unet = unet
         self.capacity = max(1, capacity)
+        self.attention = attention
         self._eager = type(unet).forward.__get__(unet)
         self._forward = self._eager
         self.compiled = False
@@ -116,7 +123,11 @@ class UNetGraphs:
                     )
             self._graphs.move_to_end(key)
             for name, static in graph.inputs.items():
-                static.copy_(inputs[name], non_blocking=True)
+                value = inputs[name]
+                if value.device.type == "cpu" and value.numel() == 1:
+                    static.fill_(value.item())  # a kernel argument: no copy, no host sync
+                else:
+                    static.copy_(value, non_blocking=True)
             graph.graph.replay()
             self.replays += 1
             # A copy: the graph's output buffer is overwritten by the next replay, and some
@@ -165,13 +176,15 @@ class UNetGraphs:
         try:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(WARMUP_CALLS):
-                    self._run_static(static)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                output = self._run_static(static)
+            # The attention kernel chosen now is the one the graph replays.
+            with attention_backends(self.attention):
+                with torch.cuda.stream(stream):
+                    for _ in range(WARMUP_CALLS):
+                        self._run_static(static)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    output = self._run_static(static)
         except Exception as error:  # never fail a job over the fast path
             if self.compiled:
                 log.warning(
@@ -208,6 +221,46 @@ class UNetGraphs:
         return compiled
 
 
+ATTENTION_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def attention_backends(choice: str):
+    """A context preferring one scaled-dot-product attention kernel (`auto`: PyTorch's pick)."""
+    import contextlib
+
+    if choice == "auto" or choice not in ATTENTION_BACKENDS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = getattr(SDPBackend, ATTENTION_BACKENDS[choice])
+    others = [getattr(SDPBackend, n) for n in ATTENTION_BACKENDS.values() if n != first.name]
+    return sdpa_kernel([first, *others], set_priority=True)
+
+
+def host_side_timesteps(scheduler: Any) -> Any:
+    """Make a (per-job) scheduler keep its timesteps on the CPU.
+
+    Several diffusers schedulers compare or index with the current timestep (PNDM's
+    `prev_timestep >= 0`, DDIM's `alphas_cumprod[timestep]`); with timesteps on the GPU each of
+    those is a host sync per step, which stops the CPU from queueing the next step while the
+    GPU works. With CPU timesteps those stay on the CPU, and the graphed UNet takes the value as
+    a kernel argument.
+    """
+    set_timesteps = scheduler.set_timesteps
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        kwargs["device"] = "cpu"
+        return set_timesteps(*args, **kwargs)
+
+    scheduler.set_timesteps = on_cpu
+    return scheduler
+
+
 def _static_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
     # The UNet turns timesteps into float32 before using them, so integer and float timesteps
     # (DDIM's vs Euler's) give the same result through one float32 graph input.
@@ -222,13 +275,16 @@ def prepare_for_cuda(pipeline: Any) -> None:
             module.to(memory_format=torch.channels_last)
 
 
-def accelerate(pipeline: Any, graph_shapes: int, compile_unet: bool) -> UNetGraphs | None:
+def accelerate(
+    pipeline: Any, graph_shapes: int, compile_unet: bool, attention: str = "auto"
+) -> UNetGraphs | None:
     """Install the fast path on a pipeline whose weights are on a CUDA device; None on CPU."""
     unet = getattr(pipeline, "unet", None)
     if unet is None or next(unet.parameters()).device.type != "cuda" or graph_shapes < 1:
         return None
     prepare_for_cuda(pipeline)
-    return UNetGraphs(unet, capacity=graph_shapes, compile_unet=compile_unet).install()
+    graphs = UNetGraphs(unet, graph_shapes, compile_unet=compile_unet, attention=attention)
+    return graphs.install()
 
 
 def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:

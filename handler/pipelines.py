@@ -239,9 +239,10 @@ class LatentDecoder:
 
     A VAE whose config says `force_upcast` (SDXL's) is not blindly run in fp32, as diffusers
     does: it decodes in its run dtype first, and only when that overflows (non-finite pixels,
-    which is how fp16 overflow shows) is the image decoded again in fp32. A VAE that overflowed
-    once goes straight to fp32 from then on. An fp16-safe VAE (SD 1.x's, or the SDXL fp16 fix)
-    never pays for fp32. The VAE is cast back when the decoder closes, whatever happens.
+    which is how fp16 overflow shows) is the image decoded again in a dtype with fp32's range:
+    bf16 on GPUs that have it (as fast as fp16), else fp32. A VAE that overflowed once goes
+    straight to the wider dtype from then on. An fp16-safe VAE (SD 1.x's, or the SDXL fp16 fix)
+    never pays for it. The VAE is cast back when the decoder closes, whatever happens.
     """
 
     def __init__(self, pipeline: Any) -> None:
@@ -251,6 +252,10 @@ class LatentDecoder:
             self.vae.config, "force_upcast", False
         )
         self.upcast = False
+        on_cuda = self.vae.device.type == "cuda"
+        self.wide_dtype = (
+            torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+        )
 
     def __enter__(self) -> LatentDecoder:
         if self.may_upcast and getattr(self.vae, "_sd_worker_overflows", False):
@@ -262,14 +267,16 @@ class LatentDecoder:
             self.vae.to(dtype=torch.float16)
 
     def _upcast(self) -> None:
-        self.vae.to(dtype=torch.float32)
+        self.vae.to(dtype=self.wide_dtype)
         self.upcast = True
 
     def decode(self, latents: torch.Tensor):
         """One PIL image from latents of shape [1, C, h, w]."""
         image = self._decode(latents)
         if self.may_upcast and not self.upcast and not bool(torch.isfinite(image).all()):
-            log.info("fp16 VAE decode overflowed; decoding in fp32 with this VAE from now on")
+            log.info(
+                "fp16 VAE decode overflowed; this VAE decodes in %s from now on", self.wide_dtype
+            )
             self.vae._sd_worker_overflows = True
             self._upcast()
             image = self._decode(latents)

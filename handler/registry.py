@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -265,7 +266,8 @@ def prefetch(model: ModelFile) -> threading.Thread:
                     while file.readinto(buffer):
                         pass
             except OSError:
-                return  # the real load reports it
+                break  # the real load reports it
+        thread.finished_at = time.time()  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=read, name="prefetch", daemon=True)
     thread.start()

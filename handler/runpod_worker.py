@@ -184,5 +184,9 @@ def main() -> None:
     except WorkerError as error:
         log.error("worker cannot start: %s", error)
         raise SystemExit(1) from None
-    log.info("engine ready in %.1f s", time.perf_counter() - started)
+    log.info(
+        "engine ready in %.1f s (%s)",
+        time.perf_counter() - started,
+        ", ".join(f"{k} {v:.0f} ms" for k, v in get_engine().startup_ms.items()) or "no preload",
+    )
     runpod.serverless.start({"handler": handle})

@@ -47,6 +47,7 @@ class Settings:
     graph_shapes: int = 4
     compile: bool = False
     compile_cache_dir: str | None = None
+    attention: str = "auto"
     warmup: bool = True
     require_gpu: bool = False
     max_inline_bytes: int = 10 * 1024 * 1024
@@ -93,6 +94,7 @@ class Settings:
             graph_shapes=_int("GRAPH_SHAPES", 4),
             compile=_flag("COMPILE"),
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
+            attention=_str("ATTENTION_BACKEND", "auto"),
             warmup=_flag("WARMUP", True),
             require_gpu=_flag("REQUIRE_GPU"),
             max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),

@@ -170,6 +170,48 @@ def drop_page_cache() -> bool:
         return False
 
 
+def unet_variants(unet) -> dict[str, float | str]:
+    """Milliseconds per SDXL UNet call (batch 2 for CFG, 1024x1024): eager, and replayed from a
+    CUDA graph with each attention kernel. Chooses the defaults; not a claim on its own."""
+    import torch
+
+    from handler.fastpath import UNetGraphs, attention_backends
+
+    device, dtype = torch.device("cuda"), torch.float16
+    args = (torch.randn(2, 4, 128, 128, device=device, dtype=dtype), torch.tensor(500.0))
+    kwargs = {
+        "encoder_hidden_states": torch.randn(2, 77, 2048, device=device, dtype=dtype),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device=device),
+        },
+        "return_dict": False,
+    }
+
+    def per_call(fn, calls=10) -> float:
+        with torch.inference_mode():
+            fn()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - started) / calls * 1000, 2)
+
+    results: dict[str, float | str] = {}
+    eager = type(unet).forward.__get__(unet)
+    for attention in ("auto", "flash", "cudnn", "efficient"):
+        try:
+            with attention_backends(attention):
+                results[f"eager_{attention}"] = per_call(lambda: eager(*args, **kwargs))
+            graphs = UNetGraphs(unet, attention=attention)
+            results[f"graph_{attention}"] = per_call(lambda g=graphs: g(*args, **kwargs))
+            graphs.clear()
+        except Exception as error:  # a kernel this GPU or build lacks
+            results[f"graph_{attention}"] = f"{type(error).__name__}: {str(error)[:120]}"
+    return results
+
+
 # -- cold starts: a fresh worker process per measurement ---------------------------------------
 
 
@@ -182,7 +224,7 @@ def child_worker(configs: list[str]) -> None:
     spawned = float(os.environ["BENCH_SPAWNED_AT"])
     from handler.registry import prefetch_default_checkpoint
 
-    prefetch_default_checkpoint()  # what handler/__main__.py does first
+    prefetch = prefetch_default_checkpoint()  # what handler/__main__.py does first
     import torch
 
     from handler.runpod_worker import get_engine
@@ -190,7 +232,13 @@ def child_worker(configs: list[str]) -> None:
     imported = time.time()
     engine = get_engine()  # preload DEFAULT_CHECKPOINT, warm-up (graph capture, compile)
     ready = time.time()
-    report: dict = {"imports_s": imported - spawned, "ready_s": ready - spawned, "configs": {}}
+    report: dict = {
+        "imports_s": imported - spawned,
+        "ready_s": ready - spawned,
+        "startup_ms": engine.startup_ms,
+        "prefetch_done_s": getattr(prefetch, "finished_at", spawned) - spawned,
+        "configs": {},
+    }
     for name in configs:
         started = time.time()
         reply = run_handler(job_for(name), job_id=f"cold-{name}")
@@ -203,7 +251,7 @@ def child_worker(configs: list[str]) -> None:
             "image": reply["images"][0]["image"],
         }
     graphs = {
-        loaded.name: loaded.graphs.compiled if loaded.graphs else None
+        loaded.name: loaded.graphs.compiled if loaded.graphs is not None else None
         for loaded in engine.cache._entries.values()
     }
     report["compiled"] = graphs
@@ -333,7 +381,10 @@ def run_benchmark(workdir: Path, out: Path, deadline_s: float) -> dict:
         run_handler(lora_job)
     sdxl["lora_first_use_ms"] = round(((time.perf_counter() - first) / 2 - plain_s) * 1000, 1)
     loaded, _ = get_engine().checkpoint("bench-sdxl")
-    captures = loaded.graphs.captures if loaded.graphs else None
+    sdxl["vae_fp16_overflowed"] = getattr(loaded.pipeline.vae, "_sd_worker_overflows", False)
+    sdxl["unet_call_ms"] = unet_variants(loaded.pipeline.unet)
+    report.save()
+    captures = loaded.graphs.captures if loaded.graphs is not None else None
     swaps = []
     for index in range(2 * REPEATS):  # alternate the two resident LoRAs: every job is a swap
         torch.cuda.synchronize()
@@ -342,7 +393,9 @@ def run_benchmark(workdir: Path, out: Path, deadline_s: float) -> dict:
         torch.cuda.synchronize()
         swaps.append(time.perf_counter() - begun)
     sdxl["lora_swap_ms"] = round((sum(swaps) / len(swaps) - plain_s) * 1000, 1)
-    sdxl["lora_swap_recaptures"] = (loaded.graphs.captures - captures) if loaded.graphs else None
+    sdxl["lora_swap_recaptures"] = (
+        (loaded.graphs.captures - captures) if loaded.graphs is not None else None
+    )
     small = {**job, "steps": 1, "width": 512, "height": 512}
     run_handler({**small, "checkpoint": "bench-sd15"})  # SDXL goes to the RAM tier
     switch = run_handler(small)  # and comes back
@@ -361,7 +414,10 @@ def run_benchmark(workdir: Path, out: Path, deadline_s: float) -> dict:
         sdxl[f"{key}_phases_s"] = {
             "imports": round(child["imports_s"], 2),
             "load_and_warm_up": round(child["ready_s"] - child["imports_s"], 2),
+            "of_which_load": round(child["startup_ms"].get("load", 0) / 1000, 2),
+            "of_which_warm_up": round(child["startup_ms"].get("warm_up", 0) / 1000, 2),
             "first_job": round(child["configs"]["sdxl-1024-30"]["first_job_s"], 2),
+            "prefetch_done_at": round(child["prefetch_done_s"], 2),
         }
 
     sdxl["cold_start_page_cache_dropped"] = drop_page_cache()

@@ -139,7 +139,8 @@ def test_lora_swap_keeps_the_graph_and_leaves_no_trace(cuda_engines):
     loaded, _ = graphed.checkpoint("demo-sd15")
     captures = loaded.graphs.captures
     with_a = graphed.run(parse_job({**job, "loras": [{"name": "demo_sd15_kohya", "scale": 1}]}))
-    with_b = graphed.run(parse_job({**job, "loras": [{"name": "demo_sd15_peft", "scale": 1}]}))
+    # The demo's kohya and peft files hold the same LoRA: a different scale makes them differ.
+    with_b = graphed.run(parse_job({**job, "loras": [{"name": "demo_sd15_peft", "scale": 0.5}]}))
     after = graphed.run(parse_job(job))
     assert loaded.graphs.captures == captures  # no recapture for a LoRA swap
     assert np.abs(pixels(with_a) - pixels(before)).max() > 0
@@ -159,3 +160,28 @@ def test_offloaded_checkpoint_drops_its_graphs_and_recaptures(cuda_engines):
     again = graphed.run(parse_job(job))
     assert len(loaded.graphs) == 1
     assert (pixels(again) == pixels(before)).all()
+
+
+def _host_syncs(engine, job: dict) -> int:
+    """How many synchronizing CUDA calls one run of `job` makes (after a first, capturing run)."""
+    import warnings
+
+    engine.run(parse_job(job))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.run(parse_job(job))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("scheduler", ["Euler", "DPM++ 2M Karras", "DDIM", "PNDM", "UniPC"])
+def test_denoising_steps_do_not_wait_for_the_gpu(cuda_engines, scheduler):
+    graphed, _ = cuda_engines
+    job = {**JOB, "checkpoint": "demo-sd15", "scheduler": scheduler}
+    # Syncs that do not grow with the step count are outside the loop (decoding, say).
+    assert _host_syncs(graphed, {**job, "steps": 8}) == _host_syncs(graphed, {**job, "steps": 4})
