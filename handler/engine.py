@@ -102,6 +102,8 @@ class Engine:
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self._safety = None
         self.startup_ms: dict[str, float] = {}  # what setup() spent, for logs and benchmarks
+        self._starting = False
+        self._to_hash: list = []
         if self.settings.compile and self.device.type == "cuda":
             fastpath.use_compile_cache(
                 fastpath.compile_cache_dir(
@@ -122,13 +124,24 @@ class Engine:
         On a GPU, a two-step job at the checkpoint's native size then captures the UNet's CUDA
         graph (and compiles it, with COMPILE=1) before the worker takes jobs.
         """
-        if self.settings.default_checkpoint:
-            loaded, _ = self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
-            self.startup_ms["load"] = loaded.load_ms
-        if self.settings.refiner_checkpoint:
-            self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
-        if self.settings.default_checkpoint and self.settings.warmup and self.device.type == "cuda":
-            self.startup_ms["warm_up"] = self.warm_up(self.settings.default_checkpoint)
+        self._starting = True
+        try:
+            if self.settings.default_checkpoint:
+                started = time.perf_counter()
+                loaded, _ = self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
+                self.startup_ms["load"] = loaded.load_ms
+                self.startup_ms["resolve_and_load"] = _ms(started)
+            if self.settings.refiner_checkpoint:
+                self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
+            if (
+                self.settings.default_checkpoint
+                and self.settings.warmup
+                and self.device.type == "cuda"
+            ):
+                self.startup_ms["warm_up"] = self.warm_up(self.settings.default_checkpoint)
+        finally:
+            self._starting = False
+            self._hash_pending()
 
     def warm_up(self, checkpoint: str) -> float:
         """Run a two-step job on `checkpoint` (delivered nowhere); returns its milliseconds."""
@@ -181,9 +194,16 @@ class Engine:
 
         loaded, cached = self.cache.get(key, load)
         if not cached and not model.is_folder and self.registry.cached_hash(model) is None:
-            # The AutoV2 hash (for infotext and list_models) is computed off the job's path.
-            self._hasher.submit(self.registry.compute_hash, model)
+            # The AutoV2 hash (for infotext and list_models) is computed off the job's path,
+            # and not while the worker starts, where it would compete with loading.
+            self._to_hash.append(model)
+            if not self._starting:
+                self._hash_pending()
         return loaded, cached
+
+    def _hash_pending(self) -> None:
+        while self._to_hash:
+            self._hasher.submit(self.registry.compute_hash, self._to_hash.pop())
 
     def list_models(self) -> dict[str, list[dict[str, Any]]]:
         """What the model roots hold: checkpoints with architecture, LoRAs with base, etc."""

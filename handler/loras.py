@@ -120,6 +120,7 @@ class ResidentAdapters:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.names: OrderedDict[tuple, str] = OrderedDict()
+        self.layers: dict[str, list[Any]] = {}  # adapter name -> the peft layers it has
         self._counter = 0
 
     def key(self, lora: AppliedLora) -> tuple:
@@ -150,6 +151,7 @@ def job_additions(
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
         names = []
+        loaded_any = False
         for index, lora in enumerate(loras):
             key = resident.key(lora)
             if key in resident.names:
@@ -165,16 +167,19 @@ def job_additions(
                         accepted="kohya or diffusers/peft LoRAs for this checkpoint's architecture",
                     ) from None
                 resident.names[key] = name
+                resident.layers[name] = adapter_layers(pipeline, name)
+                loaded_any = True
             names.append(resident.names[key])
         _evict(pipeline, resident, keep=set(names))
-        if resident.names:
+        if loaded_any:
             pipeline.disable_lora()  # adapters never run in forward: their deltas are merged
         # 2. Merge the stack into the weights, keeping the originals
         if names:
             scales: dict[str, float] = {}
             for name, lora in zip(names, loras, strict=True):
                 scales[name] = scales.get(name, 0.0) + lora.scale
-            originals = merge_adapters(pipeline, scales)
+            layers = {id(m): m for name in scales for m in resident.layers[name]}
+            originals = merge_adapters(list(layers.values()), scales)
         # 3. Embeddings, as new tokens
         for embedding in embeddings:
             added_tokens += _load_embedding(pipeline, embedding, cache)
@@ -190,38 +195,46 @@ def job_additions(
             # a failed or cancelled job: drop every adapter, trust nothing half-applied
             pipeline.unload_lora_weights()
             resident.names.clear()
+            resident.layers.clear()
+
+
+def adapter_layers(pipeline: Any, name: str) -> list[Any]:
+    """The peft LoRA layers of the UNet and text encoders that hold adapter `name`."""
+    from peft.tuners.lora import LoraLayer
+
+    components = ("unet", "text_encoder", "text_encoder_2")
+    return [
+        module
+        for component in (getattr(pipeline, c, None) for c in components)
+        if component is not None
+        for module in component.modules()
+        if isinstance(module, LoraLayer) and name in module.lora_A
+    ]
 
 
 def merge_adapters(
-    pipeline: Any, scales: dict[str, float]
+    layers: list[Any], scales: dict[str, float]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Add `scale x delta` of each named adapter into its base layers' weights, in place.
 
     Returns (weight, copy of its original value) for every weight touched, so the caller can
     restore them exactly; on an error the weights touched so far are restored here.
     """
-    from peft.tuners.lora import LoraLayer
-
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for component in _lora_components(pipeline):
-                for module in component.modules():
-                    if not isinstance(module, LoraLayer):
-                        continue
-                    active = [(n, s) for n, s in scales.items() if n in module.lora_A]
-                    if not active:
-                        continue
-                    if any(module.use_dora.get(n) for n, _ in active):
-                        raise LoraIncompatible(
-                            "DoRA LoRAs are not supported",
-                            field="loras",
-                            accepted="plain LoRA / LoCon files (kohya or diffusers/peft)",
-                        )
-                    weight = module.get_base_layer().weight
-                    delta = sum(scale * module.get_delta_weight(name) for name, scale in active)
-                    originals.append((weight, weight.detach().clone()))
-                    weight.add_(delta.to(weight.dtype))
+            for module in layers:
+                active = [(n, s) for n, s in scales.items() if n in module.lora_A]
+                if any(module.use_dora.get(n) for n, _ in active):
+                    raise LoraIncompatible(
+                        "DoRA LoRAs are not supported",
+                        field="loras",
+                        accepted="plain LoRA / LoCon files (kohya or diffusers/peft)",
+                    )
+                weight = module.get_base_layer().weight
+                originals.append((weight, weight.detach().clone()))
+                for name, scale in active:
+                    weight.add_(module.get_delta_weight(name).to(weight.dtype), alpha=scale)
     except BaseException:
         with torch.no_grad():
             for weight, original in originals:
@@ -230,18 +243,15 @@ def merge_adapters(
     return originals
 
 
-def _lora_components(pipeline: Any) -> list[torch.nn.Module]:
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return [getattr(pipeline, n) for n in names if getattr(pipeline, n, None) is not None]
-
-
 def _evict(pipeline: Any, resident: ResidentAdapters, keep: set[str]) -> None:
     """Delete least-recently-used adapters beyond the capacity (never one this job uses)."""
     for key in list(resident.names):
         if len(resident.names) <= resident.capacity:
             break
         if resident.names[key] not in keep:
-            pipeline.delete_adapters([resident.names.pop(key)])
+            name = resident.names.pop(key)
+            resident.layers.pop(name, None)
+            pipeline.delete_adapters([name])
 
 
 def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) -> list[str]:

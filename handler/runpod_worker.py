@@ -25,8 +25,11 @@ def get_engine() -> Engine:
     """The worker's one engine, created (and its default checkpoint preloaded) on first use."""
     global _engine
     if _engine is None:
-        _engine = Engine()
-        _engine.setup()
+        started = time.perf_counter()
+        engine = Engine()
+        engine.startup_ms["engine_init"] = (time.perf_counter() - started) * 1000
+        engine.setup()
+        _engine = engine
     return _engine
 
 

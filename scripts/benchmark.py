@@ -212,6 +212,36 @@ def unet_variants(unet) -> dict[str, float | str]:
     return results
 
 
+def vae_variants(pipeline) -> dict[str, float]:
+    """Milliseconds per 1024x1024 SDXL VAE decode in fp16: as the engine runs it (channels_last),
+    with cuDNN's autotuner, and in the contiguous layout. Chooses defaults; not a claim."""
+    import torch
+
+    from handler.pipelines import LatentDecoder
+
+    latents = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float16)
+    results = {}
+
+    def per_decode(calls=5) -> float:
+        with torch.inference_mode(), LatentDecoder(pipeline) as decoder:
+            decoder.decode(latents)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(calls):
+                decoder.decode(latents)
+            torch.cuda.synchronize()
+        return round((time.perf_counter() - started) / calls * 1000, 1)
+
+    results["channels_last"] = per_decode()
+    torch.backends.cudnn.benchmark = True
+    results["channels_last_cudnn_benchmark"] = per_decode()
+    torch.backends.cudnn.benchmark = False
+    pipeline.vae.to(memory_format=torch.contiguous_format)
+    results["contiguous"] = per_decode()
+    pipeline.vae.to(memory_format=torch.channels_last)
+    return results
+
+
 # -- cold starts: a fresh worker process per measurement ---------------------------------------
 
 
@@ -383,6 +413,7 @@ def run_benchmark(workdir: Path, out: Path, deadline_s: float) -> dict:
     loaded, _ = get_engine().checkpoint("bench-sdxl")
     sdxl["vae_fp16_overflowed"] = getattr(loaded.pipeline.vae, "_sd_worker_overflows", False)
     sdxl["unet_call_ms"] = unet_variants(loaded.pipeline.unet)
+    sdxl["vae_decode_ms"] = vae_variants(loaded.pipeline)
     report.save()
     captures = loaded.graphs.captures if loaded.graphs is not None else None
     swaps = []
@@ -414,6 +445,10 @@ def run_benchmark(workdir: Path, out: Path, deadline_s: float) -> dict:
         sdxl[f"{key}_phases_s"] = {
             "imports": round(child["imports_s"], 2),
             "load_and_warm_up": round(child["ready_s"] - child["imports_s"], 2),
+            "of_which_engine_init": round(child["startup_ms"].get("engine_init", 0) / 1000, 2),
+            "of_which_resolve_and_load": round(
+                child["startup_ms"].get("resolve_and_load", 0) / 1000, 2
+            ),
             "of_which_load": round(child["startup_ms"].get("load", 0) / 1000, 2),
             "of_which_warm_up": round(child["startup_ms"].get("warm_up", 0) / 1000, 2),
             "first_job": round(child["configs"]["sdxl-1024-30"]["first_job_s"], 2),
