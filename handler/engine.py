@@ -152,6 +152,11 @@ class Engine:
             {"prompt": "warm-up", "checkpoint": checkpoint, "steps": 2, "destination": "base64"}
         )
         self.run(job, job_id="warm-up")
+        loaded, _ = self.checkpoint(checkpoint)
+        if loaded.graphs is not None and loaded.graphs.layout_ms:
+            self.startup_ms.update(
+                {f"unet_{k}_ms_per_call": v for k, v in loaded.graphs.layout_ms.items()}
+            )
         elapsed = _ms(started)
         log.info("warm-up on %s took %.0f ms", checkpoint, elapsed)
         return elapsed

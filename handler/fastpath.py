@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class UNetGraphs:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._pool = None
         self.disabled = False
+        self.layout_ms: dict[str, float] | None = None  # set by choose_layout()
         self.captures = 0
         self.replays = 0
 
@@ -113,6 +115,9 @@ class UNetGraphs:
             graph = self._graphs.get(key)
             if graph is None:
                 graph = self._capture(key, inputs)
+                if graph is not None and self.layout_ms is None:
+                    self.layout_ms = self.choose_layout()  # once per UNet, at its first capture
+                    graph = self._graphs.get(key)
                 if graph is None:  # capture failed: this call (and later ones) run eagerly
                     return self._forward(
                         sample,
@@ -211,6 +216,49 @@ class UNetGraphs:
             self._graphs.popitem(last=False)
         return entry
 
+    def choose_layout(self, calls: int = 5) -> dict[str, float]:
+        """Time the newest graph with the UNet's weights channels_last and contiguous, and keep
+        the faster layout (with its graph). Returns milliseconds per call for each layout.
+
+        Which layout is faster depends on the GPU and kernels: cuDNN's fp16 convolutions like
+        channels_last, PyTorch's group norm and upsampling do not (on an H200 the SDXL VAE
+        decoded 40% slower in channels_last). Compiled UNets keep their layout (changing it
+        would recompile).
+        """
+        if self.compiled or self.disabled or not self._graphs:
+            return {}
+        key, graph = next(reversed(self._graphs.items()))
+        inputs = {name: t.clone() for name, t in graph.inputs.items()}
+        layouts = [
+            _layout_of(self.unet),
+            "contiguous" if _layout_of(self.unet) != "contiguous" else "channels_last",
+        ]
+        timings: dict[str, float] = {}
+        for layout in layouts:
+            if layout != _layout_of(self.unet):
+                self._set_layout(layout)
+                graph = self._capture(key, inputs)
+                if graph is None:
+                    break
+            timings[layout] = _time_replays(graph.graph, calls)
+        best = min(timings, key=timings.get)
+        if best != _layout_of(self.unet):
+            self._set_layout(best)
+            self._capture(key, inputs)
+        log.info(
+            "UNet layout: %s (%s)",
+            best,
+            ", ".join(f"{layout} {ms:.1f} ms/call" for layout, ms in timings.items()),
+        )
+        return timings
+
+    def _set_layout(self, layout: str) -> None:
+        self.clear()  # the graphs point at the weights, which the conversion moves
+        memory_format = (
+            torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        )
+        self.unet.to(memory_format=memory_format)
+
     def _compiled_forward(self):
         try:
             compiled = torch.compile(self._eager, dynamic=False)
@@ -267,12 +315,23 @@ def _static_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
     return torch.float32 if name == "timestep" else tensor.dtype
 
 
-def prepare_for_cuda(pipeline: Any) -> None:
-    """channels_last for the convolution-heavy UNet and VAE (cuDNN's native fp16 layout)."""
-    for name in ("unet", "vae"):
-        module = getattr(pipeline, name, None)
-        if module is not None:
-            module.to(memory_format=torch.channels_last)
+def _layout_of(unet: torch.nn.Module) -> str:
+    weight = unet.conv_in.weight
+    return (
+        "channels_last"
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        else "contiguous"
+    )
+
+
+def _time_replays(graph: Any, calls: int) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls * 1000
 
 
 def accelerate(
@@ -282,7 +341,10 @@ def accelerate(
     unet = getattr(pipeline, "unet", None)
     if unet is None or next(unet.parameters()).device.type != "cuda" or graph_shapes < 1:
         return None
-    prepare_for_cuda(pipeline)
+    # The UNet starts channels_last (cuDNN's native fp16 layout); the warm-up measures both
+    # layouts and keeps the faster (`UNetGraphs.choose_layout`). The VAE stays contiguous:
+    # measured on an H200, its decode was 40% slower channels_last.
+    unet.to(memory_format=torch.channels_last)
     graphs = UNetGraphs(unet, graph_shapes, compile_unet=compile_unet, attention=attention)
     return graphs.install()
 
