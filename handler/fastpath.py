@@ -257,7 +257,9 @@ class UNetGraphs:
         memory_format = (
             torch.channels_last if layout == "channels_last" else torch.contiguous_format
         )
-        self.unet.to(memory_format=memory_format)
+        # Not as inference tensors: LoRAs are later merged into these weights in place.
+        with torch.inference_mode(False):
+            self.unet.to(memory_format=memory_format)
 
     def _compiled_forward(self):
         try:
