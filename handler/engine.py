@@ -897,11 +897,14 @@ def _quiet_libraries() -> None:
 def _public_inputs(job: Job) -> dict[str, Any]:
     """The job's inputs for the sidecar: no image data and no URL query strings (signatures)."""
     inputs = job.model_dump(exclude_none=True)
-    if job.image:
-        if job.image.startswith(("https://", "http://")):
-            inputs["image"] = job.image.split("?", 1)[0]
+    for name in ("image", "mask"):
+        value = inputs.get(name)
+        if not value:
+            continue
+        if value.startswith(("https://", "http://", "s3://")):
+            inputs[name] = value.split("?", 1)[0]
         else:
-            inputs["image"] = f"<inline image, {len(job.image)} characters>"
+            inputs[name] = f"<inline image, {len(value)} characters>"
     return inputs
 
 

@@ -67,7 +67,9 @@ def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:
             accepted=f"images up to {settings.max_input_pixels} pixels",
         )
     try:
-        return image.convert("RGB")
+        image = image.convert("RGB")
+        image.info.clear()  # an input's ICC profile or comments never reach an output file
+        return image
     except Exception:
         raise InvalidInput(
             "could not be decoded", field=field, accepted="png, jpeg or webp"

@@ -355,3 +355,77 @@ def test_s3_inputs_read_with_the_worker_credentials(moto, settings):
     assert info.value.field == "image"
     with pytest.raises(InvalidInput):
         load_image(f"s3://{BUCKET}/inputs/photo.png", "image", settings)  # no credentials
+
+
+def _jpeg_with_private_metadata(color) -> bytes:
+    """A 64x64 JPEG carrying an ICC profile and a comment that must never reach an output."""
+    from PIL import ImageCms
+
+    buffer = io.BytesIO()
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (64, 64), color).save(
+        buffer, "JPEG", icc_profile=profile, comment=b"PRIVATE-COMMENT"
+    )
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_strip_metadata_also_drops_the_init_images_metadata(engine, fmt):
+    import base64
+
+    init = base64.b64encode(_jpeg_with_private_metadata((200, 40, 40))).decode()
+    mask = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(mask, "PNG")
+    result = engine.run(
+        parse_job(
+            {
+                "prompt": "secret",
+                "steps": 2,
+                "checkpoint": "demo-sd15",
+                "image": init,
+                "mask": base64.b64encode(mask.getvalue()).decode(),
+                "strip_metadata": True,
+                "output_format": fmt,
+            }
+        )
+    )
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    written = Image.open(io.BytesIO(data))
+    assert "icc_profile" not in written.info and "comment" not in written.info
+    assert b"PRIVATE-COMMENT" not in data and b"secret" not in data
+
+
+def test_sidecar_holds_no_image_data_and_no_url_signatures(moto, settings):
+    import base64
+
+    _, client = moto
+    engine = Engine(bucket_settings(settings, moto[0]))
+    init = base64.b64encode(_jpeg_with_private_metadata((10, 200, 10))).decode()
+    mask_png = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(mask_png, "PNG")
+    client.put_object(Bucket=BUCKET, Key="inputs/mask.png", Body=mask_png.getvalue())
+    mask_url = client.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": "inputs/mask.png"}
+    )
+    assert "Signature=" in mask_url
+    job = parse_job(
+        {
+            "prompt": "x",
+            "steps": 2,
+            "checkpoint": "demo-sd15",
+            "image": init,
+            "mask": "s3://" + BUCKET + "/inputs/mask.png",
+            "sidecar": True,
+        }
+    )
+    engine.run(job, job_id="job-sidecar")
+    body = client.get_object(Bucket=BUCKET, Key="renders/job-sidecar/job.json")["Body"].read()
+    sidecar = json.loads(body)
+    assert sidecar["inputs"]["image"] == f"<inline image, {len(init)} characters>"
+    assert sidecar["inputs"]["mask"] == f"s3://{BUCKET}/inputs/mask.png"
+    assert init[:40].encode() not in body and SECRET_KEY.encode() not in body
+    # a presigned URL loses its signature
+    signed = parse_job({"prompt": "x", "image": init, "mask": mask_url})
+    from handler.engine import _public_inputs
+
+    assert _public_inputs(signed)["mask"] == mask_url.split("?", 1)[0]
