@@ -234,7 +234,9 @@ class Engine:
             entry = {"name": model.name, "size_bytes": model.path.stat().st_size}
             try:
                 entry["base"] = (
-                    detect_lora(model.path) if model.path.suffix == ".safetensors" else "unknown"
+                    detect_lora(model.path)
+                    if model.path.suffix.lower() == ".safetensors"
+                    else "unknown"
                 )
             except UnsupportedModel:
                 entry["base"] = "unreadable"
@@ -520,7 +522,9 @@ class Engine:
             model = self.registry.resolve("lora", name, field)
             check_compatible(model, loaded.architecture, field)
             loras.append(AppliedLora(model.name, scale, model))
-        embeddings = embeddings_in([prompt, negative], self.registry.files("embedding"))
+        embeddings = embeddings_in(
+            [prompt, negative], self.registry.files("embedding", loadable_only=True)
+        )
         update = {"prompt": prompt, "negative_prompt": negative}
         return job.model_copy(update=update), loras, embeddings
 

@@ -86,10 +86,17 @@ class StateDictCache:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return load_file(str(path))
     # Pickles get here only with ALLOW_PICKLE=1, and even then no code runs.
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        return {}
+    # A1111 .pt embeddings: {"string_to_param": {"*": tensor}, "name": ..., "step": ...}
+    vectors = state.get("string_to_param")
+    if isinstance(vectors, dict) and vectors:
+        return {"emb_params": next(iter(vectors.values()))}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class AppliedLora:
 
 def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
     """Refuse a LoRA made for another architecture, before the pipeline is touched."""
-    base = detect_lora(model.path) if model.path.suffix == ".safetensors" else "unknown"
+    base = detect_lora(model.path) if model.path.suffix.lower() == ".safetensors" else "unknown"
     family = LORA_FAMILIES[architecture]
     if base != "unknown" and base != family:
         raise LoraIncompatible(

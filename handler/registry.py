@@ -99,13 +99,17 @@ class Registry:
                 for candidate in _candidates(base / relative, kind):
                     if not (
                         candidate.is_file()
-                        and candidate.suffix in WEIGHT_EXTENSIONS
+                        and candidate.suffix.lower() in WEIGHT_EXTENSIONS
                         or _is_diffusers_folder(candidate)
                     ):
                         continue
                     _inside_root(candidate, root, field_name, name)
                     self._check_extension(candidate, field_name)
                     return ModelFile(kind, _public_name(candidate, base), candidate, root)
+        loose = self._loose_match(kind, relative.as_posix(), field_name)
+        if loose is not None:
+            self._check_extension(loose.path, field_name)
+            return loose
         for root in self.roots:
             for folder in FOLDERS[kind]:
                 if (root / folder / relative).is_file():
@@ -123,8 +127,29 @@ class Registry:
             accepted=(close or available[:10]) or "nothing: the model root holds no " + kind,
         )
 
+    def _loose_match(self, kind: str, name: str, field_name: str) -> ModelFile | None:
+        """A1111-style lookups: extensions in any case, and a bare file name that is in a
+        subfolder (`ink` for `styles/ink.safetensors`), when exactly one file matches."""
+        wanted = name.lower()
+        for extension in WEIGHT_EXTENSIONS:
+            wanted = wanted.removesuffix(extension)
+        files = self.files(kind)
+        same = [f for f in files if f.name.lower() == wanted]
+        if len(same) == 1:
+            return same[0]
+        if "/" in wanted:
+            return None
+        by_file_name = [f for f in files if f.name.rsplit("/", 1)[-1].lower() == wanted]
+        if len(by_file_name) > 1:
+            raise InvalidInput(
+                f"{name!r} matches several {kind}s",
+                field=field_name,
+                accepted=[f.name for f in by_file_name],
+            )
+        return by_file_name[0] if by_file_name else None
+
     def _check_extension(self, path: Path, field_name: str) -> None:
-        if path.suffix in PICKLE_EXTENSIONS and not self.settings.allow_pickle:
+        if path.suffix.lower() in PICKLE_EXTENSIONS and not self.settings.allow_pickle:
             raise InvalidInput(
                 f"{path.name} is a pickled file, which can run code when loaded; it is refused "
                 "unless the worker sets ALLOW_PICKLE=1",
@@ -132,8 +157,11 @@ class Registry:
                 accepted=".safetensors files or diffusers folders",
             )
 
-    def files(self, kind: str) -> list[ModelFile]:
-        """Every model of `kind` on the roots (first root wins on equal names)."""
+    def files(self, kind: str, loadable_only: bool = False) -> list[ModelFile]:
+        """Every model of `kind` on the roots (first root wins on equal names).
+
+        `loadable_only` leaves out pickled files unless ALLOW_PICKLE=1.
+        """
         found: dict[str, ModelFile] = {}
         for root in self.roots:
             for folder in FOLDERS[kind]:
@@ -147,7 +175,13 @@ class Registry:
                         continue  # sidecar config folders
                     if kind == "checkpoint" and _is_diffusers_folder(path):
                         pass
-                    elif not (path.is_file() and path.suffix in WEIGHT_EXTENSIONS):
+                    elif not (path.is_file() and path.suffix.lower() in WEIGHT_EXTENSIONS):
+                        continue
+                    if (
+                        loadable_only
+                        and path.suffix.lower() in PICKLE_EXTENSIONS
+                        and not self.settings.allow_pickle
+                    ):
                         continue
                     if any(
                         _is_diffusers_folder(p)
@@ -171,12 +205,18 @@ class Registry:
 
     def detect(self, model: ModelFile) -> Detection:
         """Architecture of a checkpoint, cached by path, size and mtime."""
+        if model.path.suffix.lower() in PICKLE_EXTENSIONS and not self.settings.allow_pickle:
+            raise UnsupportedModel(
+                f"{model.name} is a pickled file: not opened unless the worker sets ALLOW_PICKLE=1",
+                field="checkpoint",
+                accepted=".safetensors files or diffusers folders",
+            )
         stat = model.path.stat()
         key = (str(model.path), stat.st_mtime, stat.st_size)
         if key not in self._detections:
             if model.is_folder:
                 self._detections[key] = detect_diffusers_folder(model.path)
-            elif model.path.suffix in SAFE_EXTENSIONS:
+            elif model.path.suffix.lower() in SAFE_EXTENSIONS:
                 self._detections[key] = detect_checkpoint(model.path)
             else:  # a pickle, allowed by ALLOW_PICKLE=1 (resolve refuses it otherwise)
                 self._detections[key] = detect_pickled_checkpoint(model.path)
@@ -330,7 +370,7 @@ def _inside_root(path: Path, root: Path, field_name: str, name: str) -> None:
 
 def _candidates(base: Path, kind: str) -> list[Path]:
     """The paths a name may refer to: as given, or with each weight extension added."""
-    if base.suffix in WEIGHT_EXTENSIONS:
+    if base.suffix.lower() in WEIGHT_EXTENSIONS:
         return [base]
     candidates = [base.with_name(base.name + ext) for ext in WEIGHT_EXTENSIONS]
     if kind == "checkpoint":
@@ -349,7 +389,7 @@ def _is_diffusers_folder(path: Path) -> bool:
 
 def _public_name(path: Path, base: Path) -> str:
     relative = path.relative_to(base).as_posix()
-    return relative[: -len(path.suffix)] if path.suffix in WEIGHT_EXTENSIONS else relative
+    return relative[: -len(path.suffix)] if path.suffix.lower() in WEIGHT_EXTENSIONS else relative
 
 
 # -- architecture detection ----------------------------------------------------------------

@@ -211,3 +211,58 @@ def test_allowed_pickles_are_detected_and_loaded_without_running_code(
     with pytest.raises(UnsupportedModel):
         detect_pickled_checkpoint(evil)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_bare_names_find_files_in_subfolders_and_extensions_ignore_case(registry, demo_volume):
+    peft = (demo_volume / "loras" / "demo_sd15_peft.safetensors").read_bytes()
+    sub = demo_volume / "loras" / "anime"
+    sub.mkdir(exist_ok=True)
+    (sub / "Inkwash.SafeTensors").write_bytes(peft)
+    try:
+        assert registry.resolve("lora", "Inkwash", "prompt").path == sub / "Inkwash.SafeTensors"
+        assert registry.resolve("lora", "anime/Inkwash", "prompt").name == "anime/Inkwash"
+        assert "anime/Inkwash" in registry.names("lora")
+        other = demo_volume / "loras" / "other"
+        other.mkdir(exist_ok=True)
+        (other / "inkwash.safetensors").write_bytes(peft)
+        with pytest.raises(InvalidInput) as info:
+            registry.resolve("lora", "inkwash", "loras[0].name")
+        assert info.value.field == "loras[0].name" and "other/inkwash" in info.value.accepted
+        (other / "inkwash.safetensors").unlink()
+    finally:
+        (sub / "Inkwash.SafeTensors").unlink()
+
+
+def test_pickles_are_never_opened_without_allow_pickle(settings, demo_volume, tmp_path, engine):
+    """list_models and embedding lookup skip pickles; with ALLOW_PICKLE an A1111 .pt embedding
+    (string_to_param dict, extra non-tensor entries) loads."""
+    from handler.engine import Engine
+    from handler.schema import parse_job
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    import pickle
+
+    evil = demo_volume / "checkpoints" / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"x": RunsCode()}))
+    vectors = torch.randn(2, 32)
+    embedding = demo_volume / "embeddings" / "oldstyle.pt"
+    torch.save({"string_to_param": {"*": vectors}, "name": "oldstyle", "step": 3000}, embedding)
+    try:
+        listed = {c["name"]: c for c in Engine(settings).list_models()["checkpoints"]}
+        assert listed["evil"]["architecture"] == "unsupported"
+        assert "ALLOW_PICKLE" in listed["evil"]["reason"]
+        assert Registry(settings).files("embedding", loadable_only=True) == [
+            f for f in Registry(settings).files("embedding") if f.path.suffix != ".pt"
+        ]
+        job = {"prompt": "a cube, oldstyle", "width": 64, "height": 64, "steps": 2, "seed": 3}
+        job["checkpoint"] = "demo-sd15"
+        plain = Engine(settings).run(parse_job(job))
+        with_pickles = Engine(replace(settings, allow_pickle=True)).run(parse_job(job))
+        assert plain.images[0].image != with_pickles.images[0].image  # the embedding applied
+    finally:
+        evil.unlink()
+        embedding.unlink()
+    assert not (tmp_path / "pwned").exists()
