@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from scripts.make_demo_volume import build_components, tiny_folders
@@ -109,3 +110,22 @@ def _pixels(image_result) -> bytes:
 
     data = base64.b64decode(image_result.image.split(",", 1)[1])
     return Image.open(io.BytesIO(data)).tobytes()
+
+
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_img2img_and_inpaint_views_share_the_fp16_weights(settings, checkpoint):
+    """from_pipe must neither copy the weights nor cast the shared modules to fp32."""
+    from handler.engine import Engine
+    from handler.pipelines import pipeline_for
+
+    engine = Engine(settings)
+    engine.dtype = torch.float16  # as on a GPU
+    loaded, _ = engine.checkpoint(checkpoint)
+    unet_weight = loaded.pipeline.unet.conv_in.weight
+    pointer = unet_weight.data_ptr()
+    for mode in ("img2img", "inpaint"):
+        view = pipeline_for(loaded, mode)
+        assert view.unet is loaded.pipeline.unet and view.vae is loaded.pipeline.vae
+    assert loaded.pipeline.unet.dtype == torch.float16
+    assert loaded.pipeline.text_encoder.dtype == torch.float16
+    assert loaded.pipeline.unet.conv_in.weight.data_ptr() == pointer
