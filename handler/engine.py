@@ -104,6 +104,12 @@ class Engine:
         self.startup_ms: dict[str, float] = {}  # what setup() spent, for logs and benchmarks
         self._starting = False
         self._to_hash: list = []
+        if self.settings.safety_policy not in ("blur", "withhold"):
+            raise InvalidInput(
+                f"unknown policy {self.settings.safety_policy!r}",
+                field="SAFETY_POLICY",
+                accepted="blur or withhold",
+            )
         if self.settings.compile and self.device.type == "cuda":
             fastpath.use_compile_cache(
                 fastpath.compile_cache_dir(
@@ -126,6 +132,8 @@ class Engine:
         """
         self._starting = True
         try:
+            if self.settings.safety_checker:
+                self.safety_checker()  # a worker told to check images must be able to
             if self.settings.default_checkpoint:
                 started = time.perf_counter()
                 loaded, _ = self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
@@ -598,10 +606,12 @@ class Engine:
         return refiner
 
     def _safety_checker_for(self, job: Job):
-        """(checker, image processor) when this job is checked, loaded once from the volume."""
+        """(checker, image processor) when this job is checked, else None."""
         enabled = self.settings.safety_checker if job.safety_checker is None else job.safety_checker
-        if not enabled:
-            return None
+        return self.safety_checker() if enabled else None
+
+    def safety_checker(self):
+        """(checker, image processor), loaded once from `<model root>/safety_checker/`."""
         if self._safety is None:
             folder = next(
                 (
@@ -623,13 +633,20 @@ class Engine:
             )
             from transformers import CLIPImageProcessor
 
-            checker = StableDiffusionSafetyChecker.from_pretrained(
-                str(folder), torch_dtype=self.dtype
-            )
-            self._safety = (
-                checker.to(self.device).eval(),
-                CLIPImageProcessor.from_pretrained(str(folder)),
-            )
+            try:
+                checker = StableDiffusionSafetyChecker.from_pretrained(
+                    str(folder), torch_dtype=self.dtype, local_files_only=True
+                )
+                processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                raise InvalidInput(
+                    f"the safety checker in {folder} could not be loaded "
+                    f"({type(error).__name__}: {str(error)[:200]})",
+                    field="safety_checker",
+                    accepted="a complete diffusers StableDiffusionSafetyChecker folder "
+                    "(config.json, weights, preprocessor_config.json), or safety_checker false",
+                ) from None
+            self._safety = (checker.to(self.device).eval(), processor)
         return self._safety
 
     def _flagged(self, safety, image) -> bool:

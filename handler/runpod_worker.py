@@ -12,6 +12,7 @@ from typing import Any
 from handler.engine import Engine, Progress
 from handler.errors import InternalError, InvalidInput, WorkerError
 from handler.schema import parse_job
+from handler.settings import Settings
 
 log = logging.getLogger("handler.runpod")
 
@@ -112,6 +113,16 @@ def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
 
 
 def _run_action(engine: Engine, job_input: dict[str, Any]) -> dict[str, Any]:
+    """Run an action job ({"action": "list_models"}), logged like any other job."""
+    started = time.perf_counter()
+    result = _action_result(engine, job_input)
+    log.info(
+        "action %s done (%.0f ms)", job_input["action"], (time.perf_counter() - started) * 1000
+    )
+    return result
+
+
+def _action_result(engine: Engine, job_input: dict[str, Any]) -> dict[str, Any]:
     action = job_input.get("action")
     extra = sorted(set(job_input) - {"action"})
     if action not in ACTIONS:
@@ -140,7 +151,6 @@ async def handle(job: dict[str, Any]) -> dict[str, Any]:
 
 def fitness_checks(engine_factory=get_engine) -> list:
     """Start-up checks that keep a broken worker from taking jobs."""
-    from handler.settings import Settings
 
     def model_root_is_readable() -> None:
         settings = Settings.from_env()
@@ -154,12 +164,25 @@ def fitness_checks(engine_factory=get_engine) -> list:
 
     def default_checkpoint_resolves() -> None:
         settings = Settings.from_env()
+        engine = engine_factory()
         if settings.default_checkpoint:
-            engine = engine_factory()
             model = engine.registry.resolve(
                 "checkpoint", settings.default_checkpoint, "DEFAULT_CHECKPOINT"
             )
             engine.registry.detect(model)
+        elif not engine.registry.names("checkpoint"):
+            raise RuntimeError(
+                "no checkpoint on the model roots "
+                f"{[str(r) for r in settings.model_roots]} and no DEFAULT_CHECKPOINT: "
+                "every job would fail (is the network volume attached?)"
+            )
+
+    def safety_checker_is_usable() -> None:
+        settings = Settings.from_env()
+        if settings.safety_policy not in ("blur", "withhold"):
+            raise RuntimeError(f"SAFETY_POLICY={settings.safety_policy!r}: use blur or withhold")
+        if settings.safety_checker:
+            engine_factory().safety_checker()  # loads it, or raises naming what is missing
 
     def gpu_present_when_required() -> None:
         import torch
@@ -167,20 +190,52 @@ def fitness_checks(engine_factory=get_engine) -> list:
         if Settings.from_env().require_gpu and not torch.cuda.is_available():
             raise RuntimeError("REQUIRE_GPU=1 but CUDA is not available")
 
-    return [model_root_is_readable, default_checkpoint_resolves, gpu_present_when_required]
+    return [
+        model_root_is_readable,
+        default_checkpoint_resolves,
+        safety_checker_is_usable,
+        gpu_present_when_required,
+    ]
+
+
+def keep_sdk_log_at_info() -> None:
+    """The SDK logs whole jobs and handler outputs (prompts, base64 images, presigned URLs) at
+    DEBUG. Whatever RUNPOD_LOG_LEVEL, RUNPOD_DEBUG_LEVEL or --rp_log_level say, its logger never
+    goes below INFO."""
+    from runpod.serverless.modules.rp_logger import LOG_LEVELS, RunPodLogger
+
+    set_level = RunPodLogger.set_level
+    if getattr(set_level, "clamped", False):
+        return
+
+    def at_least_info(self, new_level) -> None:
+        set_level(self, new_level)
+        if LOG_LEVELS.index(self.level) < LOG_LEVELS.index("INFO"):
+            self.level = "INFO"
+
+    at_least_info.clamped = True  # type: ignore[attr-defined]
+    RunPodLogger.set_level = at_least_info
+    logger = RunPodLogger()
+    if LOG_LEVELS.index(logger.level) < LOG_LEVELS.index("INFO"):
+        logger.level = "INFO"
 
 
 def main() -> None:
     """Set up the engine, register fitness checks, then hand over to the RunPod SDK."""
-    # The SDK logs handler outputs (base64 images) at DEBUG: never run it below INFO.
-    os.environ["RUNPOD_DEBUG_LEVEL"] = "INFO"
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     import runpod
 
+    keep_sdk_log_at_info()
     for check in fitness_checks():
         runpod.serverless.register_fitness_check(check)
+    if Settings.from_env().require_gpu:
+        import torch
+
+        if not torch.cuda.is_available():  # fail before spending minutes loading on the CPU
+            log.error("worker cannot start: REQUIRE_GPU=1 but CUDA is not available")
+            raise SystemExit(1)
     started = time.perf_counter()
     try:
         get_engine()

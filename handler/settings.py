@@ -88,7 +88,7 @@ class Settings:
             max_lora_cache_bytes=_int("LORA_CACHE_MB", 1024) * 1024 * 1024,
             resident_loras=_int("RESIDENT_LORAS", 8),
             safety_checker=_flag("SAFETY_CHECKER"),
-            safety_policy=_str("SAFETY_POLICY", "blur"),
+            safety_policy=(_str("SAFETY_POLICY", "blur") or "blur").strip().lower(),
             refiner_checkpoint=_str("REFINER_CHECKPOINT"),
             cuda_graphs=_flag("CUDA_GRAPHS", True),
             graph_shapes=_int("GRAPH_SHAPES", 4),

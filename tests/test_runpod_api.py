@@ -17,7 +17,10 @@ SECRET_PROMPT = "zebra-7f3a9c tangerine lighthouse"
 @pytest.fixture(scope="module")
 def api(demo_volume, tmp_path_factory):
     log = tmp_path_factory.mktemp("runpod") / "worker.log"
-    url, server = start_runpod_api(demo_volume, log, DEFAULT_CHECKPOINT="demo-sdxl")
+    # Asking the SDK for DEBUG logs (which print whole jobs and outputs) must not leak them.
+    url, server = start_runpod_api(
+        demo_volume, log, DEFAULT_CHECKPOINT="demo-sdxl", RUNPOD_LOG_LEVEL="DEBUG"
+    )
     try:
         yield url, server
     finally:
@@ -194,6 +197,7 @@ def test_logs_carry_no_prompts_no_base64_and_one_line_per_job(api):
     log = server.log()
     assert SECRET_PROMPT not in log
     assert "base64," not in log and "iVBOR" not in log
+    assert "DEBUG" not in log  # RUNPOD_LOG_LEVEL=DEBUG was held at INFO
     done = [line for line in log.splitlines() if " done: model=" in line]
     assert done and all(
         "size=" in line and "steps=" in line and "timings_ms=" in line for line in done

@@ -225,6 +225,42 @@ def test_fitness_checks(monkeypatch, tmp_path, demo_volume, engine):
             checks["gpu_present_when_required"]()
 
 
+def test_fitness_refuses_an_empty_volume_and_a_bad_safety_setup(monkeypatch, tmp_path, settings):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    empty = tmp_path / "volume"
+    (empty / "checkpoints").mkdir(parents=True)
+    bare = Engine(replace(settings, models_dir=str(empty)))
+    checks = {c.__name__: c for c in runpod_worker.fitness_checks(engine_factory=lambda: bare)}
+    monkeypatch.setenv("MODELS_DIR", str(empty))
+    monkeypatch.delenv("DEFAULT_CHECKPOINT", raising=False)
+    with pytest.raises(RuntimeError, match="no checkpoint on the model roots"):
+        checks["default_checkpoint_resolves"]()
+    monkeypatch.setenv("SAFETY_POLICY", "Delete")
+    with pytest.raises(RuntimeError, match="SAFETY_POLICY"):
+        checks["safety_checker_is_usable"]()
+    monkeypatch.setenv("SAFETY_POLICY", "withhold")
+    monkeypatch.setenv("SAFETY_CHECKER", "1")
+    with pytest.raises(Exception, match="safety_checker"):
+        checks["safety_checker_is_usable"]()
+
+
+def test_device_side_assert_asks_for_a_fresh_worker(worker, engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+
+    def device_assert(module, args):
+        raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+
+    hook = loaded.pipeline.unet.register_forward_pre_hook(device_assert)
+    try:
+        reply = runpod_worker.run_job({"id": "d", "input": JOB}, threading.Event())
+    finally:
+        hook.remove()
+    assert reply["error"].startswith("internal_error:") and reply["refresh_worker"] is True
+
+
 def test_worker_with_a_bad_default_checkpoint_refuses_to_start(demo_volume):
     out = run_worker([], demo_volume, DEFAULT_CHECKPOINT="does-not-exist")
     assert out.returncode == 1
