@@ -48,6 +48,17 @@ A1111_NEUTRAL = {
     "inpaint_full_res": (False, 0),
     "inpaint_full_res_padding": (0, 32),
     "s_noise": (None, 1, 1.0),
+    "s_min_uncond": (None, 0, 0.0),
+    "s_churn": (None, 0, 0.0),
+    "s_tmin": (None, 0, 0.0),
+    "s_tmax": (None, 0, 0.0),
+    "disable_extra_networks": False,
+    "firstphase_width": (0, None),
+    "firstphase_height": (0, None),
+    "comments": (None, {}),
+    "script_name": (None, ""),
+    "force_task_id": (None, ""),
+    "infotext": (None, ""),
 }
 # A1111 >= 1.9 names the noise schedule separately from the sampler.
 A1111_SCHEDULE_TYPES = {"automatic": "", "karras": "Karras", "uniform": "", "normal": ""}
@@ -62,6 +73,35 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     data = dict(payload)
     warnings: list[str] = []
     _apply_hires_fields(data)  # first: with enable_hr, denoising_strength belongs to hires
+
+    # 0. Defaults other clients send explicitly: worker-sdxl's negative_prompt null, A1111's
+    #    deprecated sampler_index (which A1111 itself ignores when sampler_name is given) and
+    #    its "Automatic" schedule type, and its refiner fields.
+    if "negative_prompt" in data and data["negative_prompt"] is None:
+        data["negative_prompt"] = ""
+    if "sampler_index" in data:
+        index = data.pop("sampler_index")
+        if "sampler_name" not in data and "scheduler" not in data:
+            data["sampler_name"] = index
+        elif data.get("sampler_name", index) != index:
+            warnings.append("sampler_index ignored: sampler_name is given (as A1111 does)")
+    if "sampler_name" not in data and _is_schedule_type(data.get("scheduler")):
+        if data["scheduler"].lower() != "automatic":
+            raise InvalidInput(
+                f"schedule type {data['scheduler']!r} needs a sampler_name",
+                field="scheduler",
+                accepted="a sampler such as 'DPM++ 2M Karras', or sampler_name + scheduler",
+            )
+        data.pop("scheduler")
+    switch_at = data.pop("refiner_switch_at", None)
+    if switch_at is not None and data.get("refiner_checkpoint"):
+        if "high_noise_frac" in data:
+            raise InvalidInput(
+                "both refiner_switch_at and high_noise_frac are given",
+                field="refiner_switch_at",
+                accepted="one of them",
+            )
+        data["high_noise_frac"] = switch_at
 
     # 1. Plain renames; two names for one field is ambiguous, so it is refused.
     for alias, native in FIELD_ALIASES.items():

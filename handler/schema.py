@@ -225,7 +225,31 @@ def _accepted(error: dict[str, Any]) -> str | None:
         return text + (f", a multiple of {step}" if step else "")
     if kind == "extra_forbidden":
         return "fields: " + ", ".join(Job.model_fields)
+    if bounds is not None:  # missing, or of the wrong type: say the type (and its range)
+        described = _type_name(bounds.annotation)
+        low = next((r.ge for r in bounds.metadata if getattr(r, "ge", None) is not None), None)
+        high = next((r.le for r in bounds.metadata if getattr(r, "le", None) is not None), None)
+        if low is not None and high is not None:
+            described += f" from {low} to {high}"
+        return described
     return None
+
+
+def _type_name(annotation: Any) -> str:
+    """'a string', 'an integer', ... for a field's annotation (first non-None member)."""
+    import types
+    import typing
+
+    members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    base = next((m for m in members if m is not type(None)), annotation)
+    if typing.get_origin(base) is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(base))
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    if base in names:
+        return names[base]
+    if typing.get_origin(base) is list:
+        return "a list"
+    return "an object" if isinstance(base, type) and issubclass(base, BaseModel) else "a value"
 
 
 def invalid_input_from(error: ValidationError) -> InvalidInput:

@@ -50,7 +50,7 @@ class Settings:
     attention: str = "auto"
     warmup: bool = True
     require_gpu: bool = False
-    max_inline_bytes: int = 10 * 1024 * 1024
+    max_inline_bytes: int = 9 * 1024 * 1024
     allow_http_inputs: bool = False
     allow_private_inputs: bool = False
     max_input_bytes: int = 20 * 1024 * 1024
@@ -97,7 +97,7 @@ class Settings:
             attention=_str("ATTENTION_BACKEND", "auto"),
             warmup=_flag("WARMUP", True),
             require_gpu=_flag("REQUIRE_GPU"),
-            max_inline_bytes=_int("MAX_INLINE_BYTES", 10 * 1024 * 1024),
+            max_inline_bytes=_int("MAX_INLINE_BYTES", 9 * 1024 * 1024),
             allow_http_inputs=_flag("ALLOW_HTTP_INPUTS"),
             allow_private_inputs=_flag("ALLOW_PRIVATE_INPUTS"),
             max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024),

@@ -101,3 +101,102 @@ def test_unknown_scheduler_lists_the_names():
 def test_seed_zero_and_max_are_valid():
     assert parse_job({"prompt": "x", "seed": 0}).seed == 0
     assert parse_job({"prompt": "x", "seed": MAX_SEED}).seed == MAX_SEED
+
+
+def test_a_full_a1111_txt2img_payload_is_accepted():
+    """Every field A1111's /sdapi/v1/txt2img model sends, at the values its clients default to."""
+    payload = {
+        "prompt": "a castle",
+        "negative_prompt": "",
+        "styles": [],
+        "seed": -1,
+        "subseed": -1,
+        "subseed_strength": 0,
+        "seed_resize_from_h": -1,
+        "seed_resize_from_w": -1,
+        "sampler_name": "DPM++ 2M",
+        "scheduler": "Karras",
+        "batch_size": 1,
+        "n_iter": 2,
+        "steps": 20,
+        "cfg_scale": 7,
+        "width": 512,
+        "height": 512,
+        "restore_faces": False,
+        "tiling": False,
+        "do_not_save_samples": False,
+        "do_not_save_grid": False,
+        "eta": 0,
+        "denoising_strength": 0,
+        "s_min_uncond": 0,
+        "s_churn": 0,
+        "s_tmax": None,
+        "s_tmin": 0,
+        "s_noise": 1,
+        "override_settings": {},
+        "override_settings_restore_afterwards": True,
+        "refiner_checkpoint": None,
+        "refiner_switch_at": None,
+        "disable_extra_networks": False,
+        "firstphase_width": 0,
+        "firstphase_height": 0,
+        "comments": {},
+        "enable_hr": False,
+        "hr_scale": 2,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 0,
+        "hr_resize_x": 0,
+        "hr_resize_y": 0,
+        "hr_prompt": "",
+        "hr_negative_prompt": "",
+        "sampler_index": "Euler",
+        "script_name": None,
+        "script_args": [],
+        "send_images": True,
+        "save_images": False,
+        "alwayson_scripts": {},
+    }
+    job = parse_job(payload)
+    assert job.scheduler == "DPM++ 2M Karras" and job.steps == 20 and job.num_images == 2
+    assert job.seed is None and job.hires is None
+    assert any("sampler_index ignored" in note for note in job._notes)
+    assert parse_job({"prompt": "x", "scheduler": "Automatic"}).scheduler == parse_job(
+        {"prompt": "x"}
+    ).scheduler
+    assert parse_job({"prompt": "x", "sampler_index": "Euler a"}).scheduler == "Euler a"
+
+
+def test_worker_sdxl_defaults_are_accepted():
+    job = parse_job(
+        {
+            "prompt": "a castle",
+            "negative_prompt": None,
+            "height": 1024,
+            "width": 1024,
+            "seed": None,
+            "scheduler": "K_EULER",
+            "num_inference_steps": 25,
+            "refiner_inference_steps": 50,
+            "guidance_scale": 7.5,
+            "strength": 0.3,
+            "image_url": None,
+            "num_images": 1,
+            "high_noise_frac": None,
+        }
+    )
+    assert job.negative_prompt == "" and job.steps == 25 and job.image is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "accepted"),
+    [
+        ({}, "prompt", "a string"),
+        ({"prompt": 3}, "prompt", "a string"),
+        ({"prompt": "x", "steps": "many"}, "steps", "an integer from 1 to 150"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format", "png"),
+    ],
+)
+def test_type_errors_say_what_would_be_accepted(payload, field, accepted):
+    with pytest.raises(InvalidInput) as info:
+        parse_job(payload)
+    assert info.value.field == field and accepted in str(info.value.accepted)
