@@ -14,6 +14,7 @@ import io
 import ipaddress
 import socket
 import ssl
+import time
 from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
@@ -127,7 +128,9 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
 
 
 def fetch_url(url: str, field: str, settings: Settings) -> bytes:
-    """GET `url`, following up to 3 redirects, with every hop's address checked."""
+    """GET `url`, following up to 3 redirects, with every hop's address checked, all within
+    INPUT_TIMEOUT_S (a server that trickles bytes cannot hold the job)."""
+    deadline = time.monotonic() + settings.input_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         if parts.scheme != "https" and not (parts.scheme == "http" and settings.allow_http_inputs):
@@ -140,7 +143,7 @@ def fetch_url(url: str, field: str, settings: Settings) -> bytes:
         if not parts.hostname:
             raise InvalidInput("the URL has no host", field=field, accepted="https://host/path")
         address = _public_address(parts.hostname, parts.port, field, settings)
-        status, location, body = _get(parts, address, field, settings)
+        status, location, body = _get(parts, address, field, settings, deadline)
         if status in (301, 302, 303, 307, 308) and location:
             url = urljoin(url, location)
             continue
@@ -188,7 +191,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self.kept_socket = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -197,14 +200,18 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self._address = address
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self.kept_socket = socket.create_connection(
+            (self._address, self.port), self.timeout
+        )
 
 
-def _get(parts, address: str, field: str, settings: Settings) -> tuple[int, str | None, bytes]:
+def _get(
+    parts, address: str, field: str, settings: Settings, deadline: float
+) -> tuple[int, str | None, bytes]:
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
     cls = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
-    connection = cls(parts.hostname, address, port, settings.input_timeout_s)
+    connection = cls(parts.hostname, address, port, _remaining(deadline, field, settings))
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -220,14 +227,30 @@ def _get(parts, address: str, field: str, settings: Settings) -> tuple[int, str 
                 field=field,
                 accepted=f"images up to {settings.max_input_bytes} bytes",
             )
-        body = response.read(settings.max_input_bytes + 1)
-        if len(body) > settings.max_input_bytes:
-            raise InvalidInput(
-                "the image is over the input size cap",
+        chunks, received = [], 0
+        while True:
+            # http.client may drop connection.sock once the response is read to the end
+            connection.kept_socket.settimeout(_remaining(deadline, field, settings))
+            chunk = response.read1(64 * 1024)
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > settings.max_input_bytes:
+                raise InvalidInput(
+                    "the image is over the input size cap",
+                    field=field,
+                    accepted=f"images up to {settings.max_input_bytes} bytes",
+                )
+            chunks.append(chunk)
+        if declared and declared.isdigit() and received < int(declared):
+            raise InputFetchFailed(
+                f"the connection closed after {received} of {declared} bytes",
                 field=field,
-                accepted=f"images up to {settings.max_input_bytes} bytes",
+                accepted="a URL that serves the whole image",
             )
-        return 200, None, body
+        return 200, None, b"".join(chunks)
+    except TimeoutError:
+        raise _timed_out(field, settings) from None
     except (OSError, http.client.HTTPException) as error:
         raise InputFetchFailed(
             f"fetching the URL failed ({type(error).__name__})",
@@ -236,6 +259,21 @@ def _get(parts, address: str, field: str, settings: Settings) -> tuple[int, str 
         ) from None
     finally:
         connection.close()
+
+
+def _remaining(deadline: float, field: str, settings: Settings) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timed_out(field, settings)
+    return left
+
+
+def _timed_out(field: str, settings: Settings) -> InputFetchFailed:
+    return InputFetchFailed(
+        f"the image did not arrive within INPUT_TIMEOUT_S ({settings.input_timeout_s:g} s)",
+        field=field,
+        accepted="a URL that serves the image promptly",
+    )
 
 
 def fit_image(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -37,6 +38,23 @@ def image_server():
                 self.send_response(302)
                 self.send_header("Location", "/img.png")
                 self.end_headers()
+            elif self.path == "/trickle":  # one byte every 0.3 s: never finishes in time
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except OSError:
+                    pass  # the worker gave up, as it should
+            elif self.path == "/truncated":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
             elif self.path == "/loop":
                 self.send_response(302)
                 self.send_header("Location", "/loop")
@@ -121,3 +139,28 @@ def test_garbage_is_invalid(settings):
         load_image("not base64 at all!", "image", settings)
     with pytest.raises(InvalidInput):
         load_image(base64.b64encode(b"hello").decode(), "image", settings)
+
+
+def test_the_timeout_bounds_the_whole_fetch(image_server, local_fetch):
+    settings = replace(local_fetch, input_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
+        load_image(f"{image_server}/trickle", "image", settings)
+    assert time.monotonic() - started < 2.5 and info.value.field == "image"
+
+
+def test_a_truncated_download_is_a_fetch_failure(image_server, local_fetch):
+    with pytest.raises(InputFetchFailed, match="closed after"):
+        load_image(f"{image_server}/truncated", "mask", local_fetch)
+
+
+def test_hostnames_resolving_to_private_addresses_are_refused(settings, monkeypatch):
+    import socket
+
+    for address in ("10.1.2.3", "169.254.169.254", "127.0.0.1", "fd00::1"):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        answer = [(family, socket.SOCK_STREAM, 6, "", (address, 443))]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *args, a=answer, **kwargs: a)
+        with pytest.raises(InvalidInput, match="non-public address") as info:
+            load_image("https://images.example.com/cat.png", "image", settings)
+        assert info.value.field == "image"

@@ -160,9 +160,10 @@ def test_a_full_a1111_txt2img_payload_is_accepted():
     assert job.scheduler == "DPM++ 2M Karras" and job.steps == 20 and job.num_images == 2
     assert job.seed is None and job.hires is None
     assert any("sampler_index ignored" in note for note in job._notes)
-    assert parse_job({"prompt": "x", "scheduler": "Automatic"}).scheduler == parse_job(
-        {"prompt": "x"}
-    ).scheduler
+    assert (
+        parse_job({"prompt": "x", "scheduler": "Automatic"}).scheduler
+        == parse_job({"prompt": "x"}).scheduler
+    )
     assert parse_job({"prompt": "x", "sampler_index": "Euler a"}).scheduler == "Euler a"
 
 
