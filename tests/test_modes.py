@@ -309,3 +309,18 @@ def test_safety_checker_without_weights_fails_clearly(settings, tmp_path):
     with pytest.raises(InvalidInput) as info:
         bare.run(parse_job({"prompt": "x", "checkpoint": "demo-sd15", "safety_checker": True}))
     assert info.value.field == "safety_checker" and "safety_checker/" in info.value.message
+
+
+def test_safety_checker_folder_without_weights_fails_clearly(settings, tmp_path):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    root = tmp_path / "root"
+    (root / "safety_checker").mkdir(parents=True)
+    source = settings.models_dir
+    shutil.copy(f"{source}/safety_checker/config.json", root / "safety_checker")
+    engine = Engine(replace(settings, models_dir=str(root)))
+    with pytest.raises(InvalidInput) as info:
+        engine.safety_checker()
+    assert info.value.field == "safety_checker" and "could not be loaded" in info.value.message
