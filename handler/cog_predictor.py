@@ -14,6 +14,7 @@ from pathlib import Path as FilePath
 from cog import BaseRunner, Input, Path
 
 from handler.engine import Engine
+from handler.errors import InvalidInput
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -23,7 +24,15 @@ def parse_lora_list(text: str) -> list[dict]:
     loras = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, scale = item.rpartition(":") if ":" in item else (item, "", "")
-        loras.append({"name": name.strip(), "scale": float(scale) if scale.strip() else 1.0})
+        try:
+            value = float(scale) if scale.strip() else 1.0
+        except ValueError:
+            raise InvalidInput(
+                f"{item!r}: the scale is not a number",
+                field="loras",
+                accepted="'name:scale, name:scale', e.g. 'ink:0.8, detail'",
+            ) from None
+        loras.append({"name": name.strip(), "scale": value})
     return loras
 
 
@@ -49,6 +58,12 @@ class Predictor(BaseRunner):
         self.engine = Engine(Settings.from_env())
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))
+
+    def _fresh_outputs(self) -> FilePath:
+        """The output folder, emptied of the previous prediction's files (uploaded by now)."""
+        for old in self.outputs.iterdir():
+            old.unlink(missing_ok=True)
+        return self.outputs
 
     def run(
         self,
@@ -126,6 +141,21 @@ class Predictor(BaseRunner):
             le=1.0,
             description="img2img: how much of the init image is repainted (1.0 ignores it).",
         ),
+        resize_mode: str = Input(
+            default="just_resize",
+            choices=["just_resize", "crop", "fill"],
+            description="How image (and mask) fit width x height: stretch, crop to fill, or fit "
+            "and fill the borders (A1111's just resize / crop and resize / resize and fill).",
+        ),
+        hires_scale: float | None = Input(
+            default=None,
+            ge=1.0,
+            le=4.0,
+            description="Hires fix: upscale factor of a second img2img pass. Empty means one pass.",
+        ),
+        hires_strength: float = Input(
+            default=0.55, ge=0.05, le=1.0, description="Hires fix: second-pass denoising strength."
+        ),
         vae: str | None = Input(
             default=None, description="VAE name under vae/ to use instead of the checkpoint's."
         ),
@@ -144,6 +174,12 @@ class Predictor(BaseRunner):
             le=0.95,
             description="SDXL refiner ensemble: the fraction of steps the base model runs.",
         ),
+        refiner_inference_steps: int | None = Input(
+            default=None,
+            ge=1,
+            le=150,
+            description="SDXL refiner steps (refine-after when high_noise_frac is empty).",
+        ),
         output_format: str = Input(
             default="png", choices=["png", "jpeg", "webp"], description="Image file format."
         ),
@@ -153,6 +189,11 @@ class Predictor(BaseRunner):
         strip_metadata: bool = Input(
             default=False,
             description="API only: write no generation parameters (infotext) into the files.",
+        ),
+        disable_safety_checker: bool = Input(
+            default=False,
+            description="API only: skip the safety checker for this prediction (when the model "
+            "runs one).",
         ),
     ) -> list[Path]:
         """Generate images; each file's name and infotext carry its seed."""
@@ -169,12 +210,16 @@ class Predictor(BaseRunner):
             "num_images": num_images,
             "loras": parse_lora_list(loras),
             "strength": strength,
+            "resize_mode": resize_mode,
+            "hires": {"scale": hires_scale, "strength": hires_strength} if hires_scale else None,
             "mask_blur": mask_blur,
             "invert_mask": invert_mask,
             "vae": vae or None,
             "clip_skip": clip_skip,
             "refiner_checkpoint": refiner_checkpoint or None,
             "high_noise_frac": high_noise_frac,
+            "refiner_inference_steps": refiner_inference_steps,
+            "safety_checker": False if disable_safety_checker else None,
             "output_format": output_format,
             "output_quality": output_quality,
             "strip_metadata": strip_metadata,
@@ -185,11 +230,15 @@ class Predictor(BaseRunner):
                 payload[name] = base64.b64encode(FilePath(path).read_bytes()).decode("ascii")
         # WorkerError propagates: the prediction fails with "<code>: <field>: ...".
         result = self.engine.run(parse_job(payload), progress=_LogProgress())
-        files = []
+        outputs, files = self._fresh_outputs(), []
         for item in result.images:
-            path = self.outputs / f"{item.index}-{item.seed}.{item.format}"
+            if item.withheld:  # the safety policy kept it back: reported, not delivered
+                print(f"image {item.index}: seed {item.seed}, withheld by the safety checker")
+                continue
+            path = outputs / f"{item.index}-{item.seed}.{item.format}"
             path.write_bytes(base64.b64decode(item.image.split(",", 1)[1]))
-            print(f"image {item.index}: seed {item.seed}")
+            flagged = ", flagged and blurred by the safety checker" if item.nsfw else ""
+            print(f"image {item.index}: seed {item.seed}{flagged}")
             files.append(Path(path))
         for warning in result.warnings:
             print(f"warning: {warning}")

@@ -125,7 +125,8 @@ class Engine:
         return self._storage
 
     def setup(self) -> None:
-        """Preload DEFAULT_CHECKPOINT (and REFINER_CHECKPOINT), so the first job does not wait.
+        """Preload DEFAULT_CHECKPOINT (or the only checkpoint on the roots) and
+        REFINER_CHECKPOINT, so the first job does not wait.
 
         On a GPU, a two-step job at the checkpoint's native size then captures the UNet's CUDA
         graph (and compiles it, with COMPILE=1) before the worker takes jobs.
@@ -134,19 +135,20 @@ class Engine:
         try:
             if self.settings.safety_checker:
                 self.safety_checker()  # a worker told to check images must be able to
-            if self.settings.default_checkpoint:
+            # DEFAULT_CHECKPOINT, or the only checkpoint there is (a Cog image's baked model)
+            default = self.settings.default_checkpoint
+            if not default:
+                names = self.registry.names("checkpoint")
+                default = names[0] if len(names) == 1 else None
+            if default:
                 started = time.perf_counter()
-                loaded, _ = self.checkpoint(self.settings.default_checkpoint, "DEFAULT_CHECKPOINT")
+                loaded, _ = self.checkpoint(default, "DEFAULT_CHECKPOINT")
                 self.startup_ms["load"] = loaded.load_ms
                 self.startup_ms["resolve_and_load"] = _ms(started)
             if self.settings.refiner_checkpoint:
                 self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
-            if (
-                self.settings.default_checkpoint
-                and self.settings.warmup
-                and self.device.type == "cuda"
-            ):
-                self.startup_ms["warm_up"] = self.warm_up(self.settings.default_checkpoint)
+            if default and self.settings.warmup and self.device.type == "cuda":
+                self.startup_ms["warm_up"] = self.warm_up(default)
         finally:
             self._starting = False
             self._hash_pending()

@@ -25,6 +25,7 @@ def build_schema() -> dict:
     from cog._inspector import create_predictor
 
     info = create_predictor(*PREDICTOR)
+    declared = _declared_inputs(info)
     properties, required, enums = {}, [], {}
     for name, field in sorted(info.inputs.items(), key=lambda item: item[1].order):
         prop: dict = {"title": name.replace("_", " ").title(), "x-order": field.order}
@@ -41,13 +42,17 @@ def build_schema() -> dict:
             prop.update(json_type)
         if field.description:
             prop["description"] = field.description
-        integer = json_type.get("type") == "integer"
-        for bound, key in ((field.ge, "minimum"), (field.le, "maximum")):
+        # Bounds as written in the predictor: the inspector keeps floats, and 2**64 - 1 as a
+        # float is 2**64, one more than a seed can be.
+        for key, bound in (("minimum", declared[name].ge), ("maximum", declared[name].le)):
             if bound is not None:
-                prop[key] = int(bound) if integer else bound
+                prop[key] = bound
+        optional = _optional(info, name)
+        if optional:
+            prop["nullable"] = True  # an explicit null means "empty", as the form sends it
         if field.default is not None:
             prop["default"] = field.default
-        elif not _optional(info, name):
+        elif not optional:
             required.append(name)
         properties[name] = prop
     schemas = {
@@ -66,6 +71,15 @@ def build_schema() -> dict:
         "paths": {},
         "components": {"schemas": schemas},
     }
+
+
+def _declared_inputs(info) -> dict:
+    """The Input(...) declarations of the predictor's run(), by name (exact ge/le values)."""
+    import inspect
+
+    module = __import__(info.module_name, fromlist=[info.predictor_name])
+    run = getattr(module, info.predictor_name).run
+    return {name: p.default for name, p in inspect.signature(run).parameters.items()}
 
 
 def _optional(info, name: str) -> bool:

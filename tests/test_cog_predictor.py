@@ -22,7 +22,25 @@ from handler.schedulers import SCHEDULER_NAMES
 from handler.schema import Job
 from tests.servers import REPO, Server, free_port
 
-COG_ONLY = {"loras"}  # a "name:scale, ..." string in the form, a list in the schema
+# Form inputs that stand for part of a schema field: LoRAs as a "name:scale, ..." string,
+# the hires fix's object as two inputs, and the safety checker as an API-only opt-out.
+COG_ONLY = {"loras", "hires_scale", "hires_strength", "disable_safety_checker"}
+# Schema fields not in the form, and why.
+NOT_IN_FORM = {
+    "destination": "Replicate hosts the output files itself",
+    "sidecar": "needs a bucket; Replicate has none",
+    "hires": "in the form as hires_scale and hires_strength",
+    "safety_checker": "in the form as disable_safety_checker (API only)",
+}
+
+
+def declared_inputs() -> dict:
+    """The predictor's Input(...) declarations, with their bounds exactly as written."""
+    import inspect
+
+    from handler.cog_predictor import Predictor
+
+    return {n: p.default for n, p in inspect.signature(Predictor.run).parameters.items()}
 
 
 def cog_inputs():
@@ -40,24 +58,45 @@ def bounds(field) -> tuple:
 
 
 def test_every_cog_input_matches_the_schema():
+    from handler.schema import HiresFix
+
+    declared = declared_inputs()
+    hires = {"hires_scale": "scale", "hires_strength": "strength"}
     for name, cog_field in cog_inputs().items():
-        assert name in Job.model_fields, f"{name} is not a schema field"
+        assert cog_field.description, f"{name} has no description"
+        if name in hires:
+            field = HiresFix.model_fields[hires[name]]
+            assert (declared[name].ge, declared[name].le) == bounds(field), name
+            if name == "hires_strength":
+                assert cog_field.default == field.default
+            continue
         if name in COG_ONLY:
             continue
+        assert name in Job.model_fields, f"{name} is not a schema field"
         field = Job.model_fields[name]
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         assert cog_field.default == default, name
-        ge, le = bounds(field)
-        # cog's inspector keeps bounds as floats (2**64 - 1 too); compare them as floats.
-        as_float = [None if b is None else float(b) for b in (ge, le)]
-        assert [cog_field.ge, cog_field.le] == as_float, name
+        assert (declared[name].ge, declared[name].le) == bounds(field), name  # exactly
         if name == "scheduler":
             assert tuple(cog_field.choices) == SCHEDULER_NAMES
         elif typing.get_origin(field.annotation) is typing.Literal:
             assert tuple(cog_field.choices) == typing.get_args(field.annotation), name
         else:
             assert not cog_field.choices, name
-        assert cog_field.description, f"{name} has no description"
+
+
+def test_every_schema_field_is_in_the_form_or_left_out_for_a_reason():
+    inputs = set(cog_inputs())
+    missing = [n for n in Job.model_fields if n not in inputs and n not in NOT_IN_FORM]
+    assert not missing, f"schema fields missing from the Cog form: {missing}"
+
+
+def test_openapi_bounds_are_exact_and_optional_inputs_are_nullable():
+    from scripts.cog_schema import build_schema
+
+    properties = build_schema()["components"]["schemas"]["Input"]["properties"]
+    assert properties["seed"]["maximum"] == 2**64 - 1 and properties["seed"]["nullable"]
+    assert properties["steps"]["maximum"] == 150 and "nullable" not in properties["steps"]
 
 
 def test_image_and_mask_are_cog_paths():
@@ -82,6 +121,11 @@ def test_lora_string_parsing():
         {"name": "c", "scale": -1.0},
     ]
     assert parse_lora_list("") == []
+    from handler.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as info:
+        parse_lora_list("ink:strong")
+    assert info.value.field == "loras"
 
 
 def test_cog_yaml_points_at_the_predictor_and_the_shared_requirements():
@@ -198,6 +242,13 @@ def test_out_of_range_input_is_a_422_naming_the_field(cog):
     response = predict(cog, {"prompt": "x", "steps": 500})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "input", "steps"]
+
+
+def test_the_largest_seed_is_accepted_and_one_more_is_a_422(cog):
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 1}
+    assert predict(cog, {**job, "seed": 2**64 - 1}).json()["status"] == "succeeded"
+    too_big = predict(cog, {**job, "seed": 2**64})
+    assert too_big.status_code == 422 and too_big.json()["detail"][0]["loc"][-1] == "seed"
 
 
 def test_unknown_checkpoint_fails_with_model_not_found_and_the_names(cog):
