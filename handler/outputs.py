@@ -248,9 +248,9 @@ class Storage:
             ContentType=content_type,
             ContentMD5=base64.b64encode(digest).decode("ascii"),
         )
-        encrypted = response.get("ServerSideEncryption") == "aws:kms" or response.get(
-            "SSECustomerAlgorithm"
-        )
+        encrypted = str(response.get("ServerSideEncryption", "")).startswith(
+            "aws:kms"
+        ) or response.get("SSECustomerAlgorithm")
         etag = str(response.get("ETag", "")).strip('"')
         if not encrypted and len(etag) == 32 and "-" not in etag and etag != digest.hex():
             raise UploadFailed(f"the bucket stored different bytes for {key}", field="destination")

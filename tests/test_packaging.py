@@ -73,3 +73,26 @@ def test_runpod_hub_files_are_valid_json_with_tests():
     assert hub["type"] == "serverless" and hub["config"]["runsOn"] == "GPU"
     assert tests["tests"] and all("input" in t for t in tests["tests"])
     assert json.loads((REPO / "test_input.json").read_text())["input"]["prompt"]
+
+
+def test_hub_dockerfile_is_the_worker_image_and_cuda_versions_match_torch():
+    import json
+    import re
+
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert (REPO / ".runpod" / "Dockerfile").read_text() == dockerfile
+    base = re.search(r"ARG CUDA_BASE=nvidia/cuda:(\d+\.\d+)", dockerfile).group(1)
+    assert base == "13.0"  # torch 2.13.0's PyPI wheels are CUDA 13.0 builds
+    for name in ("hub.json", "tests.json"):
+        data = json.loads((REPO / ".runpod" / name).read_text())
+        versions = data["config"]["allowedCudaVersions"]
+        assert versions and all(float(v) >= 13.0 for v in versions), name
+    hub = json.loads((REPO / ".runpod" / "hub.json").read_text())
+    keys = {entry["key"] for entry in hub["config"]["env"]}
+    assert {"BUCKET_ENDPOINT_URL", "BUCKET_NAME", "DEFAULT_CHECKPOINT"} <= keys
+
+
+def test_cog_and_the_worker_image_use_the_same_python():
+    cog = (REPO / "cog.yaml").read_text()
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert 'python_version: "3.12"' in cog and "ubuntu24.04" in dockerfile  # 24.04's python3
