@@ -152,10 +152,18 @@ def _pad_windows(a: Chunks, b: Chunks, tokenizer) -> None:
             chunks.weights.append(list(empty.weights[0]))
 
 
+def _multi_vector(pipeline, text: str, tokenizer) -> str:
+    """A multi-vector embedding's name spelled out as all its tokens ("emb" -> "emb emb_1"),
+    as diffusers does before its own encoding; weights around the name cover them all."""
+    convert = getattr(pipeline, "maybe_convert_prompt", None)
+    return convert(text, tokenizer) if convert and text else text
+
+
 @torch.no_grad()
 def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str, torch.Tensor]:
     """prompt_embeds / negative_prompt_embeds for SD 1.x/2.x (A1111 clip skip: 1 = last layer)."""
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
+    prompt, negative = (_multi_vector(pipeline, text, tokenizer) for text in (prompt, negative))
     positive, negatives = tokenize_chunks(prompt, tokenizer), tokenize_chunks(negative, tokenizer)
     _pad_windows(positive, negatives, tokenizer)
     device = encoder.device
@@ -185,8 +193,8 @@ def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[st
     embeds, negative_embeds, pooled, negative_pooled = [], [], None, None
     for tokenizer, encoder in pairs:
         positive, negatives = (
-            tokenize_chunks(prompt, tokenizer),
-            tokenize_chunks(negative, tokenizer),
+            tokenize_chunks(_multi_vector(pipeline, prompt, tokenizer), tokenizer),
+            tokenize_chunks(_multi_vector(pipeline, negative, tokenizer), tokenizer),
         )
         _pad_windows(positive, negatives, tokenizer)
         hidden, pooled_out = _encode_windows(encoder, positive, layer, device)

@@ -203,6 +203,17 @@ def test_embedding_by_name_in_the_prompt_then_removed(engine, base, embedding):
     assert (pixels(engine.run(parse_job({**base, "prompt": "a cube"}))) == pixels(plain)).all()
 
 
+@pytest.mark.parametrize(
+    ("base", "embedding"), [(SD15, "demo-sd15-embedding"), (SDXL, "demo-sdxl-embedding")]
+)
+def test_multi_vector_embeddings_use_every_vector_in_weighted_prompts(engine, base, embedding):
+    """The demo embeddings have two vectors: A1111 syntax (our own encoder) must use both, as
+    diffusers' plain encoding does, so a neutral weight changes nothing."""
+    plain = engine.run(parse_job({**base, "prompt": f"a cube, {embedding}"}))
+    weighted = engine.run(parse_job({**base, "prompt": f"a (cube:1.0), {embedding}"}))
+    assert (pixels(weighted) == pixels(plain)).all()
+
+
 def test_vae_override_applies_and_is_restored(engine):
     loaded, _ = engine.checkpoint("demo-sd15")
     original_vae = loaded.pipeline.vae
