@@ -324,3 +324,40 @@ def test_safety_checker_folder_without_weights_fails_clearly(settings, tmp_path)
     with pytest.raises(InvalidInput) as info:
         engine.safety_checker()
     assert info.value.field == "safety_checker" and "could not be loaded" in info.value.message
+
+
+# -- SDXL refiner ------------------------------------------------------------------------------
+
+REFINE = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4, "seed": 21}
+REFINE["checkpoint"] = "demo-sdxl"
+
+
+def test_refiner_ensemble_and_refine_after_each_change_the_image_deterministically(engine):
+    base = engine.run(parse_job(REFINE))
+    ensemble_job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "high_noise_frac": 0.5}
+    after_job = {
+        **REFINE,
+        "refiner_checkpoint": "demo-sdxl-refiner",
+        "refiner_inference_steps": 10,  # refine-after: 10 x 0.3 = 3 refiner steps
+    }
+    ensemble, ensemble_again = (
+        engine.run(parse_job(ensemble_job)),
+        engine.run(parse_job(ensemble_job)),
+    )
+    after, after_again = engine.run(parse_job(after_job)), engine.run(parse_job(after_job))
+    assert (pixels(ensemble) == pixels(ensemble_again)).all()
+    assert (pixels(after) == pixels(after_again)).all()
+    for refined in (ensemble, after):
+        assert np.abs(pixels(refined) - pixels(base)).max() > 0
+        assert not refined.warnings
+    assert np.abs(pixels(ensemble) - pixels(after)).max() > 0
+
+
+def test_refiner_fields_without_a_refiner_are_ignored_with_a_warning(engine):
+    result = engine.run(parse_job({**REFINE, "high_noise_frac": 0.8}))
+    assert any("no refiner checkpoint" in w for w in result.warnings)
+    assert (pixels(result) == pixels(engine.run(parse_job(REFINE)))).all()
+    sd15 = engine.run(
+        parse_job({**REFINE, "checkpoint": "demo-sd15", "refiner_checkpoint": "demo-sdxl-refiner"})
+    )
+    assert any("the refiner is for SDXL" in w for w in sd15.warnings)

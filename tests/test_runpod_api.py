@@ -272,3 +272,25 @@ def test_worker_sdxl_refiner_payload_with_a_refiner(api):
     )
     assert reply["status"] == "COMPLETED", reply
     assert not any("refiner" in w for w in reply["output"]["warnings"])
+
+
+def test_weighted_long_prompt_with_the_safety_checker_is_deterministic(api):
+    """A1111 weights, BREAK, a prompt past 75 tokens and the safety checker, over HTTP."""
+    words = ", ".join(f"detail{i}" for i in range(50))
+    job = {
+        "prompt": f"a (lighthouse:1.3) at [dusk] BREAK {words}",
+        "checkpoint": "demo-sd15",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "seed": 17,
+        "num_images": 2,
+        "safety_checker": True,
+    }
+    first, second = runsync(api, job), runsync(api, job)
+    assert first["status"] == second["status"] == "COMPLETED", first
+    images = first["output"]["images"]
+    assert [image["nsfw"] for image in images] == [True, True]  # the demo checker flags all
+    assert len(images) == 2 and all("image" in image for image in images)  # blurred, not dropped
+    assert decode(images[0]).tobytes() == decode(second["output"]["images"][0]).tobytes()
+    assert not any("truncat" in w for w in first["output"]["warnings"])
