@@ -269,3 +269,22 @@ def test_cache_evicts_under_its_limits_and_switching_back_reads_no_disk(settings
     assert len(small.cache) == 2
     small.checkpoint("demo-sdxl")  # was evicted: loads again
     assert loads == ["demo-sd15", "demo-sdxl", "demo-sd2-768-v", "demo-sdxl"]
+
+
+def test_state_dict_cache_is_bounded_by_bytes(demo_volume):
+    from handler.loras import StateDictCache
+
+    paths = sorted((demo_volume / "loras").glob("demo_*.safetensors"))[:3]
+    sizes = []
+    for path in paths:
+        probe = StateDictCache(max_bytes=10**12)
+        state = probe.get(path)
+        sizes.append(sum(t.numel() * t.element_size() for t in state.values()))
+    cache = StateDictCache(max_bytes=sizes[0] + sizes[1])
+    for path in paths:
+        cache.get(path)
+    assert cache.size_bytes <= sizes[0] + sizes[1] and cache.loads == 3
+    cache.get(paths[-1])  # the newest stayed
+    assert cache.loads == 3
+    cache.get(paths[0])  # the oldest went: read from disk again
+    assert cache.loads == 4
