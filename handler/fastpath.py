@@ -99,8 +99,7 @@ class UNetGraphs:
         return_dict: bool = True,
         **kwargs: Any,
     ):
-        inputs = self._graph_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
-        if self.disabled or inputs is None or args or any(v is not None for v in kwargs.values()):
+        def eager():
             return self._forward(
                 sample,
                 timestep,
@@ -110,6 +109,10 @@ class UNetGraphs:
                 return_dict=return_dict,
                 **kwargs,
             )
+
+        inputs = self._graph_inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        if self.disabled or inputs is None or args or any(v is not None for v in kwargs.values()):
+            return eager()
         key = tuple((name, tuple(t.shape), _static_dtype(name, t)) for name, t in inputs.items())
         with torch.inference_mode():
             graph = self._graphs.get(key)
@@ -119,13 +122,7 @@ class UNetGraphs:
                     self.layout_ms = self.choose_layout()  # once per UNet, at its first capture
                     graph = self._graphs.get(key)
                 if graph is None:  # capture failed: this call (and later ones) run eagerly
-                    return self._forward(
-                        sample,
-                        timestep,
-                        encoder_hidden_states,
-                        added_cond_kwargs=added_cond_kwargs,
-                        return_dict=return_dict,
-                    )
+                    return eager()
             self._graphs.move_to_end(key)
             for name, static in graph.inputs.items():
                 value = inputs[name]
