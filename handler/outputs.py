@@ -64,16 +64,14 @@ def encode_image(
 ) -> EncodedImage:
     """Encode a PIL image as png, jpeg or webp, with A1111 "parameters" infotext unless None.
 
-    The image's own `info` (an init image's ICC profile or comments) is never carried over:
-    the file holds the pixels and, unless stripped, the infotext.
+    Input images lose their own metadata when decoded (`handler.inputs.decode_image`), so an
+    inpainted output, composited over its init image, carries none of it either.
     """
     buffer = io.BytesIO()
     if fmt == "png" and image.mode in PNG_COLOR_TYPES:
         return EncodedImage(
             index, seed, image.width, image.height, fmt, encode_png(image, infotext)
         )
-    image = image.copy()
-    image.info.clear()
     if fmt == "png":
         info = None
         if infotext:

@@ -230,16 +230,12 @@ def test_hires_infotext_reports_the_final_size(engine):
 # -- safety checker ----------------------------------------------------------------------------
 
 
+SAFETY_JOB = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 6}
+SAFETY_JOB["checkpoint"] = "demo-sd15"
+
+
 def test_safety_checker_blurs_flagged_images_and_keeps_the_batch(engine):
-    job = {
-        "prompt": "x",
-        "width": 64,
-        "height": 64,
-        "steps": 2,
-        "seed": 6,
-        "checkpoint": "demo-sd15",
-        "num_images": 2,
-    }
+    job = {**SAFETY_JOB, "num_images": 2}
     plain = engine.run(parse_job(job))
     checked = engine.run(parse_job({**job, "safety_checker": True}))
     assert [image.nsfw for image in checked.images] == [True, True]  # the demo checker flags all
@@ -272,14 +268,7 @@ def test_withhold_policy_reports_without_delivering(settings):
 
 
 def test_unflagged_images_pass_unchanged(engine):
-    job = {
-        "prompt": "x",
-        "width": 64,
-        "height": 64,
-        "steps": 2,
-        "seed": 6,
-        "checkpoint": "demo-sd15",
-    }
+    job = dict(SAFETY_JOB)
     checker, _ = engine._safety_checker_for(parse_job({**job, "safety_checker": True}))
     weights = checker.concept_embeds_weights.clone()
     try:
