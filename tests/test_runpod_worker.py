@@ -142,26 +142,30 @@ def _pixels(image: dict) -> bytes:
     return Image.open(io.BytesIO(base64.b64decode(image["image"].split(",", 1)[1]))).tobytes()
 
 
-def test_persistent_oom_asks_for_a_fresh_worker(worker, engine):
+def run_with_unet_fault(engine, fault, job_id: str) -> dict:
+    """Run JOB through the handler with `fault(module, args)` called before each UNet forward."""
     loaded, _ = engine.checkpoint("demo-sd15")
+    hook = loaded.pipeline.unet.register_forward_pre_hook(fault)
+    try:
+        return runpod_worker.run_job({"id": job_id, "input": JOB}, threading.Event())
+    finally:
+        hook.remove()
+
+
+def test_persistent_oom_asks_for_a_fresh_worker(worker, engine):
     calls = []
 
     def out_of_memory(module, args):
         calls.append(1)
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    hook = loaded.pipeline.unet.register_forward_pre_hook(out_of_memory)
-    try:
-        reply = runpod_worker.run_job({"id": "o", "input": JOB}, threading.Event())
-    finally:
-        hook.remove()
+    reply = run_with_unet_fault(engine, out_of_memory, "o")
     assert reply["error"].startswith("out_of_memory:") and reply["refresh_worker"] is True
     assert len(calls) == 2  # tried, emptied the cache, retried once
     assert "images" in runpod_worker.run_job({"id": "o2", "input": JOB}, threading.Event())
 
 
 def test_a_single_oom_is_retried_and_succeeds(worker, engine):
-    loaded, _ = engine.checkpoint("demo-sd15")
     calls = []
 
     def first_call_fails(module, args):
@@ -169,25 +173,15 @@ def test_a_single_oom_is_retried_and_succeeds(worker, engine):
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    hook = loaded.pipeline.unet.register_forward_pre_hook(first_call_fails)
-    try:
-        reply = runpod_worker.run_job({"id": "o", "input": JOB}, threading.Event())
-    finally:
-        hook.remove()
+    reply = run_with_unet_fault(engine, first_call_fails, "o")
     assert "images" in reply and "refresh_worker" not in reply
 
 
 def test_unexpected_errors_fail_with_a_code_and_the_worker_goes_on(worker, engine, caplog):
-    loaded, _ = engine.checkpoint("demo-sd15")
-
     def broken(module, args):
         raise ValueError("something internal broke")
 
-    hook = loaded.pipeline.unet.register_forward_pre_hook(broken)
-    try:
-        reply = runpod_worker.run_job({"id": "u", "input": JOB}, threading.Event())
-    finally:
-        hook.remove()
+    reply = run_with_unet_fault(engine, broken, "u")
     assert reply["error"].startswith("internal_error:") and "Traceback" not in reply["error"]
     assert "something internal broke" not in reply["error"]
     assert "something internal broke" in caplog.text  # the details went to the log
@@ -248,16 +242,10 @@ def test_fitness_refuses_an_empty_volume_and_a_bad_safety_setup(monkeypatch, tmp
 
 
 def test_device_side_assert_asks_for_a_fresh_worker(worker, engine):
-    loaded, _ = engine.checkpoint("demo-sd15")
-
     def device_assert(module, args):
         raise RuntimeError("CUDA error: device-side assert triggered (injected)")
 
-    hook = loaded.pipeline.unet.register_forward_pre_hook(device_assert)
-    try:
-        reply = runpod_worker.run_job({"id": "d", "input": JOB}, threading.Event())
-    finally:
-        hook.remove()
+    reply = run_with_unet_fault(engine, device_assert, "d")
     assert reply["error"].startswith("internal_error:") and reply["refresh_worker"] is True
 
 
