@@ -204,7 +204,6 @@ class Engine:
                     self.settings.graph_shapes,
                     self.settings.compile,
                     self.settings.attention,
-                    self.settings.fp8,
                 )
             return loaded
 

@@ -15,8 +15,6 @@ the speed, not the math.
   takes a minute or more per shape on first use; the cache lives on the volume
   (`COMPILE_CACHE_DIR`) so later workers load it. If compiling fails the worker logs it and
   stays on eager kernels: compile never fails a job.
-- `FP8=1` runs the UNet's large linear layers in fp8 on GPUs that have fp8 tensor cores
-  (`handler.fp8`); the graphs read the fp8 weights in place like the others.
 """
 
 from __future__ import annotations
@@ -30,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from handler import fp8
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +53,8 @@ class UNetGraphs:
         capacity: int = 4,
         compile_unet: bool = False,
         attention: str = "auto",
-        use_fp8: bool = False,
     ):
         self.unet = unet
-        self.use_fp8 = use_fp8
-        self.fp8_layers = 0
         self.capacity = max(1, capacity)
         self.attention = attention
         self._eager = type(unet).forward.__get__(unet)
@@ -80,22 +73,11 @@ class UNetGraphs:
 
     def install(self) -> UNetGraphs:
         self.unet.forward = self
-        self.restore()
         return self
 
     def uninstall(self) -> None:
         self.unet.__dict__.pop("forward", None)
-        self.release()
-
-    def release(self) -> None:
-        """Before the UNet's weights leave the device: drop the graphs and the fp8 copies."""
         self.clear()
-        fp8.revert(self.unet)
-
-    def restore(self) -> None:
-        """After the UNet's weights are back on the device: make the fp8 copies again."""
-        if self.use_fp8:
-            self.fp8_layers = fp8.convert(self.unet)
 
     def clear(self) -> None:
         """Drop every graph (before the weights move, or to free their memory)."""
@@ -352,34 +334,18 @@ def _time_replays(graph: Any, calls: int) -> float:
 
 
 def accelerate(
-    pipeline: Any,
-    graph_shapes: int,
-    compile_unet: bool,
-    attention: str = "auto",
-    use_fp8: bool = False,
+    pipeline: Any, graph_shapes: int, compile_unet: bool, attention: str = "auto"
 ) -> UNetGraphs | None:
     """Install the fast path on a pipeline whose weights are on a CUDA device; None on CPU."""
     unet = getattr(pipeline, "unet", None)
     if unet is None or next(unet.parameters()).device.type != "cuda" or graph_shapes < 1:
         return None
-    device = next(unet.parameters()).device
-    if use_fp8 and not fp8.supported(device):
-        log.warning(
-            "FP8=1 ignored: %s has no fp8 tensor cores (compute capability 8.9 or newer)",
-            torch.cuda.get_device_name(device),
-        )
-        use_fp8 = False
     # The UNet starts channels_last (cuDNN's native fp16 layout); the warm-up measures both
     # layouts and keeps the faster (`UNetGraphs.choose_layout`). The VAE stays contiguous:
     # measured on an H200, its decode was 40% slower channels_last.
     unet.to(memory_format=torch.channels_last)
-    graphs = UNetGraphs(
-        unet, graph_shapes, compile_unet=compile_unet, attention=attention, use_fp8=use_fp8
-    )
-    graphs.install()
-    if use_fp8:
-        log.info("fp8: %d linear layers of the UNet run in fp8", graphs.fp8_layers)
-    return graphs
+    graphs = UNetGraphs(unet, graph_shapes, compile_unet=compile_unet, attention=attention)
+    return graphs.install()
 
 
 def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from handler import fp8
 from handler.errors import InvalidInput, LoraIncompatible
 from handler.registry import ModelFile, detect_lora
 
@@ -155,7 +154,6 @@ def job_additions(
     """
     added_tokens: list[str] = []
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
-    merged: list[Any] = []
     clean_exit = False
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
@@ -188,8 +186,7 @@ def job_additions(
             for name, lora in zip(names, loras, strict=True):
                 scales[name] = scales.get(name, 0.0) + lora.scale
             layers = {id(m): m for name in scales for m in resident.layers[name]}
-            merged = list(layers.values())
-            originals = merge_adapters(merged, scales)
+            originals = merge_adapters(list(layers.values()), scales)
         # 3. Embeddings, as new tokens
         for embedding in embeddings:
             added_tokens += _load_embedding(pipeline, embedding, cache)
@@ -199,8 +196,6 @@ def job_additions(
         with torch.no_grad():
             for weight, original in originals:
                 weight.copy_(original)
-        if originals:
-            fp8.requantize([module.get_base_layer() for module in merged])
         if added_tokens:
             _unload_embeddings(pipeline, added_tokens)
         if resident.names and not clean_exit:
@@ -252,9 +247,6 @@ def merge_adapters(
             for weight, original in originals:
                 weight.copy_(original)
         raise
-    finally:
-        # fp8 copies (FP8=1) follow the fp16 weights: merged, or restored after an error
-        fp8.requantize([module.get_base_layer() for module in layers])
     return originals
 
 

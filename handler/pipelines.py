@@ -193,8 +193,6 @@ class CheckpointCache:
             if key not in self._on_device:
                 self._make_room(keep=key)
                 entry.pipeline.to(self.device)
-                if entry.graphs is not None:
-                    entry.graphs.restore()
                 self._on_device.add(key)
             return entry, True
         # Make room first, so two full pipelines never sit on the device at once.
@@ -216,7 +214,7 @@ class CheckpointCache:
             if self.device.type != "cpu":
                 log.info("offloading checkpoint %s to CPU RAM", entry.name)
                 if entry.graphs is not None:
-                    entry.graphs.release()  # graphs and fp8 copies live in device memory
+                    entry.graphs.clear()  # the graphs point at the weights' device memory
                 entry.pipeline.to("cpu")
         offloaded = [k for k in self._entries if k not in self._on_device and k != keep]
         while len(offloaded) > self.ram_slots:

@@ -46,7 +46,6 @@ class Settings:
     cuda_graphs: bool = True
     graph_shapes: int = 4
     compile: bool = False
-    fp8: bool = False
     compile_cache_dir: str | None = None
     attention: str = "auto"
     warmup: bool = True
@@ -94,7 +93,6 @@ class Settings:
             cuda_graphs=_flag("CUDA_GRAPHS", True),
             graph_shapes=_int("GRAPH_SHAPES", 4),
             compile=_flag("COMPILE"),
-            fp8=_flag("FP8"),
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
             attention=_str("ATTENTION_BACKEND", "auto"),
             warmup=_flag("WARMUP", True),
