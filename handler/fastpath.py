@@ -11,10 +11,11 @@ the speed, not the math.
 - The graphs read the UNet's weights where they are. Changing weights in place (LoRAs are
   merged that way, see `handler.loras`) needs no recapture; moving the weights (offloading a
   checkpoint to CPU RAM) must `clear()` the graphs first.
-- `COMPILE=1` captures torch.compile's (inductor's) kernels instead of eager ones. Compiling
-  takes a minute or more per shape on first use; the cache lives on the volume
-  (`COMPILE_CACHE_DIR`) so later workers load it. If compiling fails the worker logs it and
-  stays on eager kernels: compile never fails a job.
+- `COMPILE=1` captures torch.compile's (inductor's) kernels instead of eager ones, and compiles
+  the VAE decoder (channels_last: 2.4x faster at 1024x1024 on an H100). Compiling takes a
+  minute or more per shape on first use; the cache lives on the volume (`COMPILE_CACHE_DIR`)
+  so later workers load it. If compiling fails the worker logs it and stays on eager kernels:
+  compile never fails a job.
 """
 
 from __future__ import annotations
@@ -268,6 +269,49 @@ class UNetGraphs:
         return compiled
 
 
+class CompiledForward:
+    """Stands in for a module's `forward`: torch.compile'd, and eager from then on after any
+    error other than running out of memory (logged once), so compiling never fails a job."""
+
+    def __init__(self, module: torch.nn.Module, what: str) -> None:
+        self.eager = type(module).forward.__get__(module)
+        self.what = what
+        self.failed = False
+        self.compiled = torch.compile(self.eager, dynamic=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                log.warning(
+                    "compiled %s failed (%s: %s); falling back to eager kernels",
+                    self.what,
+                    type(error).__name__,
+                    str(error)[:200],
+                )
+                self.failed = True
+        return self.eager(*args, **kwargs)
+
+
+def compile_vae_decoder(vae: Any) -> None:
+    """COMPILE=1's VAE decoder: channels_last, compiled (fused group norms). Eager and
+    contiguous is faster without compile, so the VAE keeps that layout otherwise."""
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None or isinstance(decoder.__dict__.get("forward"), CompiledForward):
+        return
+    try:
+        forward = CompiledForward(decoder, "VAE decoder")
+    except Exception as error:
+        log.warning("torch.compile unavailable (%s); the VAE decodes eagerly", error)
+        return
+    with torch.inference_mode(False):
+        decoder.to(memory_format=torch.channels_last)
+    decoder.forward = forward
+
+
 ATTENTION_BACKENDS = {
     "flash": "FLASH_ATTENTION",
     "cudnn": "CUDNN_ATTENTION",
@@ -341,10 +385,12 @@ def accelerate(
     if unet is None or next(unet.parameters()).device.type != "cuda" or graph_shapes < 1:
         return None
     # The UNet starts channels_last (cuDNN's native fp16 layout); the warm-up measures both
-    # layouts and keeps the faster (`UNetGraphs.choose_layout`). The VAE stays contiguous:
-    # measured on an H200, its decode was 40% slower channels_last.
+    # layouts and keeps the faster (`UNetGraphs.choose_layout`). The eager VAE stays
+    # contiguous: measured on an H200, its decode was 40% slower channels_last.
     unet.to(memory_format=torch.channels_last)
     graphs = UNetGraphs(unet, graph_shapes, compile_unet=compile_unet, attention=attention)
+    if compile_unet and getattr(pipeline, "vae", None) is not None:
+        compile_vae_decoder(pipeline.vae)
     return graphs.install()
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.fastpath import UNetGraphs, compile_cache_dir
+from handler.fastpath import CompiledForward, UNetGraphs, compile_cache_dir, compile_vae_decoder
 from handler.pipelines import LatentDecoder
 from handler.schema import parse_job
 
@@ -71,6 +71,67 @@ def test_compile_cache_is_keyed_by_gpu_and_torch_version(tmp_path):
     assert torch.__version__ in folder.name
     assert compile_cache_dir(str(tmp_path / "elsewhere"), []).parent == tmp_path / "elsewhere"
     assert compile_cache_dir(None, [tmp_path / "missing"]) is None
+
+
+def test_a_compile_failure_falls_back_to_eager_for_good(monkeypatch, caplog):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(1)
+            raise RuntimeError("inductor: no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    layer = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    expected = layer(x)
+    layer.forward = CompiledForward(layer, "test layer")
+    with caplog.at_level("WARNING", logger="handler.fastpath"):
+        assert torch.equal(layer(x), expected)
+        assert torch.equal(layer(x), expected)
+    assert layer.forward.failed and len(calls) == 1
+    assert "compiled test layer failed (RuntimeError" in caplog.text
+
+
+def test_running_out_of_memory_in_a_compiled_call_is_not_a_compile_failure(monkeypatch):
+    def out_of_memory(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", out_of_memory)
+    layer = torch.nn.Linear(4, 4)
+    layer.forward = CompiledForward(layer, "test layer")
+    with pytest.raises(torch.OutOfMemoryError):
+        layer(torch.randn(2, 4))
+    assert not layer.forward.failed  # the engine's OOM retry runs it compiled again
+
+
+def test_compiled_vae_decoder_is_channels_last_and_installed_once(monkeypatch):
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    ).eval()
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        expected = vae.decode(latents).sample
+        compile_vae_decoder(vae)
+        forward = vae.decoder.forward
+        compile_vae_decoder(vae)
+        got = vae.decode(latents).sample
+    assert isinstance(forward, CompiledForward) and vae.decoder.forward is forward
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert vae.encoder.conv_in.weight.is_contiguous()  # only the decoder changes layout
+    torch.testing.assert_close(got, expected)
 
 
 def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows():
