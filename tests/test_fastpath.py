@@ -227,11 +227,15 @@ def test_lora_swap_keeps_the_graph_and_leaves_no_trace(cuda_engines):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_offloaded_checkpoint_drops_its_graphs_and_recaptures(cuda_engines):
+def test_offloaded_checkpoint_is_pinned_drops_its_graphs_and_recaptures(cuda_engines):
     graphed, _ = cuda_engines
     job = {**JOB, "checkpoint": "demo-sd15"}
     before = graphed.run(parse_job(job))
     graphed.run(parse_job({**job, "checkpoint": "demo-sdxl"}))  # pushes SD 1.5 to CPU RAM
+    offloaded = [e for k, e in graphed.cache._entries.items() if not graphed.cache.on_device(k)]
+    assert [e.name for e in offloaded] == ["demo-sd15"]
+    weights = list(offloaded[0].pipeline.unet.parameters())
+    assert all(w.device.type == "cpu" and w.is_pinned() for w in weights)  # page-locked
     loaded, _ = graphed.checkpoint("demo-sd15")
     assert len(loaded.graphs) == 0
     again = graphed.run(parse_job(job))

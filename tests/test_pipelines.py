@@ -129,3 +129,26 @@ def test_img2img_and_inpaint_views_share_the_fp16_weights(settings, checkpoint):
     assert loaded.pipeline.unet.dtype == torch.float16
     assert loaded.pipeline.text_encoder.dtype == torch.float16
     assert loaded.pipeline.unet.conv_in.weight.data_ptr() == pointer
+
+
+def test_offloaded_weights_are_packed_into_shared_chunks_keeping_their_layout():
+    from handler.pipelines import pack_into_chunks
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3).half().to(memory_format=torch.channels_last)
+    linear = torch.nn.Linear(16, 16)
+    big = torch.nn.Parameter(torch.randn(64, 64))  # 16 KiB: more than a chunk
+    ids = torch.arange(7)
+    overflow = torch.randn(512)  # 2 KiB: no longer fits in the first chunk
+    tensors = [conv.weight, conv.bias, linear.weight, ids, big, overflow]
+    before = [(t.clone(), t.stride(), t.dtype, id(t)) for t in tensors]
+    pack_into_chunks(tensors, pin_memory=False, chunk_bytes=4096)
+    for tensor, (value, stride, dtype, identity) in zip(tensors, before, strict=True):
+        assert torch.equal(tensor, value) and tensor.stride() == stride
+        assert tensor.dtype == dtype and id(tensor) == identity
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(linear.weight, torch.nn.Parameter)
+    chunks = [t.untyped_storage().data_ptr() for t in tensors]
+    # 576 + 16 + 1024 + 56 bytes, each at a 512-byte boundary: 3 KiB of the first chunk
+    assert len(set(chunks[:4])) == 1
+    assert chunks[4] not in chunks[:4] and chunks[5] not in chunks[:5]
