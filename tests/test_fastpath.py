@@ -110,17 +110,23 @@ def test_running_out_of_memory_in_a_compiled_call_is_not_a_compile_failure(monke
     assert not layer.forward.failed  # the engine's OOM retry runs it compiled again
 
 
-def test_compiled_vae_decoder_is_channels_last_and_installed_once(monkeypatch):
+def tiny_vae(**config):
     from diffusers import AutoencoderKL
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    vae = AutoencoderKL(
+    torch.manual_seed(0)
+    return AutoencoderKL(
         block_out_channels=(8,),
         norm_num_groups=4,
         latent_channels=4,
         down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
+        **config,
     ).eval()
+
+
+def test_compiled_vae_decoder_is_channels_last_and_installed_once(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    vae = tiny_vae()
     latents = torch.randn(1, 4, 8, 8)
     with torch.inference_mode():
         expected = vae.decode(latents).sample
@@ -135,18 +141,9 @@ def test_compiled_vae_decoder_is_channels_last_and_installed_once(monkeypatch):
 
 
 def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows():
-    from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        force_upcast=True,
-    ).eval()
+    vae = tiny_vae(force_upcast=True)
 
     class Pipeline:
         image_processor = VaeImageProcessor()
