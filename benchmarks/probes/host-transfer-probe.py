@@ -98,7 +98,7 @@ for p in tensors(loaded.pipeline):
 sync()
 res["switch_back_pinned_s"] = round(time.time() - t, 2)
 save()
-del l
+del loaded
 import gc
 
 gc.collect()
@@ -109,7 +109,7 @@ t = time.time()
 to_dev_threaded(loaded.pipeline, pin=False)
 res["to_cuda_threaded_pageable_s"] = round(time.time() - t, 2)
 save()
-del l
+del loaded
 gc.collect()
 torch.cuda.empty_cache()
 loaded, s = cpu_load()
@@ -118,7 +118,7 @@ t = time.time()
 to_dev_threaded(loaded.pipeline, pin=True)
 res["to_cuda_threaded_pinned_s"] = round(time.time() - t, 2)
 save()
-del l
+del loaded
 gc.collect()
 torch.cuda.empty_cache()
 # direct: safetensors to cuda
