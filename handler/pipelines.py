@@ -247,9 +247,23 @@ def move_to_host(
         for t in [*module.parameters(), *module.buffers()]
         if t.device.type != "cpu" or (pin_memory and not t.is_pinned())
     }
-    pack_into_chunks(list(tensors.values()), pin_memory, chunk_bytes)
-    if pin_memory and torch.cuda.is_available():
-        torch.cuda.synchronize()  # the copies land before anyone reads the host memory
+    try:
+        pack_into_chunks(list(tensors.values()), pin_memory, chunk_bytes)
+    except RuntimeError as error:
+        if not pin_memory:
+            raise
+        # Page-locked memory refused (a container limit, an exhausted host): ordinary RAM
+        # does, for the weights still on the device.
+        log.warning("no page-locked host memory (%s); offloading to ordinary RAM", error)
+        _synchronize()
+        move_to_host(modules, pin_memory=False, chunk_bytes=chunk_bytes)
+    if pin_memory:
+        _synchronize()  # the copies land before anyone reads the host memory
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def pack_into_chunks(tensors: list[torch.Tensor], pin_memory: bool, chunk_bytes: int) -> None:

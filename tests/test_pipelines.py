@@ -152,3 +152,17 @@ def test_offloaded_weights_are_packed_into_shared_chunks_keeping_their_layout():
     # 576 + 16 + 1024 + 56 bytes, each at a 512-byte boundary: 3 KiB of the first chunk
     assert len(set(chunks[:4])) == 1
     assert chunks[4] not in chunks[:4] and chunks[5] not in chunks[:5]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA grants page-locked memory")
+def test_offloading_falls_back_to_ordinary_ram_when_page_locking_is_refused(caplog):
+    from handler.pipelines import move_to_host
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 8)
+    before = module.weight.clone()
+    # Without CUDA, PyTorch refuses every page-locked allocation.
+    with caplog.at_level("WARNING", logger="handler.pipelines"):
+        move_to_host([module], pin_memory=True)
+    assert "no page-locked host memory" in caplog.text
+    assert module.weight.device.type == "cpu" and torch.equal(module.weight, before)
