@@ -110,6 +110,10 @@ class Engine:
                 field="SAFETY_POLICY",
                 accepted="blur or withhold",
             )
+        shared_cache = fastpath.worker_cache_dir(self.settings.model_roots)
+        self.layouts = fastpath.LayoutCache(
+            shared_cache / "unet-layouts.json" if shared_cache is not None else None
+        )
         if self.settings.compile and self.device.type == "cuda":
             fastpath.use_compile_cache(
                 fastpath.compile_cache_dir(
@@ -204,6 +208,7 @@ class Engine:
                     self.settings.graph_shapes,
                     self.settings.compile,
                     self.settings.attention,
+                    self.layouts,
                 )
             return loaded
 

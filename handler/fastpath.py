@@ -20,6 +20,9 @@ the speed, not the math.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import time
@@ -54,8 +57,10 @@ class UNetGraphs:
         capacity: int = 4,
         compile_unet: bool = False,
         attention: str = "auto",
+        layouts: LayoutCache | None = None,
     ):
         self.unet = unet
+        self.layouts = layouts
         self.capacity = max(1, capacity)
         self.attention = attention
         self._eager = type(unet).forward.__get__(unet)
@@ -118,6 +123,8 @@ class UNetGraphs:
         with torch.inference_mode():
             graph = self._graphs.get(key)
             if graph is None:
+                if self.layout_ms is None:
+                    self.layout_ms = self._known_layout(key)
                 graph = self._capture(key, inputs)
                 if graph is not None and self.layout_ms is None:
                     self.layout_ms = self.choose_layout()  # once per UNet, at its first capture
@@ -243,12 +250,39 @@ class UNetGraphs:
         if best != _layout_of(self.unet):
             self._set_layout(best)
             self._capture(key, inputs)
+        if self.layouts is not None:
+            self.layouts.put(self._layout_key(key), best, timings)
         log.info(
             "UNet layout: %s (%s)",
             best,
             ", ".join(f"{layout} {ms:.1f} ms/call" for layout, ms in timings.items()),
         )
         return timings
+
+    def _known_layout(self, key: tuple) -> dict[str, float] | None:
+        """Take the layout an earlier worker chose for this UNet and shape (skipping the timing:
+        about 1 s for SDXL on an H100); None when there is none."""
+        if self.layouts is None or self.compiled or self.disabled:
+            return None
+        known = self.layouts.get(self._layout_key(key))
+        if known is None:
+            return None
+        if known["best"] != _layout_of(self.unet):
+            self._set_layout(known["best"])
+        log.info("UNet layout: %s (chosen by an earlier worker)", known["best"])
+        return known["ms_per_call"]
+
+    def _layout_key(self, key: tuple) -> str:
+        config = json.dumps(dict(self.unet.config), sort_keys=True, default=str)
+        return "|".join(
+            [
+                torch.cuda.get_device_name(self.unet.device),
+                f"torch {torch.__version__}",
+                f"attention {self.attention}",
+                hashlib.sha256(config.encode()).hexdigest()[:16],
+                repr(key),
+            ]
+        )
 
     def _set_layout(self, layout: str) -> None:
         self.clear()  # the graphs point at the weights, which the conversion moves
@@ -322,8 +356,6 @@ ATTENTION_BACKENDS = {
 
 def attention_backends(choice: str):
     """A context preferring one scaled-dot-product attention kernel (`auto`: PyTorch's pick)."""
-    import contextlib
-
     if choice == "auto" or choice not in ATTENTION_BACKENDS:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -377,8 +409,55 @@ def _time_replays(graph: Any, calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1000
 
 
+class LayoutCache:
+    """The UNet weight layout each (GPU, torch, UNet config, input shape) ran faster in, kept in
+    a JSON file on the volume so that later workers start without timing both.
+
+    Only speed depends on it: an unreadable or unwritable file means timing again, never an
+    error. Writes replace the file whole, so concurrent workers never see half of one.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        entry = self._read().get(key)
+        if not isinstance(entry, dict) or entry.get("best") not in ("channels_last", "contiguous"):
+            return None
+        timings = entry.get("ms_per_call")
+        return {"best": entry["best"], "ms_per_call": timings if isinstance(timings, dict) else {}}
+
+    def put(self, key: str, best: str, timings: dict[str, float]) -> None:
+        if self.path is None:
+            return
+        entries = self._read()
+        entries[key] = {"best": best, "ms_per_call": {k: round(v, 3) for k, v in timings.items()}}
+        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(entries, indent=1, sort_keys=True))
+            os.replace(partial, self.path)
+        except OSError as error:
+            log.warning("could not save the UNet layout choice (%s)", error)
+            with contextlib.suppress(OSError):
+                partial.unlink()
+
+    def _read(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+
 def accelerate(
-    pipeline: Any, graph_shapes: int, compile_unet: bool, attention: str = "auto"
+    pipeline: Any,
+    graph_shapes: int,
+    compile_unet: bool,
+    attention: str = "auto",
+    layouts: LayoutCache | None = None,
 ) -> UNetGraphs | None:
     """Install the fast path on a pipeline whose weights are on a CUDA device; None on CPU."""
     unet = getattr(pipeline, "unet", None)
@@ -388,10 +467,18 @@ def accelerate(
     # layouts and keeps the faster (`UNetGraphs.choose_layout`). The eager VAE stays
     # contiguous: measured on an H200, its decode was 40% slower channels_last.
     unet.to(memory_format=torch.channels_last)
-    graphs = UNetGraphs(unet, graph_shapes, compile_unet=compile_unet, attention=attention)
+    graphs = UNetGraphs(
+        unet, graph_shapes, compile_unet=compile_unet, attention=attention, layouts=layouts
+    )
     if compile_unet and getattr(pipeline, "vae", None) is not None:
         compile_vae_decoder(pipeline.vae)
     return graphs.install()
+
+
+def worker_cache_dir(roots: list[Path]) -> Path | None:
+    """`.sd-worker-cache` on the first writable model root (the volume), or None."""
+    writable = [r for r in roots if r.is_dir() and os.access(r, os.W_OK)]
+    return writable[0] / ".sd-worker-cache" if writable else None
 
 
 def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:
@@ -400,10 +487,10 @@ def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:
     if configured:
         base = Path(configured)
     else:
-        writable = [r for r in roots if r.is_dir() and os.access(r, os.W_OK)]
-        if not writable:
+        shared = worker_cache_dir(roots)
+        if shared is None:
             return None
-        base = writable[0] / ".sd-worker-cache" / "torch-compile"
+        base = shared / "torch-compile"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     key = f"{gpu}-torch{torch.__version__}".replace(" ", "-").replace("/", "-")
     return base / key

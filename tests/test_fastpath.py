@@ -15,7 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.fastpath import CompiledForward, UNetGraphs, compile_cache_dir, compile_vae_decoder
+from handler.fastpath import (
+    CompiledForward,
+    LayoutCache,
+    UNetGraphs,
+    compile_cache_dir,
+    compile_vae_decoder,
+)
 from handler.pipelines import LatentDecoder
 from handler.schema import parse_job
 
@@ -71,6 +77,36 @@ def test_compile_cache_is_keyed_by_gpu_and_torch_version(tmp_path):
     assert torch.__version__ in folder.name
     assert compile_cache_dir(str(tmp_path / "elsewhere"), []).parent == tmp_path / "elsewhere"
     assert compile_cache_dir(None, [tmp_path / "missing"]) is None
+
+
+def test_layout_choices_survive_a_restart_and_bad_files_mean_timing_again(tmp_path):
+    path = tmp_path / ".sd-worker-cache" / "unet-layouts.json"
+    LayoutCache(path).put(
+        "H100|sdxl|128x128", "contiguous", {"contiguous": 43.4, "channels_last": 45.9}
+    )
+    LayoutCache(path).put("H100|sd15|64x64", "channels_last", {"channels_last": 10.6})
+    later = LayoutCache(path)  # another worker, reading the volume
+    assert later.get("H100|sdxl|128x128") == {
+        "best": "contiguous",
+        "ms_per_call": {"contiguous": 43.4, "channels_last": 45.9},
+    }
+    assert later.get("H100|sd15|64x64")["best"] == "channels_last"
+    assert later.get("H200|sdxl|128x128") is None
+    assert not list(path.parent.glob("*.tmp"))  # written whole, then renamed
+
+    path.write_text("{not json")
+    assert LayoutCache(path).get("H100|sdxl|128x128") is None
+    path.write_text('{"k": {"best": "sideways"}}')
+    assert LayoutCache(path).get("k") is None
+    assert LayoutCache(None).get("k") is None
+    LayoutCache(None).put("k", "contiguous", {})  # no volume: nothing to keep, no error
+
+
+def test_an_unwritable_layout_cache_is_only_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    LayoutCache(blocker / "unet-layouts.json").put("k", "contiguous", {"contiguous": 1.0})
+    assert "could not save the UNet layout choice" in caplog.text
 
 
 def test_a_compile_failure_falls_back_to_eager_for_good(monkeypatch, caplog):
@@ -202,6 +238,25 @@ def test_first_capture_times_both_weight_layouts_and_keeps_the_faster(cuda_engin
     kept = "channels_last" if loaded.pipeline.unet.conv_in.weight.stride()[1] == 1 else "contiguous"
     assert timings[kept] == min(timings.values())
     assert np.abs(pixels(graphed.run(job)) - pixels(eager.run(job))).max() <= 4
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_later_worker_takes_the_layout_choice_without_timing(cuda_engines, settings):
+    from handler.engine import Engine
+
+    graphed, eager = cuda_engines
+    job = parse_job({**JOB, "checkpoint": "demo-sdxl"})
+    graphed.run(job)
+    first, _ = graphed.checkpoint("demo-sdxl")
+    later = Engine(replace(settings, device="cuda"))  # same volume, fresh process state
+    result = later.run(job)
+    loaded, _ = later.checkpoint("demo-sdxl")
+    assert loaded.graphs.captures == 1  # no second capture for the other layout
+    assert loaded.graphs.layout_ms == {k: round(v, 3) for k, v in first.graphs.layout_ms.items()}
+    weight = loaded.pipeline.unet.conv_in.weight
+    assert weight.stride() == first.pipeline.unet.conv_in.weight.stride()
+    assert np.abs(pixels(result) - pixels(eager.run(job))).max() <= 4
 
 
 @pytest.mark.gpu
