@@ -72,6 +72,7 @@ class UNetGraphs:
         self._pool = None
         self.disabled = False
         self.layout_ms: dict[str, float] | None = None  # set by choose_layout()
+        self.layout_from_volume = False  # the choice came from LayoutCache, not from timing
         self.captures = 0
         self.replays = 0
 
@@ -270,6 +271,7 @@ class UNetGraphs:
         if known["best"] != _layout_of(self.unet):
             self._set_layout(known["best"])
         log.info("UNet layout: %s (chosen by an earlier worker)", known["best"])
+        self.layout_from_volume = True
         return known["ms_per_call"]
 
     def _layout_key(self, key: tuple) -> str:

@@ -80,6 +80,7 @@ class LoadedCheckpoint:
     pipeline: Any
     scheduler_config: dict[str, Any]
     load_ms: float
+    import_ms: float = 0.0  # of load_ms: importing the pipeline's modules (first load only)
     derived: dict[str, Any] = field(default_factory=dict)
     adapters: Any = None  # handler.loras.ResidentAdapters, set by the engine
     graphs: Any = None  # handler.fastpath.UNetGraphs on CUDA, set by the engine
@@ -108,6 +109,7 @@ def load_checkpoint(
 
     started = time.perf_counter()
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[detection.architecture])
+    imported = time.perf_counter()
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -143,6 +145,7 @@ def load_checkpoint(
         pipeline=pipeline,
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
+        import_ms=(imported - started) * 1000,
     )
 
 

@@ -288,6 +288,11 @@ def child_worker(configs: list[str]) -> None:
         for loaded in engine.cache._entries.values()
     }
     report["compiled"] = graphs
+    report["layout_from_volume"] = {
+        loaded.name: loaded.graphs.layout_from_volume
+        for loaded in engine.cache._entries.values()
+        if loaded.graphs is not None
+    }
     if torch.cuda.is_available():
         report["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(CHILD_MARK + json.dumps(report), flush=True)
@@ -455,6 +460,14 @@ def run_benchmark(
             "imports": round(child["imports_s"], 2),
             "load_and_warm_up": round(child["ready_s"] - child["imports_s"], 2),
             "of_which_engine_init": round(child["startup_ms"].get("engine_init", 0) / 1000, 2),
+            "of_which_diffusers_import": round(
+                (
+                    child["startup_ms"].get("library_import", 0)
+                    + child["startup_ms"].get("pipeline_import", 0)
+                )
+                / 1000,
+                2,
+            ),
             "of_which_resolve_and_load": round(
                 child["startup_ms"].get("resolve_and_load", 0) / 1000, 2
             ),
@@ -463,6 +476,7 @@ def run_benchmark(
             "first_job": round(child["configs"]["sdxl-1024-30"]["first_job_s"], 2),
             "prefetch_done_at": round(child["prefetch_done_s"], 2),
         }
+        sdxl[f"{key}_layout_from_volume"] = child.get("layout_from_volume", {}).get("bench-sdxl")
 
     if "cold" not in skip:
         sdxl["cold_start_page_cache_dropped"] = drop_page_cache()
