@@ -275,13 +275,12 @@ class UNetGraphs:
         return known["ms_per_call"]
 
     def _layout_key(self, key: tuple) -> str:
-        config = json.dumps(dict(self.unet.config), sort_keys=True, default=str)
         return "|".join(
             [
                 torch.cuda.get_device_name(self.unet.device),
                 f"torch {torch.__version__}",
                 f"attention {self.attention}",
-                hashlib.sha256(config.encode()).hexdigest()[:16],
+                unet_fingerprint(self.unet),
                 repr(key),
             ]
         )
@@ -390,6 +389,16 @@ def _static_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
     # The UNet turns timesteps into float32 before using them, so integer and float timesteps
     # (DDIM's vs Euler's) give the same result through one float32 graph input.
     return torch.float32 if name == "timestep" else tensor.dtype
+
+
+def unet_fingerprint(unet) -> str:
+    """A short hash of the UNet's architecture, the same in every worker process.
+
+    Only the public config keys count: diffusers' private `_use_default_values` is a list
+    built from a set, so its order changes with each process's hash seed."""
+    public = {name: value for name, value in unet.config.items() if not name.startswith("_")}
+    config = json.dumps(public, sort_keys=True, default=str)
+    return hashlib.sha256(config.encode()).hexdigest()[:16]
 
 
 def _layout_of(unet: torch.nn.Module) -> str:

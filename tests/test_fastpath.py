@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -21,6 +24,7 @@ from handler.fastpath import (
     UNetGraphs,
     compile_cache_dir,
     compile_vae_decoder,
+    unet_fingerprint,
 )
 from handler.pipelines import LatentDecoder
 from handler.schema import parse_job
@@ -100,6 +104,54 @@ def test_layout_choices_survive_a_restart_and_bad_files_mean_timing_again(tmp_pa
     assert LayoutCache(path).get("k") is None
     assert LayoutCache(None).get("k") is None
     LayoutCache(None).put("k", "contiguous", {})  # no volume: nothing to keep, no error
+
+
+FINGERPRINT_IN_A_NEW_PROCESS = """
+from diffusers import UNet2DConditionModel
+from handler.fastpath import unet_fingerprint
+unet = UNet2DConditionModel.from_config({
+    "block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 4,
+})
+print(unet_fingerprint(unet))
+"""
+
+
+def test_every_worker_process_computes_the_same_unet_fingerprint():
+    # diffusers keeps a set-ordered `_use_default_values` list in the config: hashing it made
+    # each worker look up a different layout key, so none reused an earlier worker's choice.
+    fingerprints = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"}
+        run = subprocess.run(
+            [sys.executable, "-c", FINGERPRINT_IN_A_NEW_PROCESS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        fingerprints.add(run.stdout.strip().splitlines()[-1])
+    assert len(fingerprints) == 1
+    assert len(fingerprints.pop()) == 16
+
+
+def test_the_unet_fingerprint_tells_architectures_apart():
+    from diffusers import UNet2DConditionModel
+
+    def tiny(cross_attention_dim):
+        return UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=cross_attention_dim,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=4,
+        )
+
+    assert unet_fingerprint(tiny(32)) == unet_fingerprint(tiny(32))
+    assert unet_fingerprint(tiny(32)) != unet_fingerprint(tiny(48))
 
 
 def test_an_unwritable_layout_cache_is_only_a_warning(tmp_path, caplog):
