@@ -1,7 +1,7 @@
 """The GPU fast path: CUDA graphs of the UNet, the compile cache folder, the fp16-first VAE decode.
 
-The CUDA tests are marked `gpu` and skip without CUDA; scripts/benchmark.py runs them on the GPU
-machine before it measures anything.
+The CUDA tests are marked `gpu` and skip without CUDA; run them on the GPU machine with
+`pytest -m gpu tests/test_fastpath.py` before a benchmark.
 """
 
 from __future__ import annotations
