@@ -382,9 +382,12 @@ class Engine:
         with contextlib.ExitStack() as undo:
             if loaded.adapters is None:
                 loaded.adapters = ResidentAdapters(self.settings.resident_loras)
+            applying = time.perf_counter()
             undo.enter_context(
                 job_additions(loaded.pipeline, loras, embeddings, self.state_dicts, loaded.adapters)
             )
+            if loras or embeddings:
+                timings["loras"] = _ms(applying)  # merging LoRAs and adding embedding tokens
             if vae is not None:
                 undo.enter_context(_swapped_vae(pipelines, vae))
             latents, decoder_pipeline, denoise_ms = _with_oom_retry(

@@ -153,7 +153,7 @@ def job_additions(
     If anything goes wrong mid-way, the adapters are unloaded as well, rather than trusted.
     """
     added_tokens: list[str] = []
-    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    merged: MergedWeights | None = None
     clean_exit = False
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
@@ -186,16 +186,15 @@ def job_additions(
             for name, lora in zip(names, loras, strict=True):
                 scales[name] = scales.get(name, 0.0) + lora.scale
             layers = {id(m): m for name in scales for m in resident.layers[name]}
-            originals = merge_adapters(list(layers.values()), scales)
+            merged = merge_adapters(list(layers.values()), scales)
         # 3. Embeddings, as new tokens
         for embedding in embeddings:
             added_tokens += _load_embedding(pipeline, embedding, cache)
         yield
         clean_exit = True
     finally:
-        with torch.no_grad():
-            for weight, original in originals:
-                weight.copy_(original)
+        if merged is not None:
+            merged.restore()
         if added_tokens:
             _unload_embeddings(pipeline, added_tokens)
         if resident.names and not clean_exit:
@@ -219,35 +218,60 @@ def adapter_layers(pipeline: Any, name: str) -> list[Any]:
     ]
 
 
-def merge_adapters(
-    layers: list[Any], scales: dict[str, float]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+MERGE_CHUNK = 64  # layers whose deltas exist at once while merging (bounds the extra memory)
+
+
+@dataclass
+class MergedWeights:
+    """Base weights with adapter deltas added in place, and copies of their original values."""
+
+    weights: list[torch.Tensor]
+    originals: list[torch.Tensor]
+
+    def restore(self) -> None:
+        """Put every weight back exactly (one batched copy, not one per layer)."""
+        if self.weights:
+            with torch.no_grad():
+                torch._foreach_copy_(self.weights, self.originals)
+
+
+def merge_adapters(layers: list[Any], scales: dict[str, float]) -> MergedWeights:
     """Add `scale x delta` of each named adapter into its base layers' weights, in place.
 
-    Returns (weight, copy of its original value) for every weight touched, so the caller can
-    restore them exactly; on an error the weights touched so far are restored here.
+    Each delta is peft's own (`get_delta_weight`); the copies and additions are batched
+    (`torch._foreach_*`), a few kernel launches per chunk of layers instead of a few per layer:
+    a swap is bound by the host CPU. Returns the touched weights with their original values
+    for an exact `restore()`; on an error the weights are restored here.
     """
-    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for module in layers:
-                active = [(n, s) for n, s in scales.items() if n in module.lora_A]
-                if any(module.use_dora.get(n) for n, _ in active):
-                    raise LoraIncompatible(
-                        "DoRA LoRAs are not supported",
-                        field="loras",
-                        accepted="plain LoRA / LoCon files (kohya or diffusers/peft)",
-                    )
-                weight = module.get_base_layer().weight
-                originals.append((weight, weight.detach().clone()))
-                for name, scale in active:
-                    weight.add_(module.get_delta_weight(name).to(weight.dtype), alpha=scale)
-    except BaseException:
-        with torch.no_grad():
-            for weight, original in originals:
-                weight.copy_(original)
-        raise
-    return originals
+    for module in layers:
+        if any(module.use_dora.get(n) for n in scales if n in module.lora_A):
+            raise LoraIncompatible(
+                "DoRA LoRAs are not supported",
+                field="loras",
+                accepted="plain LoRA / LoCon files (kohya or diffusers/peft)",
+            )
+    weights = [module.get_base_layer().weight for module in layers]
+    with torch.no_grad():
+        merged = MergedWeights(weights, [torch.empty_like(w) for w in weights])
+        if weights:
+            torch._foreach_copy_(merged.originals, weights)
+        try:
+            for start in range(0, len(layers), MERGE_CHUNK):
+                chunk = list(
+                    zip(layers[start : start + MERGE_CHUNK], weights[start:], strict=False)
+                )
+                for name, scale in scales.items():
+                    targets = [(w, m.get_delta_weight(name)) for m, w in chunk if name in m.lora_A]
+                    if targets:
+                        torch._foreach_add_(
+                            [w for w, _ in targets],
+                            [delta.to(w.dtype) for w, delta in targets],
+                            alpha=scale,
+                        )
+        except BaseException:
+            merged.restore()
+            raise
+    return merged
 
 
 def _evict(pipeline: Any, resident: ResidentAdapters, keep: set[str]) -> None:

@@ -430,14 +430,16 @@ def run_benchmark(
         sdxl["vae_decode_ms"] = vae_variants(loaded.pipeline)
     report.save()
     captures = loaded.graphs.captures if loaded.graphs is not None else None
-    swaps = []
+    swaps, merges = [], []
     for index in range(2 * REPEATS):  # alternate the two resident LoRAs: every job is a swap
         torch.cuda.synchronize()
         begun = time.perf_counter()
-        run_handler(loras[index % 2])
+        reply = run_handler(loras[index % 2])
         torch.cuda.synchronize()
         swaps.append(time.perf_counter() - begun)
+        merges.append(reply["timings_ms"]["loras"])
     sdxl["lora_swap_ms"] = round((sum(swaps) / len(swaps) - plain_s) * 1000, 1)
+    sdxl["lora_merge_ms"] = round(sum(merges) / len(merges), 1)  # of which: the merge itself
     sdxl["lora_swap_recaptures"] = (
         (loaded.graphs.captures - captures) if loaded.graphs is not None else None
     )

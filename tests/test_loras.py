@@ -288,3 +288,68 @@ def test_state_dict_cache_is_bounded_by_bytes(demo_volume):
     assert cache.loads == 3
     cache.get(paths[0])  # the oldest went: read from disk again
     assert cache.loads == 4
+
+
+def _two_adapter_model(layers: int = 7) -> tuple[torch.nn.Module, list]:
+    """Linear and conv layers (some channels_last, as the fast path keeps UNets) carrying peft
+    adapters `a` (all layers) and `b` (every other layer), with non-zero random deltas."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            f"l{i}": torch.nn.Conv2d(6, 6, 1) if i % 3 == 0 else torch.nn.Linear(6, 6)
+            for i in range(layers)
+        }
+    )
+    model.l0.to(memory_format=torch.channels_last)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=list(model.keys())), model, "a")
+    odd = [name for i, name in enumerate(model.keys()) if i % 2]
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=odd), model, "b")
+    with torch.no_grad():
+        for parameter in (p for n, p in model.named_parameters() if "lora_" in n):
+            parameter.normal_()
+    return model, [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_batched_merge_equals_per_layer_merge_and_restores_exactly(monkeypatch):
+    from handler import loras
+
+    monkeypatch.setattr(loras, "MERGE_CHUNK", 3)  # several chunks
+    model, layers = _two_adapter_model()
+    scales = {"a": 0.7, "b": -0.4}
+    before = [m.get_base_layer().weight.clone() for m in layers]
+    expected = []
+    for module, weight in zip(layers, before, strict=True):
+        merged = weight.clone()
+        for name, scale in scales.items():
+            if name in module.lora_A:
+                merged.add_(module.get_delta_weight(name), alpha=scale)
+        expected.append(merged)
+
+    applied = loras.merge_adapters(layers, scales)
+    after_merge = [m.get_base_layer().weight for m in layers]
+    assert all(torch.equal(a, e) for a, e in zip(after_merge, expected, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(after_merge, before, strict=True))
+    assert layers[0].get_base_layer().weight.is_contiguous(memory_format=torch.channels_last)
+    applied.restore()
+    restored = [m.get_base_layer().weight for m in layers]
+    assert all(torch.equal(r, b) for r, b in zip(restored, before, strict=True))
+
+
+def test_a_merge_that_fails_midway_restores_every_weight(monkeypatch):
+    from handler import loras
+
+    monkeypatch.setattr(loras, "MERGE_CHUNK", 2)
+    model, layers = _two_adapter_model()
+    before = [m.get_base_layer().weight.clone() for m in layers]
+
+    def broken(adapter):
+        raise RuntimeError("delta failed")
+
+    monkeypatch.setattr(layers[5], "get_delta_weight", broken)  # after two chunks were merged
+    with pytest.raises(RuntimeError, match="delta failed"):
+        loras.merge_adapters(layers, {"a": 1.0, "b": 1.0})
+    restored = [m.get_base_layer().weight for m in layers]
+    assert all(torch.equal(r, b) for r, b in zip(restored, before, strict=True))
