@@ -218,7 +218,9 @@ def adapter_layers(pipeline: Any, name: str) -> list[Any]:
     ]
 
 
-MERGE_CHUNK = 64  # layers whose deltas exist at once while merging (bounds the extra memory)
+# Deltas held at once while merging: bounds the extra memory (SDXL's attention layers are
+# 3-6 MB each; a LoRA on its feed-forward layers has 26 MB ones).
+MERGE_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -238,10 +240,11 @@ class MergedWeights:
 def merge_adapters(layers: list[Any], scales: dict[str, float]) -> MergedWeights:
     """Add `scale x delta` of each named adapter into its base layers' weights, in place.
 
-    Each delta is peft's own (`get_delta_weight`); the copies and additions are batched
-    (`torch._foreach_*`), a few kernel launches per chunk of layers instead of a few per layer:
-    a swap is bound by the host CPU. Returns the touched weights with their original values
-    for an exact `restore()`; on an error the weights are restored here.
+    Each delta is peft's own (`get_delta_weight`). The copies and additions are batched
+    (`torch._foreach_*`): a few kernel launches per chunk of layers (`MERGE_CHUNK_BYTES`)
+    instead of a few per layer, since a swap is bound by the host CPU. Returns the touched
+    weights with their original values for an exact `restore()`; on an error the weights are
+    restored here.
     """
     for module in layers:
         if any(module.use_dora.get(n) for n in scales if n in module.lora_A):
@@ -256,10 +259,7 @@ def merge_adapters(layers: list[Any], scales: dict[str, float]) -> MergedWeights
         if weights:
             torch._foreach_copy_(merged.originals, weights)
         try:
-            for start in range(0, len(layers), MERGE_CHUNK):
-                chunk = list(
-                    zip(layers[start : start + MERGE_CHUNK], weights[start:], strict=False)
-                )
+            for chunk in _chunks(list(zip(layers, weights, strict=True)), MERGE_CHUNK_BYTES):
                 for name, scale in scales.items():
                     targets = [(w, m.get_delta_weight(name)) for m, w in chunk if name in m.lora_A]
                     if targets:
@@ -272,6 +272,21 @@ def merge_adapters(layers: list[Any], scales: dict[str, float]) -> MergedWeights
             merged.restore()
             raise
     return merged
+
+
+def _chunks(pairs: list[tuple[Any, torch.Tensor]], max_bytes: int) -> Iterator[list]:
+    """Consecutive runs of (layer, weight) whose weights add up to at most `max_bytes` (at
+    least one each)."""
+    chunk, size = [], 0
+    for layer, weight in pairs:
+        nbytes = weight.numel() * weight.element_size()
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((layer, weight))
+        size += nbytes
+    if chunk:
+        yield chunk
 
 
 def _evict(pipeline: Any, resident: ResidentAdapters, keep: set[str]) -> None:

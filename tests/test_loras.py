@@ -316,7 +316,7 @@ def _two_adapter_model(layers: int = 7) -> tuple[torch.nn.Module, list]:
 def test_batched_merge_equals_per_layer_merge_and_restores_exactly(monkeypatch):
     from handler import loras
 
-    monkeypatch.setattr(loras, "MERGE_CHUNK", 3)  # several chunks
+    monkeypatch.setattr(loras, "MERGE_CHUNK_BYTES", 3 * 6 * 6 * 4)  # three layers a chunk
     model, layers = _two_adapter_model()
     scales = {"a": 0.7, "b": -0.4}
     before = [m.get_base_layer().weight.clone() for m in layers]
@@ -341,7 +341,7 @@ def test_batched_merge_equals_per_layer_merge_and_restores_exactly(monkeypatch):
 def test_a_merge_that_fails_midway_restores_every_weight(monkeypatch):
     from handler import loras
 
-    monkeypatch.setattr(loras, "MERGE_CHUNK", 2)
+    monkeypatch.setattr(loras, "MERGE_CHUNK_BYTES", 2 * 6 * 6 * 4)  # two layers a chunk
     model, layers = _two_adapter_model()
     before = [m.get_base_layer().weight.clone() for m in layers]
 
