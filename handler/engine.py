@@ -387,7 +387,7 @@ class Engine:
                 job_additions(loaded.pipeline, loras, embeddings, self.state_dicts, loaded.adapters)
             )
             if loras or embeddings:
-                timings["loras"] = _ms(applying)  # merging LoRAs and adding embedding tokens
+                timings["loras"] = _ms(applying)  # loading (first use) and merging, embeddings
             if vae is not None:
                 undo.enter_context(_swapped_vae(pipelines, vae))
             latents, decoder_pipeline, denoise_ms = _with_oom_retry(
