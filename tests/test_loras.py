@@ -355,9 +355,15 @@ def test_a_merge_that_fails_midway_restores_every_weight(monkeypatch):
     assert all(torch.equal(r, b) for r, b in zip(restored, before, strict=True))
 
 
-def test_a_lora_job_reports_its_merge_time_and_a_plain_job_does_not(engine):
-    with_lora = engine.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft"}]}))
-    plain = engine.run(parse_job(SD15))
+def test_a_lora_job_reports_its_merge_time_and_a_plain_job_does_not(settings):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    # its own engine: the shared one's checkpoints stay free of resident adapters
+    own = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    with_lora = own.run(parse_job({**SD15, "loras": [{"name": "demo_sd15_peft"}]}))
+    plain = own.run(parse_job(SD15))
     assert with_lora.timings_ms["loras"] >= 0
     assert with_lora.timings_ms["total"] >= with_lora.timings_ms["loras"]
     assert "loras" not in plain.timings_ms
