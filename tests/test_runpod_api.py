@@ -58,6 +58,14 @@ def test_native_payload(api):
     assert set(output["timings_ms"]) >= {"load", "denoise", "decode", "encode", "total"}
 
 
+def test_lora_job_reports_its_merge_time(api):
+    job = {"prompt": "a cube", "checkpoint": "demo-sd15", "width": 64, "height": 64, "steps": 2}
+    reply = runsync(api, {**job, "loras": [{"name": "demo_sd15_kohya", "scale": 0.5}]})
+    assert reply["status"] == "COMPLETED", reply
+    timings = reply["output"]["timings_ms"]
+    assert 0 <= timings["loras"] <= timings["total"]
+
+
 def test_worker_sdxl_payload(api):
     reply = runsync(
         api,
