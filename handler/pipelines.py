@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class LoadedCheckpoint:
     derived: dict[str, Any] = field(default_factory=dict)
     adapters: Any = None  # handler.loras.ResidentAdapters, set by the engine
     graphs: Any = None  # handler.fastpath.UNetGraphs on CUDA, set by the engine
+    host_chunks: list[torch.Tensor] = field(default_factory=list)  # its weights, while offloaded
 
 
 def pipeline_for(loaded: LoadedCheckpoint, mode: str):
@@ -176,6 +178,7 @@ class CheckpointCache:
         self.device = device
         self._entries: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
         self._on_device: set[tuple] = set()
+        self.host = HostChunks(pin_memory=device.type == "cuda")
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._entries
@@ -195,7 +198,9 @@ class CheckpointCache:
             entry = self._entries[key]
             if key not in self._on_device:
                 self._make_room(keep=key)
-                entry.pipeline.to(self.device)
+                move_to_device(_modules(entry.pipeline), self.device)
+                self.host.give_back(entry.host_chunks)
+                entry.host_chunks = []
                 self._on_device.add(key)
             return entry, True
         # Make room first, so two full pipelines never sit on the device at once.
@@ -218,13 +223,15 @@ class CheckpointCache:
                 log.info("offloading checkpoint %s to CPU RAM", entry.name)
                 if entry.graphs is not None:
                     entry.graphs.clear()  # the graphs point at the weights' device memory
-                move_to_host(_modules(entry.pipeline), pin_memory=self.device.type == "cuda")
+                entry.host_chunks = move_to_host(_modules(entry.pipeline), self.host)
         offloaded = [k for k in self._entries if k not in self._on_device and k != keep]
         while len(offloaded) > self.ram_slots:
             evicted = self._entries.pop(offloaded.pop(0))
             log.info("evicting checkpoint %s", evicted.name)
             if evicted.graphs is not None:
                 evicted.graphs.uninstall()
+            # Its chunks are reused once nothing holds its modules any more.
+            self.host.retire(evicted.host_chunks, _modules(evicted.pipeline))
             del evicted
             _free_memory()
 
@@ -232,36 +239,99 @@ class CheckpointCache:
 HOST_CHUNK_BYTES = 256 * 2**20
 
 
-def move_to_host(
-    modules: list[torch.nn.Module], pin_memory: bool, chunk_bytes: int = HOST_CHUNK_BYTES
-) -> None:
-    """Move the modules' weights to CPU RAM, packed into chunks of `chunk_bytes` (page-locked
-    with `pin_memory`, on CUDA).
+class HostChunks:
+    """The RAM tier's host memory: chunks of `chunk_bytes` (page-locked with `pin_memory`),
+    kept and reused by the worker.
+
+    PyTorch's pinned-memory cache should recycle freed chunks, but on torch 2.11 with CUDA graphs
+    captured it never did: every offload allocated new page-locked memory (about 170 ms per
+    256 MB chunk on an H200, so 1-3.5 s per switch) and none was ever freed, 9.7 GB more per
+    SDXL <-> SD 1.5 round trip (`benchmarks/probes/switch-phases-*`). So the cache keeps its
+    chunks itself: an offloaded checkpoint holds its chunks, and bringing it back gives them back
+    here for the next offload. The chunks held only grow to what the RAM tier needed at once.
+    """
+
+    def __init__(self, chunk_bytes: int = HOST_CHUNK_BYTES, pin_memory: bool = True) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.pin_memory = pin_memory
+        self.free: list[torch.Tensor] = []
+        self.created = 0  # chunks allocated so far
+        self._retired: list[tuple[list[torch.Tensor], list[weakref.ref]]] = []
+
+    def take(self, size: int) -> torch.Tensor:
+        """A free chunk of at least `size` bytes (the smallest that fits), else a new one."""
+        self._collect_retired()
+        fitting = [i for i, chunk in enumerate(self.free) if chunk.numel() >= size]
+        if fitting:
+            return self.free.pop(min(fitting, key=lambda i: self.free[i].numel()))
+        chunk = torch.empty(
+            max(size, self.chunk_bytes), dtype=torch.uint8, pin_memory=self.pin_memory
+        )
+        self.created += 1
+        return chunk
+
+    def give_back(self, chunks: list[torch.Tensor]) -> None:
+        """Chunks whose contents are no longer needed (the weights have left them)."""
+        self.free += [c for c in chunks if c.is_pinned() == self.pin_memory]
+
+    def retire(self, chunks: list[torch.Tensor], owners: list[torch.nn.Module]) -> None:
+        """Chunks that `owners`' weights still point at: reused once the owners are gone."""
+        if chunks:
+            self._retired.append((chunks, [weakref.ref(m) for m in owners]))
+
+    def _collect_retired(self) -> None:
+        waiting = []
+        for chunks, owners in self._retired:
+            if any(ref() is not None for ref in owners):
+                waiting.append((chunks, owners))
+            else:
+                self.give_back(chunks)
+        self._retired = waiting
+
+
+def move_to_host(modules: list[torch.nn.Module], host: HostChunks) -> list[torch.Tensor]:
+    """Move the modules' weights to CPU RAM, packed into `host`'s chunks; returns the chunks
+    they now occupy (for `host.give_back` once the weights have left them again).
 
     From page-locked memory, moving a checkpoint back to the GPU is one DMA at bus speed: 6.9 GB
-    of SDXL took 0.15 s instead of 1.0 s from ordinary memory on an H100. Chunks of one size
-    are recycled by PyTorch's pinned-memory cache, so after the first switch the next offload
-    allocates nothing. Each weight keeps its Parameter object, dtype and strides (a
-    channels_last UNet stays channels_last).
+    of SDXL took 0.15 s instead of 1.0 s from ordinary memory on an H100. Each weight keeps its
+    Parameter object, dtype and strides (a channels_last UNet stays channels_last).
     """
     tensors = {
         id(t): t
         for module in modules
         for t in [*module.parameters(), *module.buffers()]
-        if t.device.type != "cpu" or (pin_memory and not t.is_pinned())
+        if t.device.type != "cpu" or (host.pin_memory and not t.is_pinned())
     }
+    chunks: list[torch.Tensor] = []
     try:
-        pack_into_chunks(list(tensors.values()), pin_memory, chunk_bytes)
+        pack_into_chunks(list(tensors.values()), host, chunks)
     except RuntimeError as error:
-        if not pin_memory:
+        if not host.pin_memory:
             raise
         # Page-locked memory refused (a container limit, an exhausted host): ordinary RAM
         # does, for the weights still on the device.
         log.warning("no page-locked host memory (%s); offloading to ordinary RAM", error)
         _synchronize()
-        move_to_host(modules, pin_memory=False, chunk_bytes=chunk_bytes)
-    if pin_memory:
+        ordinary = HostChunks(host.chunk_bytes, pin_memory=False)
+        chunks += move_to_host(modules, ordinary)
+    if host.pin_memory:
         _synchronize()  # the copies land before anyone reads the host memory
+    return chunks
+
+
+def move_to_device(modules: list[torch.nn.Module], device: torch.device) -> None:
+    """Bring offloaded weights back to `device`: non-blocking copies, one synchronize at the end
+    (SDXL's 6.9 GB in 134 ms on an H200, against 220-290 ms through diffusers' `pipeline.to`).
+    Each weight keeps its Parameter object. After this, the host chunks are free to reuse."""
+    if device.type == "cpu":
+        return
+    with torch.no_grad():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.device.type == "cpu":
+                    tensor.data = tensor.data.to(device, non_blocking=True)
+    _synchronize()
 
 
 def _synchronize() -> None:
@@ -269,29 +339,35 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def pack_into_chunks(tensors: list[torch.Tensor], pin_memory: bool, chunk_bytes: int) -> None:
-    """Copy each tensor into CPU chunks of `chunk_bytes` (a larger or strided one gets its own
-    allocation) and point the tensor at its copy."""
+def pack_into_chunks(
+    tensors: list[torch.Tensor], host: HostChunks, chunks: list[torch.Tensor]
+) -> None:
+    """Copy each tensor into chunks taken from `host` (a tensor larger than a chunk gets one of
+    its own size; a strided one, ordinary memory) and point the tensor at its copy. Appends the
+    chunks used to `chunks` as it goes, so a failure midway still accounts for them."""
     chunk, used = None, 0
     for tensor in tensors:
         size = tensor.numel() * tensor.element_size()
         dense = tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)
-        if size > chunk_bytes or not dense:
-            host = torch.empty_strided(
-                tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=pin_memory
-            )
+        if not dense:  # rare (expanded buffers) and small: no chunk
+            host_tensor = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype)
         else:
-            if chunk is None or used + size > chunk_bytes:
-                chunk = torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pin_memory)
-                used = 0
-            host = (
-                chunk[used : used + size]
+            if size > host.chunk_bytes:
+                target, offset = host.take(size), 0
+                chunks.append(target)
+            else:
+                if chunk is None or used + size > chunk.numel():
+                    chunk, used = host.take(host.chunk_bytes), 0
+                    chunks.append(chunk)
+                target, offset = chunk, used
+                used += -(-size // 512) * 512  # aligned for every dtype
+            host_tensor = (
+                target[offset : offset + size]
                 .view(tensor.dtype)
                 .as_strided(tensor.shape, tensor.stride())
             )
-            used += -(-size // 512) * 512  # aligned for every dtype
-        host.copy_(tensor, non_blocking=pin_memory)
-        tensor.data = host
+        host_tensor.copy_(tensor, non_blocking=host.pin_memory and dense)
+        tensor.data = host_tensor
 
 
 def _modules(pipeline: Any) -> list[torch.nn.Module]:

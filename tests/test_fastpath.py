@@ -348,6 +348,21 @@ def test_offloaded_checkpoint_is_pinned_drops_its_graphs_and_recaptures(cuda_eng
     assert (pixels(again) == pixels(before)).all()
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_switching_back_and_forth_reuses_the_page_locked_chunks(cuda_engines):
+    graphed, _ = cuda_engines
+    jobs = [parse_job({**JOB, "checkpoint": name}) for name in ("demo-sd15", "demo-sdxl")]
+    first = [pixels(graphed.run(job)) for job in jobs]  # each job offloads the other checkpoint
+    graphed.run(jobs[0])
+    created = graphed.cache.host.created
+    assert created >= 1
+    for _ in range(2):
+        again = [pixels(graphed.run(job)) for job in jobs]
+    assert graphed.cache.host.created == created  # no new page-locked memory per switch
+    assert all((a == b).all() for a, b in zip(again, first, strict=True))
+
+
 def _host_syncs(engine, job: dict) -> int:
     """How many synchronizing CUDA calls one run of `job` makes (after a first, capturing run)."""
     import warnings

@@ -132,7 +132,7 @@ def test_img2img_and_inpaint_views_share_the_fp16_weights(settings, checkpoint):
 
 
 def test_offloaded_weights_are_packed_into_shared_chunks_keeping_their_layout():
-    from handler.pipelines import pack_into_chunks
+    from handler.pipelines import HostChunks, pack_into_chunks
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 8, 3).half().to(memory_format=torch.channels_last)
@@ -142,7 +142,8 @@ def test_offloaded_weights_are_packed_into_shared_chunks_keeping_their_layout():
     overflow = torch.randn(512)  # 2 KiB: no longer fits in the first chunk
     tensors = [conv.weight, conv.bias, linear.weight, ids, big, overflow]
     before = [(t.clone(), t.stride(), t.dtype, id(t)) for t in tensors]
-    pack_into_chunks(tensors, pin_memory=False, chunk_bytes=4096)
+    host, chunks = HostChunks(4096, pin_memory=False), []
+    pack_into_chunks(tensors, host, chunks)
     for tensor, (value, stride, dtype, identity) in zip(tensors, before, strict=True):
         assert torch.equal(tensor, value) and tensor.stride() == stride
         assert tensor.dtype == dtype and id(tensor) == identity
@@ -152,17 +153,69 @@ def test_offloaded_weights_are_packed_into_shared_chunks_keeping_their_layout():
     # 576 + 16 + 1024 + 56 bytes, each at a 512-byte boundary: 3 KiB of the first chunk
     assert len(set(chunks[:4])) == 1
     assert chunks[4] not in chunks[:4] and chunks[5] not in chunks[:5]
+    assert host.created == 3  # the shared chunk, the big tensor's own, the overflow's
+
+
+def _offload_and_bring_back(modules, host):
+    """What the cache does on CPU terms: pack into the pool's chunks, then give the weights
+    new memory (as the copy back to the GPU does) and the chunks back to the pool."""
+    from handler.pipelines import pack_into_chunks
+
+    chunks = []
+    tensors = [t for m in modules for t in m.parameters()]
+    pack_into_chunks(tensors, host, chunks)
+    for tensor in tensors:
+        tensor.data = tensor.data.clone()
+    return chunks
+
+
+def test_host_chunks_are_reused_by_the_next_offload_and_the_weights_survive():
+    from handler.pipelines import HostChunks
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(32, 32), torch.nn.Conv2d(8, 8, 3)
+    values = [t.clone() for m in (first, second) for t in m.parameters()]
+    host = HostChunks(4096, pin_memory=False)
+    host.give_back(_offload_and_bring_back([first], host))
+    made = host.created
+    assert made >= 1 and len(host.free) == made
+    # the other checkpoint's offload takes the same chunks: nothing new is allocated
+    host.give_back(_offload_and_bring_back([second], host))
+    host.give_back(_offload_and_bring_back([first], host))
+    assert host.created == made
+    after = [t for m in (first, second) for t in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, values, strict=True))
+
+
+def test_an_evicted_checkpoints_chunks_wait_until_its_modules_are_gone():
+    import gc
+
+    from handler.pipelines import HostChunks, pack_into_chunks
+
+    module = torch.nn.Linear(32, 32)
+    host = HostChunks(8192, pin_memory=False)
+    chunks = []
+    pack_into_chunks(list(module.parameters()), host, chunks)
+    host.retire(chunks, [module])
+    held = module.weight.clone()
+    pack_into_chunks([torch.randn(16)], host, [])  # needs a chunk: the retired one is in use
+    assert host.created == 2 and torch.equal(module.weight, held)
+    del module
+    gc.collect()
+    pack_into_chunks([torch.randn(16)], host, [])
+    assert host.created == 2  # the evicted checkpoint's chunk, reused
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA grants page-locked memory")
 def test_offloading_falls_back_to_ordinary_ram_when_page_locking_is_refused(caplog):
-    from handler.pipelines import move_to_host
+    from handler.pipelines import HostChunks, move_to_host
 
     torch.manual_seed(0)
     module = torch.nn.Linear(8, 8)
     before = module.weight.clone()
     # Without CUDA, PyTorch refuses every page-locked allocation.
     with caplog.at_level("WARNING", logger="handler.pipelines"):
-        move_to_host([module], pin_memory=True)
+        chunks = move_to_host([module], HostChunks(pin_memory=True))
     assert "no page-locked host memory" in caplog.text
     assert module.weight.device.type == "cpu" and torch.equal(module.weight, before)
+    assert not any(c.is_pinned() for c in chunks)
