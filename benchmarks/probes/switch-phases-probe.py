@@ -64,6 +64,13 @@ def pinned_stats() -> dict:
             "blocks_created": s.get("num_host_alloc", 0)}
 
 
+def chunks_created():
+    from handler.runpod_worker import get_engine
+
+    host = getattr(get_engine().cache, "host", None)
+    return None if host is None else host.created
+
+
 def pinned_census() -> dict:
     """Page-locked CPU tensors still referenced, and who holds a few of them."""
     import gc
@@ -100,7 +107,7 @@ def rounds(label: str, count: int = 3) -> tuple[list[dict], list[str]]:
         reply = run_handler(job)
         total = (time.perf_counter() - started) * 1000
         jobs.append({"variant": label, "checkpoint": arch, "job_ms": round(total, 1),
-                     "pinned": pinned_stats(),
+                     "pinned": pinned_stats(), "host_chunks_created": chunks_created(),
                      "timings_ms": reply["timings_ms"],
                      "phases_ms": {k: round(v, 1) for k, v in PHASES.items()}})
         images.append(reply["images"][0]["image"])
@@ -115,6 +122,8 @@ def main(out: Path) -> None:
                     "checkpoints_written_s": round(time.perf_counter() - started, 1)}
     timed_wrap(handler.pipelines, "move_to_host", "offload_other (move_to_host)")
     timed_wrap(DiffusionPipeline, "to", "bring_back (pipeline.to)")
+    if hasattr(handler.pipelines, "move_to_device"):  # the worker's own pool (HostChunks)
+        timed_wrap(handler.pipelines, "move_to_device", "bring_back (move_to_device)")
     from handler.engine import Engine
     from handler.registry import Registry
 
@@ -126,15 +135,8 @@ def main(out: Path) -> None:
     get_engine()
     run_handler({"prompt": "x", "checkpoint": "bench-sd15", "width": 512, "height": 512,
                  "steps": 1})  # both checkpoints read from disk once
-    report["diffusers_to"], images_a = rounds("diffusers pipeline.to")
+    report["switches"], images_a = rounds("current code", count=4)
     report["pinned_tensors_alive"] = pinned_census()
-    engine = get_engine()
-    for entry in engine.cache._entries.values():  # the same switches without CUDA graphs
-        if entry.graphs is not None:
-            entry.graphs.uninstall()
-            entry.graphs = None
-    report["no_cuda_graphs"], images_b = rounds("no CUDA graphs", count=2)
-    report["pinned_tensors_alive_no_graphs"] = pinned_census()
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     (out / "switch-phases.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, list)}))
