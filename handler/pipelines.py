@@ -330,7 +330,10 @@ def move_to_device(modules: list[torch.nn.Module], device: torch.device) -> None
         for module in modules:
             for tensor in [*module.parameters(), *module.buffers()]:
                 if tensor.device.type == "cpu":
-                    tensor.data = tensor.data.to(device, non_blocking=True)
+                    # Non-blocking only from page-locked memory: from ordinary memory PyTorch
+                    # stages the copy through a page-locked block of its own cache.
+                    source = tensor.data
+                    tensor.data = source.to(device, non_blocking=source.is_pinned())
     _synchronize()
 
 
