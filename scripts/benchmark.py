@@ -444,9 +444,14 @@ def run_benchmark(
         (loaded.graphs.captures - captures) if loaded.graphs is not None else None
     )
     small = {**job, "steps": 1, "width": 512, "height": 512}
-    run_handler({**small, "checkpoint": "bench-sd15"})  # SDXL goes to the RAM tier
+    host = get_engine().cache.host
+    chunks_before = host.created
+    there = run_handler({**small, "checkpoint": "bench-sd15"})  # SDXL goes to the RAM tier
     switch = run_handler(small)  # and comes back
     sdxl["checkpoint_switch_s"] = round(switch["timings_ms"]["load"] / 1000, 3)
+    sdxl["checkpoint_switch_to_sd15_s"] = round(there["timings_ms"]["load"] / 1000, 3)
+    # page-locked chunks allocated by these two switches (0 once the RAM tier has been used)
+    sdxl["checkpoint_switch_new_host_chunks"] = host.created - chunks_before
     report.save()
 
     # 3. Cold starts in fresh worker processes
