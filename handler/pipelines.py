@@ -245,7 +245,7 @@ class HostChunks:
 
     PyTorch's pinned-memory cache should recycle freed chunks, but on torch 2.11 with CUDA graphs
     captured it never did: every offload allocated new page-locked memory (about 170 ms per
-    256 MB chunk on an H200, so 1-3.5 s per switch) and none was ever freed, 9.7 GB more per
+    256 MB chunk on an H200, 0.9-4.0 s of each switch) and none was ever freed, 9.7 GB more per
     SDXL <-> SD 1.5 round trip (`benchmarks/probes/switch-phases-*`). So the cache keeps its
     chunks itself: an offloaded checkpoint holds its chunks, and bringing it back gives them back
     here for the next offload. The chunks held only grow to what the RAM tier needed at once.
