@@ -219,3 +219,35 @@ def test_offloading_falls_back_to_ordinary_ram_when_page_locking_is_refused(capl
     assert "no page-locked host memory" in caplog.text
     assert module.weight.device.type == "cpu" and torch.equal(module.weight, before)
     assert not any(c.is_pinned() for c in chunks)
+
+
+@pytest.fixture
+def allocator_settings():
+    """Restores PyTorch's allocator settings after a test that changes them."""
+    yield torch._C._accelerator_getAllocatorSettings
+    torch._C._accelerator_setAllocatorSettings("pinned_use_cuda_host_register:False")
+
+
+def test_page_locking_uses_threads_and_keeps_the_users_allocator_options(
+    monkeypatch, allocator_settings
+):
+    from handler.pipelines import page_lock_with_threads
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert page_lock_with_threads(threads=8)
+    # The user's options first (setting replaces them), then ours: 6 cores -> 4 threads,
+    # PyTorch takes powers of two only.
+    assert allocator_settings() == (
+        "max_split_size_mb:512,pinned_use_cuda_host_register:True,pinned_num_register_threads:4"
+    )
+
+
+def test_a_users_own_page_locking_setting_wins(monkeypatch, allocator_settings):
+    from handler.pipelines import page_lock_with_threads
+
+    before = allocator_settings()
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "pinned_use_cuda_host_register:False")
+    assert not page_lock_with_threads()
+    assert allocator_settings() == before
