@@ -181,7 +181,7 @@ class CheckpointCache:
         self._on_device: set[tuple] = set()
         self.host = HostChunks(pin_memory=device.type == "cuda")
         if self.host.pin_memory:
-            page_lock_with_threads()
+            self.host.locking_threads = page_lock_with_threads()
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._entries
@@ -243,20 +243,20 @@ HOST_CHUNK_BYTES = 256 * 2**20
 PAGE_LOCKING_THREADS = 8
 
 
-def page_lock_with_threads(threads: int = PAGE_LOCKING_THREADS) -> bool:
+def page_lock_with_threads(threads: int = PAGE_LOCKING_THREADS) -> int:
     """Have PyTorch page-lock host memory by touching its pages from several threads and then
     registering it with CUDA (`pinned_use_cuda_host_register`), instead of one `cudaHostAlloc`.
 
     On an H200 host (`benchmarks/probes/pinned-alloc-*`) a 256 MB chunk took 30 ms this way with
     8 threads, against 85-170 ms through `cudaHostAlloc`, which also stalled the GPU work of
     other threads while it ran. A pinning setting of the user's own in PYTORCH_ALLOC_CONF or
-    PYTORCH_CUDA_ALLOC_CONF wins. Returns whether the setting was applied.
+    PYTORCH_CUDA_ALLOC_CONF wins. Returns the threads set, 0 when nothing was set.
     """
     configured = (
         os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
     )
     if "pinned_use_cuda_host_register" in configured:
-        return False
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     usable = max(1, min(threads, cores or 1))
     usable = 1 << (usable.bit_length() - 1)  # PyTorch takes a power of two
@@ -266,8 +266,8 @@ def page_lock_with_threads(threads: int = PAGE_LOCKING_THREADS) -> bool:
         torch._C._accelerator_setAllocatorSettings(",".join(filter(None, [configured, ours])))
     except (AttributeError, RuntimeError) as error:
         log.warning("page-locking stays single-threaded (%s)", error)
-        return False
-    return True
+        return 0
+    return usable
 
 
 class HostChunks:
@@ -287,6 +287,7 @@ class HostChunks:
         self.pin_memory = pin_memory
         self.free: list[torch.Tensor] = []
         self.created = 0  # chunks allocated so far
+        self.locking_threads = 0  # threads page-locking new chunks (`page_lock_with_threads`)
         self._retired: list[tuple[list[torch.Tensor], list[weakref.ref]]] = []
 
     def take(self, size: int) -> torch.Tensor:

@@ -452,8 +452,7 @@ def run_benchmark(
     sdxl["checkpoint_switch_to_sd15_s"] = round(there["timings_ms"]["load"] / 1000, 3)
     # page-locked chunks allocated by these two switches (0 once the RAM tier has been used)
     sdxl["checkpoint_switch_new_host_chunks"] = host.created - chunks_before
-    settings = getattr(torch._C, "_accelerator_getAllocatorSettings", lambda: None)
-    sdxl["host_allocator_settings"] = settings()  # page-locking with threads, or not
+    sdxl["host_page_locking_threads"] = host.locking_threads  # 0: through cudaHostAlloc
     report.save()
 
     # 3. Cold starts in fresh worker processes
