@@ -225,7 +225,7 @@ def test_offloading_falls_back_to_ordinary_ram_when_page_locking_is_refused(capl
 def allocator_settings():
     """Reads PyTorch's allocator settings, and restores them after a test that changes them."""
     if not hasattr(torch._C, "_accelerator_getAllocatorSettings"):
-        pytest.skip("this PyTorch cannot read its allocator settings back (before 2.13)")
+        pytest.skip("this PyTorch cannot read its allocator settings back (2.11 cannot)")
     yield torch._C._accelerator_getAllocatorSettings
     torch._C._accelerator_setAllocatorSettings("pinned_use_cuda_host_register:False")
 
