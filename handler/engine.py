@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,12 +118,15 @@ class Engine:
         self.layouts = fastpath.LayoutCache(
             shared_cache / "unet-layouts.json" if shared_cache is not None else None
         )
+        # Where the first COMPILE=1 worker saves each compiled UNet shape for later ones
+        self.precompiled_dir: Path | None = None
         if self.settings.compile and self.device.type == "cuda":
-            fastpath.use_compile_cache(
-                fastpath.compile_cache_dir(
-                    self.settings.compile_cache_dir, self.settings.model_roots
-                )
+            compile_cache = fastpath.compile_cache_dir(
+                self.settings.compile_cache_dir, self.settings.model_roots
             )
+            fastpath.use_compile_cache(compile_cache)
+            if compile_cache is not None and self.settings.precompile:
+                self.precompiled_dir = compile_cache / "precompiled"
 
     @property
     def storage(self) -> Storage | None:
@@ -213,6 +217,7 @@ class Engine:
                     self.settings.compile,
                     self.settings.attention,
                     self.layouts,
+                    self.precompiled_dir,
                 )
             return loaded
 

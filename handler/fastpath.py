@@ -16,17 +16,22 @@ the speed, not the math.
   minute or more per shape on first use; the cache lives on the volume (`COMPILE_CACHE_DIR`)
   so later workers load it. If compiling fails the worker logs it and stays on eager kernels:
   compile never fails a job.
+- With `COMPILE=1`, the first worker also saves dynamo's and inductor's work for each UNet shape
+  ahead of time (`torch.compile(...).aot_compile`, `save_compiled_function`), and later workers
+  load it instead of tracing the UNet again (`precompiled_forward`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,9 +63,15 @@ class UNetGraphs:
         compile_unet: bool = False,
         attention: str = "auto",
         layouts: LayoutCache | None = None,
+        precompiled_dir: Path | None = None,
     ):
         self.unet = unet
         self.layouts = layouts
+        self.precompiled_dir = precompiled_dir if compile_unet else None
+        # Per input signature: the forward loaded from (or saved to) precompiled_dir, or None
+        # where that failed and the regular compiled forward is used.
+        self._precompiled: dict[tuple, Callable | None] = {}
+        self.precompiled_from_volume = 0  # how many shapes were loaded rather than traced
         self.capacity = max(1, capacity)
         self.attention = attention
         self._eager = type(unet).forward.__get__(unet)
@@ -168,15 +179,28 @@ class UNetGraphs:
             inputs[f"added.{name}"] = value
         return inputs
 
-    def _run_static(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _static_call(static: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, Any]]:
         added = {k.removeprefix("added."): v for k, v in static.items() if k.startswith("added.")}
-        return self._forward(
-            static["sample"],
-            static["timestep"],
-            static["encoder_hidden_states"],
-            added_cond_kwargs=added or None,
-            return_dict=False,
-        )[0]
+        args = (static["sample"], static["timestep"], static["encoder_hidden_states"])
+        return args, {"added_cond_kwargs": added or None, "return_dict": False}
+
+    def _run_static(self, static: dict[str, torch.Tensor], forward: Callable) -> torch.Tensor:
+        args, kwargs = self._static_call(static)
+        return forward(*args, **kwargs)[0]
+
+    def _precompile(self, key: tuple, static: dict[str, torch.Tensor]) -> Callable | None:
+        """This input signature's compiled forward, from the volume or compiled ahead of time
+        now and saved there for later workers; None when that cannot be done."""
+        fingerprint = f"{self._layout_key(key)}|{_layout_of(self.unet)}"
+        name = hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+        path = self.precompiled_dir / f"unet-{name}.bin"
+        existed = path.is_file()
+        with attention_backends(self.attention):  # inductor bakes in the attention kernel
+            forward = precompiled_forward(self.unet, path, *self._static_call(static))
+        if forward is not None and existed:
+            self.precompiled_from_volume += 1
+        return forward
 
     def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _Graph | None:
         device = inputs["sample"].device
@@ -184,6 +208,11 @@ class UNetGraphs:
             name: t.detach().to(device, _static_dtype(name, t), copy=True)
             for name, t in inputs.items()
         }
+        forward = self._forward
+        if self.compiled and self.precompiled_dir is not None:
+            if key not in self._precompiled:
+                self._precompiled[key] = self._precompile(key, static)
+            forward = self._precompiled[key] or self._forward
         try:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
@@ -191,12 +220,20 @@ class UNetGraphs:
             with attention_backends(self.attention):
                 with torch.cuda.stream(stream):
                     for _ in range(WARMUP_CALLS):
-                        self._run_static(static)
+                        self._run_static(static, forward)
                 torch.cuda.current_stream(device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    output = self._run_static(static)
+                    output = self._run_static(static, forward)
         except Exception as error:  # never fail a job over the fast path
+            if forward is not self._forward:
+                log.warning(
+                    "precompiled UNet failed (%s: %s); compiling it in this worker",
+                    type(error).__name__,
+                    str(error)[:200],
+                )
+                self._precompiled[key] = None
+                return self._capture(key, inputs)
             if self.compiled:
                 log.warning(
                     "compiled UNet failed (%s: %s); falling back to eager kernels",
@@ -302,6 +339,82 @@ class UNetGraphs:
             return self._eager
         self.compiled = True
         return compiled
+
+
+# Guards that cannot be saved (object identities, closures, dict versions, function defaults):
+# a later worker's modules are new objects. What stays are the type, shape and value guards.
+_UNSAVED_GUARDS = {"ID_MATCH", "CLOSURE_MATCH", "WEAKREF_ALIVE", "DICT_VERSION"}
+
+
+def _saveable_guards(entries: list) -> list[bool]:
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsaved = _UNSAVED_GUARDS | set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [
+        not (
+            entry.is_global
+            or entry.guard_type in unsaved
+            or unsaved & set(entry.derived_guard_types)
+            or "__defaults__" in entry.orig_guard.name
+            or "__kwdefaults__" in entry.orig_guard.name
+        )
+        for entry in entries
+    ]
+
+
+def precompiled_forward(
+    module: torch.nn.Module, path: Path, args: tuple, kwargs: dict[str, Any]
+) -> Callable | None:
+    """`module.forward`, compiled for exactly these arguments' signature, loaded from `path`
+    when an earlier worker saved it there, else compiled ahead of time now and saved to `path`.
+
+    Loading skips dynamo's trace, which a plain torch.compile repeats in every process even with
+    inductor's cache filled. The compiled code reads the module's parameters at each call, so
+    in-place weight changes (LoRA merges) apply. Returns None, after a warning, when torch lacks
+    the API or loading, compiling or saving fails: the caller then compiles the usual way.
+    """
+    config = torch._dynamo.config
+    if hasattr(config, "enable_aot_compile"):  # off by default in torch 2.11
+        config.enable_aot_compile = True
+    eager = type(module).forward
+    # Objects the saved code refers to that a later process must supply: the module itself,
+    # and the undecorated forward (diffusers wraps UNet2DConditionModel.forward).
+    external = {"module": module, "undecorated_forward": inspect.unwrap(eager)}
+    try:
+        if path.is_file():
+            with path.open("rb") as file:
+                compiled = torch.compiler.load_compiled_function(file, external_data=external)
+            log.info("compiled %s loaded from %s", type(module).__name__, path.name)
+        else:
+            started = time.perf_counter()
+            compiled = torch.compile(
+                eager.__get__(module),
+                fullgraph=True,
+                dynamic=False,
+                options={"guard_filter_fn": _saveable_guards},
+            ).aot_compile((args, kwargs))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            compiled.save_compiled_function(str(path), external_data=external)
+            log.info(
+                "compiled %s ahead of time in %.1f s, saved as %s",
+                type(module).__name__,
+                time.perf_counter() - started,
+                path.name,
+            )
+    except Exception as error:
+        log.warning(
+            "could not %s the precompiled %s (%s: %s); compiling it the usual way",
+            "load" if path.is_file() else "save",
+            type(module).__name__,
+            type(error).__name__,
+            str(error)[:200],
+        )
+        return None
+
+    def forward(*call_args: Any, **call_kwargs: Any) -> Any:
+        return compiled(module, *call_args, **call_kwargs)
+
+    return forward
 
 
 class CompiledForward:
@@ -469,6 +582,7 @@ def accelerate(
     compile_unet: bool,
     attention: str = "auto",
     layouts: LayoutCache | None = None,
+    precompiled_dir: Path | None = None,
 ) -> UNetGraphs | None:
     """Install the fast path on a pipeline whose weights are on a CUDA device; None on CPU."""
     unet = getattr(pipeline, "unet", None)
@@ -479,7 +593,12 @@ def accelerate(
     # contiguous: measured on an H200, its decode was 40% slower channels_last.
     unet.to(memory_format=torch.channels_last)
     graphs = UNetGraphs(
-        unet, graph_shapes, compile_unet=compile_unet, attention=attention, layouts=layouts
+        unet,
+        graph_shapes,
+        compile_unet=compile_unet,
+        attention=attention,
+        layouts=layouts,
+        precompiled_dir=precompiled_dir,
     )
     if compile_unet and getattr(pipeline, "vae", None) is not None:
         compile_vae_decoder(pipeline.vae)

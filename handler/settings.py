@@ -47,6 +47,7 @@ class Settings:
     graph_shapes: int = 4
     compile: bool = False
     compile_cache_dir: str | None = None
+    precompile: bool = True
     attention: str = "auto"
     warmup: bool = True
     require_gpu: bool = False
@@ -94,6 +95,7 @@ class Settings:
             graph_shapes=_int("GRAPH_SHAPES", 4),
             compile=_flag("COMPILE"),
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
+            precompile=_flag("PRECOMPILE", True),
             attention=_str("ATTENTION_BACKEND", "auto"),
             warmup=_flag("WARMUP", True),
             require_gpu=_flag("REQUIRE_GPU"),

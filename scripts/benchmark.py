@@ -293,6 +293,11 @@ def child_worker(configs: list[str]) -> None:
         for loaded in engine.cache._entries.values()
         if loaded.graphs is not None
     }
+    report["precompiled_from_volume"] = {
+        loaded.name: loaded.graphs.precompiled_from_volume
+        for loaded in engine.cache._entries.values()
+        if loaded.graphs is not None
+    }
     if torch.cuda.is_available():
         report["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print(CHILD_MARK + json.dumps(report), flush=True)
@@ -485,6 +490,9 @@ def run_benchmark(
             "prefetch_done_at": round(child["prefetch_done_s"], 2),
         }
         sdxl[f"{key}_layout_from_volume"] = child.get("layout_from_volume", {}).get("bench-sdxl")
+        sdxl[f"{key}_unet_shapes_precompiled_from_volume"] = child.get(
+            "precompiled_from_volume", {}
+        ).get("bench-sdxl")
 
     if "cold" not in skip:
         sdxl["cold_start_page_cache_dropped"] = drop_page_cache()

@@ -24,6 +24,7 @@ from handler.fastpath import (
     UNetGraphs,
     compile_cache_dir,
     compile_vae_decoder,
+    precompiled_forward,
     unet_fingerprint,
 )
 from handler.pipelines import LatentDecoder
@@ -198,6 +199,88 @@ def test_running_out_of_memory_in_a_compiled_call_is_not_a_compile_failure(monke
     assert not layer.forward.failed  # the engine's OOM retry runs it compiled again
 
 
+def unet_call():
+    torch.manual_seed(1)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(10.0), torch.randn(2, 7, 12))
+    return args, {"added_cond_kwargs": None, "return_dict": False}
+
+
+# Run in a fresh process: load what the test saved, as a later worker would.
+LOAD_IN_A_NEW_PROCESS = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from handler.fastpath import precompiled_forward
+from tests.test_fastpath import tiny_unet, unet_call
+unet, (args, kwargs) = tiny_unet(), unet_call()
+with torch.inference_mode():
+    forward = precompiled_forward(unet, __import__("pathlib").Path(sys.argv[1]), args, kwargs)
+    loaded = forward(*args, **kwargs)[0]
+    eager = unet(*args, **kwargs)[0]
+    unet.conv_in.weight.add_(0.1)  # in place, as a LoRA merge
+    changed, changed_eager = forward(*args, **kwargs)[0], unet(*args, **kwargs)[0]
+print(json.dumps({
+    "traced_graphs": counters["stats"]["unique_graphs"],
+    "max_diff": float((loaded - eager).abs().max()),
+    "max_diff_after_change": float((changed - changed_eager).abs().max()),
+    "change_moved_output": float((changed_eager - eager).abs().max()),
+}))
+"""
+
+
+def test_a_precompiled_unet_is_saved_then_loaded_by_a_new_process_without_tracing(
+    tmp_path, monkeypatch, caplog
+):
+    import json
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    unet, (args, kwargs) = tiny_unet(), unet_call()
+    path = tmp_path / "precompiled" / "unet.bin"
+    with torch.inference_mode(), caplog.at_level("INFO", logger="handler.fastpath"):
+        forward = precompiled_forward(unet, path, args, kwargs)
+        assert forward is not None and path.is_file()
+        assert "compiled UNet2DConditionModel ahead of time" in caplog.text
+        expected = unet(*args, **kwargs)[0]
+        assert torch.allclose(forward(*args, **kwargs)[0], expected, atol=1e-5)
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_A_NEW_PROCESS, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["traced_graphs"] == 0  # loaded, not traced again
+    assert result["max_diff"] < 1e-5
+    assert result["change_moved_output"] > 1e-3
+    assert result["max_diff_after_change"] < 1e-5  # reads the weights where they are
+
+
+def test_an_unreadable_precompiled_file_means_compiling_the_usual_way(tmp_path, caplog):
+    path = tmp_path / "unet.bin"
+    path.write_bytes(b"not a compiled function")
+    args, kwargs = unet_call()
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="handler.fastpath"):
+        assert precompiled_forward(tiny_unet(), path, args, kwargs) is None
+    assert "could not load the precompiled UNet2DConditionModel" in caplog.text
+
+
+def test_a_torch_without_ahead_of_time_compile_means_compiling_the_usual_way(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no .aot_compile
+    path = tmp_path / "unet.bin"
+    args, kwargs = unet_call()
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="handler.fastpath"):
+        assert precompiled_forward(tiny_unet(), path, args, kwargs) is None
+    assert not path.exists()
+    assert "could not save the precompiled UNet2DConditionModel (AttributeError" in caplog.text
+
+
 def tiny_vae(**config):
     from diffusers import AutoencoderKL
 
@@ -310,6 +393,34 @@ def test_a_later_worker_takes_the_layout_choice_without_timing(cuda_engines, set
     weight = loaded.pipeline.unet.conv_in.weight
     assert weight.stride() == first.pipeline.unet.conv_in.weight.stride()
     assert np.abs(pixels(result) - pixels(eager.run(job))).max() <= 4
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_later_compiled_worker_loads_the_precompiled_unet(cuda_engines, settings, tmp_path):
+    from handler.engine import Engine
+
+    _, eager = cuda_engines
+    compiled = replace(settings, device="cuda", compile=True, compile_cache_dir=str(tmp_path))
+    job = parse_job({**JOB, "checkpoint": "demo-sd15"})
+    first = Engine(compiled)
+    first_image = first.run(job)
+    first_loaded, _ = first.checkpoint("demo-sd15")
+    assert first_loaded.graphs.compiled and first_loaded.graphs.precompiled_from_volume == 0
+    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 1
+    later = Engine(compiled)  # same volume, fresh engine: loads instead of tracing
+    later_image = later.run(job)
+    loaded, _ = later.checkpoint("demo-sd15")
+    assert loaded.graphs.compiled and loaded.graphs.precompiled_from_volume == 1
+    assert np.abs(pixels(later_image) - pixels(first_image)).max() <= 1
+    assert np.abs(pixels(later_image) - pixels(eager.run(job))).max() <= 4
+    lora = later.run(
+        parse_job(
+            {**JOB, "checkpoint": "demo-sd15", "loras": [{"name": "demo_sd15_kohya", "scale": 1}]}
+        )
+    )
+    assert np.abs(pixels(lora) - pixels(later_image)).max() > 0  # merged weights are read
+    assert (pixels(later.run(job)) == pixels(later_image)).all()
 
 
 @pytest.mark.gpu
