@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import platform
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -192,14 +193,25 @@ class UNetGraphs:
     def _precompile(self, key: tuple, static: dict[str, torch.Tensor]) -> Callable | None:
         """This input signature's compiled forward, from the volume or compiled ahead of time
         now and saved there for later workers; None when that cannot be done."""
-        fingerprint = f"{self._layout_key(key)}|{_layout_of(self.unet)}"
+        import diffusers
+
+        # The saved code is diffusers' (and Python's): a new version of either gets a new file.
+        fingerprint = "|".join(
+            [
+                self._layout_key(key),
+                _layout_of(self.unet),
+                f"diffusers {diffusers.__version__}",
+                f"python {platform.python_version()}",
+            ]
+        )
         name = hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
         path = self.precompiled_dir / f"unet-{name}.bin"
-        existed = path.is_file()
         with attention_backends(self.attention):  # inductor bakes in the attention kernel
-            forward = precompiled_forward(self.unet, path, *self._static_call(static))
-        if forward is not None and existed:
-            self.precompiled_from_volume += 1
+            precompiled = precompiled_forward(self.unet, path, *self._static_call(static))
+        if precompiled is None:
+            return None
+        forward, loaded = precompiled
+        self.precompiled_from_volume += loaded
         return forward
 
     def _capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> _Graph | None:
@@ -364,57 +376,77 @@ def _saveable_guards(entries: list) -> list[bool]:
 
 def precompiled_forward(
     module: torch.nn.Module, path: Path, args: tuple, kwargs: dict[str, Any]
-) -> Callable | None:
-    """`module.forward`, compiled for exactly these arguments' signature, loaded from `path`
-    when an earlier worker saved it there, else compiled ahead of time now and saved to `path`.
+) -> tuple[Callable, bool] | None:
+    """`module.forward`, compiled for exactly these arguments' signature, and whether it was
+    loaded from `path` (saved there by an earlier worker) rather than compiled ahead of time now
+    and saved to `path`. A file that cannot be loaded is compiled again and replaced.
 
     Loading skips dynamo's trace, which a plain torch.compile repeats in every process even with
     inductor's cache filled. The compiled code reads the module's parameters at each call, so
     in-place weight changes (LoRA merges) apply. Returns None, after a warning, when torch lacks
-    the API or loading, compiling or saving fails: the caller then compiles the usual way.
+    the API or compiling fails: the caller then compiles the usual way. A failed save is logged,
+    and the function still used.
     """
     config = torch._dynamo.config
     if hasattr(config, "enable_aot_compile"):  # off by default in torch 2.11
         config.enable_aot_compile = True
+    what = type(module).__name__
     eager = type(module).forward
     # Objects the saved code refers to that a later process must supply: the module itself,
     # and the undecorated forward (diffusers wraps UNet2DConditionModel.forward).
     external = {"module": module, "undecorated_forward": inspect.unwrap(eager)}
-    try:
-        if path.is_file():
+    compiled = None
+    if path.is_file():
+        try:
             with path.open("rb") as file:
                 compiled = torch.compiler.load_compiled_function(file, external_data=external)
-            log.info("compiled %s loaded from %s", type(module).__name__, path.name)
-        else:
-            started = time.perf_counter()
+            log.info("compiled %s loaded from %s", what, path.name)
+        except Exception as error:
+            log.warning(
+                "could not load the precompiled %s (%s: %s); compiling it again",
+                what,
+                type(error).__name__,
+                str(error)[:200],
+            )
+    loaded = compiled is not None
+    if compiled is None:
+        started = time.perf_counter()
+        try:
             compiled = torch.compile(
                 eager.__get__(module),
                 fullgraph=True,
                 dynamic=False,
                 options={"guard_filter_fn": _saveable_guards},
             ).aot_compile((args, kwargs))
+        except Exception as error:
+            log.warning(
+                "could not compile %s ahead of time (%s: %s); compiling it the usual way",
+                what,
+                type(error).__name__,
+                str(error)[:200],
+            )
+            return None
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
             compiled.save_compiled_function(str(path), external_data=external)
             log.info(
                 "compiled %s ahead of time in %.1f s, saved as %s",
-                type(module).__name__,
+                what,
                 time.perf_counter() - started,
                 path.name,
             )
-    except Exception as error:
-        log.warning(
-            "could not %s the precompiled %s (%s: %s); compiling it the usual way",
-            "load" if path.is_file() else "save",
-            type(module).__name__,
-            type(error).__name__,
-            str(error)[:200],
-        )
-        return None
+        except Exception as error:  # still good for this worker
+            log.warning(
+                "could not save the compiled %s (%s: %s); later workers will compile it again",
+                what,
+                type(error).__name__,
+                str(error)[:200],
+            )
 
     def forward(*call_args: Any, **call_kwargs: Any) -> Any:
         return compiled(module, *call_args, **call_kwargs)
 
-    return forward
+    return forward, loaded
 
 
 class CompiledForward:

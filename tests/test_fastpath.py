@@ -214,12 +214,13 @@ from handler.fastpath import precompiled_forward
 from tests.test_fastpath import tiny_unet, unet_call
 unet, (args, kwargs) = tiny_unet(), unet_call()
 with torch.inference_mode():
-    forward = precompiled_forward(unet, __import__("pathlib").Path(sys.argv[1]), args, kwargs)
+    forward, from_file = precompiled_forward(unet, __import__("pathlib").Path(sys.argv[1]), args, kwargs)
     loaded = forward(*args, **kwargs)[0]
     eager = unet(*args, **kwargs)[0]
     unet.conv_in.weight.add_(0.1)  # in place, as a LoRA merge
     changed, changed_eager = forward(*args, **kwargs)[0], unet(*args, **kwargs)[0]
 print(json.dumps({
+    "from_file": from_file,
     "traced_graphs": counters["stats"]["unique_graphs"],
     "max_diff": float((loaded - eager).abs().max()),
     "max_diff_after_change": float((changed - changed_eager).abs().max()),
@@ -237,8 +238,8 @@ def test_a_precompiled_unet_is_saved_then_loaded_by_a_new_process_without_tracin
     unet, (args, kwargs) = tiny_unet(), unet_call()
     path = tmp_path / "precompiled" / "unet.bin"
     with torch.inference_mode(), caplog.at_level("INFO", logger="handler.fastpath"):
-        forward = precompiled_forward(unet, path, args, kwargs)
-        assert forward is not None and path.is_file()
+        forward, loaded = precompiled_forward(unet, path, args, kwargs)
+        assert not loaded and path.is_file()
         assert "compiled UNet2DConditionModel ahead of time" in caplog.text
         expected = unet(*args, **kwargs)[0]
         assert torch.allclose(forward(*args, **kwargs)[0], expected, atol=1e-5)
@@ -254,19 +255,37 @@ def test_a_precompiled_unet_is_saved_then_loaded_by_a_new_process_without_tracin
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["traced_graphs"] == 0  # loaded, not traced again
+    assert result["from_file"] and result["traced_graphs"] == 0  # loaded, not traced again
     assert result["max_diff"] < 1e-5
     assert result["change_moved_output"] > 1e-3
     assert result["max_diff_after_change"] < 1e-5  # reads the weights where they are
 
 
-def test_an_unreadable_precompiled_file_means_compiling_the_usual_way(tmp_path, caplog):
+def test_an_unreadable_precompiled_file_is_compiled_again_and_replaced(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     path = tmp_path / "unet.bin"
     path.write_bytes(b"not a compiled function")
-    args, kwargs = unet_call()
-    with torch.inference_mode(), caplog.at_level("WARNING", logger="handler.fastpath"):
-        assert precompiled_forward(tiny_unet(), path, args, kwargs) is None
+    unet, (args, kwargs) = tiny_unet(), unet_call()
+    with torch.inference_mode(), caplog.at_level("INFO", logger="handler.fastpath"):
+        forward, loaded = precompiled_forward(unet, path, args, kwargs)
+        assert torch.allclose(forward(*args, **kwargs)[0], unet(*args, **kwargs)[0], atol=1e-5)
+    assert not loaded and path.read_bytes() != b"not a compiled function"
     assert "could not load the precompiled UNet2DConditionModel" in caplog.text
+    assert "compiled UNet2DConditionModel ahead of time" in caplog.text
+
+
+def test_a_compiled_unet_that_cannot_be_saved_is_still_used(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    blocker = tmp_path / "read-only"
+    blocker.write_text("a file where the folder should be")
+    unet, (args, kwargs) = tiny_unet(), unet_call()
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="handler.fastpath"):
+        forward, loaded = precompiled_forward(unet, blocker / "unet.bin", args, kwargs)
+        assert torch.allclose(forward(*args, **kwargs)[0], unet(*args, **kwargs)[0], atol=1e-5)
+    assert not loaded
+    assert "could not save the compiled UNet2DConditionModel" in caplog.text
 
 
 def test_a_torch_without_ahead_of_time_compile_means_compiling_the_usual_way(
@@ -278,7 +297,7 @@ def test_a_torch_without_ahead_of_time_compile_means_compiling_the_usual_way(
     with torch.inference_mode(), caplog.at_level("WARNING", logger="handler.fastpath"):
         assert precompiled_forward(tiny_unet(), path, args, kwargs) is None
     assert not path.exists()
-    assert "could not save the precompiled UNet2DConditionModel (AttributeError" in caplog.text
+    assert "could not compile UNet2DConditionModel ahead of time (AttributeError" in caplog.text
 
 
 def tiny_vae(**config):
