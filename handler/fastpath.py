@@ -240,25 +240,22 @@ class UNetGraphs:
         except Exception as error:  # never fail a job over the fast path
             if forward is not self._forward:
                 log.warning(
-                    "precompiled UNet failed (%s: %s); compiling it in this worker",
-                    type(error).__name__,
-                    str(error)[:200],
+                    "precompiled UNet failed (%s); compiling it in this worker",
+                    _brief(error),
                 )
                 self._precompiled[key] = None
                 return self._capture(key, inputs)
             if self.compiled:
                 log.warning(
-                    "compiled UNet failed (%s: %s); falling back to eager kernels",
-                    type(error).__name__,
-                    str(error)[:200],
+                    "compiled UNet failed (%s); falling back to eager kernels",
+                    _brief(error),
                 )
                 self._forward, self.compiled = self._eager, False
                 self.clear()
                 return self._capture(key, inputs)
             log.warning(
-                "CUDA graph capture failed (%s: %s); this UNet runs eagerly from now on",
-                type(error).__name__,
-                str(error)[:200],
+                "CUDA graph capture failed (%s); this UNet runs eagerly from now on",
+                _brief(error),
             )
             self.disabled = True
             self.clear()
@@ -358,6 +355,11 @@ class UNetGraphs:
 _UNSAVED_GUARDS = {"ID_MATCH", "CLOSURE_MATCH", "WEAKREF_ALIVE", "DICT_VERSION"}
 
 
+def _brief(error: BaseException) -> str:
+    """An exception's type and the start of its message, for a log line."""
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
 def _saveable_guards(entries: list) -> list[bool]:
     from torch._dynamo.guards import CheckFunctionManager
 
@@ -403,10 +405,9 @@ def precompiled_forward(
             log.info("compiled %s loaded from %s", what, path.name)
         except Exception as error:
             log.warning(
-                "could not load the precompiled %s (%s: %s); compiling it again",
+                "could not load the precompiled %s (%s); compiling it again",
                 what,
-                type(error).__name__,
-                str(error)[:200],
+                _brief(error),
             )
     loaded = compiled is not None
     if compiled is None:
@@ -420,10 +421,9 @@ def precompiled_forward(
             ).aot_compile((args, kwargs))
         except Exception as error:
             log.warning(
-                "could not compile %s ahead of time (%s: %s); compiling it the usual way",
+                "could not compile %s ahead of time (%s); compiling it the usual way",
                 what,
-                type(error).__name__,
-                str(error)[:200],
+                _brief(error),
             )
             return None
         try:
@@ -437,10 +437,9 @@ def precompiled_forward(
             )
         except Exception as error:  # still good for this worker
             log.warning(
-                "could not save the compiled %s (%s: %s); later workers will compile it again",
+                "could not save the compiled %s (%s); later workers will compile it again",
                 what,
-                type(error).__name__,
-                str(error)[:200],
+                _brief(error),
             )
 
     def forward(*call_args: Any, **call_kwargs: Any) -> Any:
@@ -467,10 +466,9 @@ class CompiledForward:
                 raise
             except Exception as error:
                 log.warning(
-                    "compiled %s failed (%s: %s); falling back to eager kernels",
+                    "compiled %s failed (%s); falling back to eager kernels",
                     self.what,
-                    type(error).__name__,
-                    str(error)[:200],
+                    _brief(error),
                 )
                 self.failed = True
         return self.eager(*args, **kwargs)
