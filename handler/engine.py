@@ -175,10 +175,17 @@ class Engine:
         )
         self.run(job, job_id="warm-up")
         loaded, _ = self.checkpoint(checkpoint)
-        if loaded.graphs is not None and loaded.graphs.layout_ms:
-            self.startup_ms.update(
-                {f"unet_{k}_ms_per_call": v for k, v in loaded.graphs.layout_ms.items()}
-            )
+        if loaded.graphs is not None:
+            # The warm-up's share spent on the UNet's and the VAE decoder's first calls:
+            # compiling (or loading) them, capturing the graph, choosing the layout
+            self.startup_ms["unet_first_calls"] = loaded.graphs.first_calls_ms
+            if loaded.graphs.layout_ms:
+                self.startup_ms.update(
+                    {f"unet_{k}_ms_per_call": v for k, v in loaded.graphs.layout_ms.items()}
+                )
+        decoder = fastpath.compiled_vae_decoder(loaded.pipeline)
+        if decoder is not None:
+            self.startup_ms["vae_decoder_first_calls"] = decoder.first_calls_ms
         elapsed = _ms(started)
         log.info("warm-up on %s took %.0f ms", checkpoint, elapsed)
         return elapsed

@@ -87,6 +87,8 @@ class UNetGraphs:
         self.layout_from_volume = False  # the choice came from LayoutCache, not from timing
         self.captures = 0
         self.replays = 0
+        # New shapes' first calls: compiling or loading, capturing, choosing the layout
+        self.first_calls_ms = 0.0
 
     # -- installation -------------------------------------------------------------------
 
@@ -136,12 +138,14 @@ class UNetGraphs:
         with torch.inference_mode():
             graph = self._graphs.get(key)
             if graph is None:
+                started = time.perf_counter()
                 if self.layout_ms is None:
                     self.layout_ms = self._known_layout(key)
                 graph = self._capture(key, inputs)
                 if graph is not None and self.layout_ms is None:
                     self.layout_ms = self.choose_layout()  # once per UNet, at its first capture
                     graph = self._graphs.get(key)
+                self.first_calls_ms += (time.perf_counter() - started) * 1000
                 if graph is None:  # capture failed: this call (and later ones) run eagerly
                     return eager()
             self._graphs.move_to_end(key)
@@ -193,19 +197,9 @@ class UNetGraphs:
     def _precompile(self, key: tuple, static: dict[str, torch.Tensor]) -> Callable | None:
         """This input signature's compiled forward, from the volume or compiled ahead of time
         now and saved there for later workers; None when that cannot be done."""
-        import diffusers
-
-        # The saved code is diffusers' (and Python's): a new version of either gets a new file.
-        fingerprint = "|".join(
-            [
-                self._layout_key(key),
-                _layout_of(self.unet),
-                f"diffusers {diffusers.__version__}",
-                f"python {platform.python_version()}",
-            ]
+        path = precompiled_path(
+            self.precompiled_dir, "unet", [self._layout_key(key), _layout_of(self.unet)]
         )
-        name = hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
-        path = self.precompiled_dir / f"unet-{name}.bin"
         with attention_backends(self.attention):  # inductor bakes in the attention kernel
             precompiled = precompiled_forward(self.unet, path, *self._static_call(static))
         if precompiled is None:
@@ -326,7 +320,7 @@ class UNetGraphs:
                 torch.cuda.get_device_name(self.unet.device),
                 f"torch {torch.__version__}",
                 f"attention {self.attention}",
-                unet_fingerprint(self.unet),
+                config_fingerprint(self.unet),
                 repr(key),
             ]
         )
@@ -376,6 +370,18 @@ def _saveable_guards(entries: list) -> list[bool]:
     ]
 
 
+def precompiled_path(folder: Path, stem: str, parts: list[str]) -> Path:
+    """The file holding one module's code compiled for one input signature: named by a hash of
+    `parts` (architecture, layout, signature) and of the diffusers and Python versions, since
+    the saved code is theirs. The folder is already per GPU and torch version."""
+    import diffusers
+
+    key = "|".join(
+        [*parts, f"diffusers {diffusers.__version__}", f"python {platform.python_version()}"]
+    )
+    return folder / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+
+
 def precompiled_forward(
     module: torch.nn.Module, path: Path, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[Callable, bool] | None:
@@ -387,12 +393,17 @@ def precompiled_forward(
     inductor's cache filled. The compiled code reads the module's parameters at each call, so
     in-place weight changes (LoRA merges) apply. Returns None, after a warning, when torch lacks
     the API or compiling fails: the caller then compiles the usual way. A failed save is logged,
-    and the function still used.
+    and the function still used. Either failure leaves a `.failed` file beside `path`, so later
+    workers go straight to the usual compile instead of paying for both.
     """
     config = torch._dynamo.config
     if hasattr(config, "enable_aot_compile"):  # off by default in torch 2.11
         config.enable_aot_compile = True
     what = type(module).__name__
+    failed = path.with_name(path.name + ".failed")
+    if failed.is_file():
+        log.info("%s is compiled the usual way: an earlier worker could not save it", what)
+        return None
     eager = type(module).forward
     # Objects the saved code refers to that a later process must supply: the module itself,
     # and the undecorated forward (diffusers wraps UNet2DConditionModel.forward).
@@ -411,36 +422,17 @@ def precompiled_forward(
             )
     loaded = compiled is not None
     if compiled is None:
-        started = time.perf_counter()
+        # dynamo saves the module's attributes along with the guards; a stand-in installed as
+        # its `forward` (UNetGraphs, CompiledForward, holding graphs and compiled code) is
+        # taken off meanwhile: it cannot be saved, and the compiled code does not call it.
+        stand_in = module.__dict__.pop("forward", None)
         try:
-            compiled = torch.compile(
-                eager.__get__(module),
-                fullgraph=True,
-                dynamic=False,
-                options={"guard_filter_fn": _saveable_guards},
-            ).aot_compile((args, kwargs))
-        except Exception as error:
-            log.warning(
-                "could not compile %s ahead of time (%s); compiling it the usual way",
-                what,
-                _brief(error),
-            )
+            compiled = _compile_and_save(module, eager, path, failed, args, kwargs, external)
+        finally:
+            if stand_in is not None:
+                module.forward = stand_in
+        if compiled is None:
             return None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            compiled.save_compiled_function(str(path), external_data=external)
-            log.info(
-                "compiled %s ahead of time in %.1f s, saved as %s",
-                what,
-                time.perf_counter() - started,
-                path.name,
-            )
-        except Exception as error:  # still good for this worker
-            log.warning(
-                "could not save the compiled %s (%s); later workers will compile it again",
-                what,
-                _brief(error),
-            )
 
     def forward(*call_args: Any, **call_kwargs: Any) -> Any:
         return compiled(module, *call_args, **call_kwargs)
@@ -448,20 +440,100 @@ def precompiled_forward(
     return forward, loaded
 
 
+def _compile_and_save(
+    module: torch.nn.Module,
+    eager: Callable,
+    path: Path,
+    failed: Path,
+    args: tuple,
+    kwargs: dict[str, Any],
+    external: dict[str, Any],
+) -> Any:
+    """`precompiled_forward`'s compile and save; None when compiling fails."""
+    what = type(module).__name__
+    started = time.perf_counter()
+    try:
+        compiled = torch.compile(
+            eager.__get__(module),
+            fullgraph=True,
+            dynamic=False,
+            options={"guard_filter_fn": _saveable_guards},
+        ).aot_compile((args, kwargs))
+    except Exception as error:
+        log.warning(
+            "could not compile %s ahead of time (%s); compiling it the usual way",
+            what,
+            _brief(error),
+        )
+        _mark_failed(failed, error)
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        compiled.save_compiled_function(str(path), external_data=external)
+        log.info(
+            "compiled %s ahead of time in %.1f s, saved as %s",
+            what,
+            time.perf_counter() - started,
+            path.name,
+        )
+    except Exception as error:  # still good for this worker
+        log.warning(
+            "could not save the compiled %s (%s); later workers will compile it the usual way",
+            what,
+            _brief(error),
+        )
+        _mark_failed(failed, error)
+    return compiled
+
+
+def _mark_failed(marker: Path, error: BaseException) -> None:
+    with contextlib.suppress(OSError):  # a read-only volume: later workers try again
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(_brief(error) + "\n")
+
+
+def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What a compiled function is specialised on: each tensor's shape, dtype, strides and
+    device, and every other argument's value."""
+    return tuple(
+        (name, tuple(v.shape), str(v.dtype), v.stride(), v.device.type)
+        if torch.is_tensor(v)
+        else (name, repr(v))
+        for name, v in [*enumerate(args), *sorted(kwargs.items())]
+    )
+
+
 class CompiledForward:
     """Stands in for a module's `forward`: torch.compile'd, and eager from then on after any
-    error other than running out of memory (logged once), so compiling never fails a job."""
+    error other than running out of memory (logged once), so compiling never fails a job.
 
-    def __init__(self, module: torch.nn.Module, what: str) -> None:
+    With `precompiled_dir`, each input signature's compiled code is loaded from there, or
+    compiled ahead of time and saved there for later workers (`precompiled_forward`); a
+    signature where that fails, or whose loaded code fails, is compiled the usual way.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        what: str,
+        precompiled_dir: Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        self.module = module
         self.eager = type(module).forward.__get__(module)
         self.what = what
         self.failed = False
         self.compiled = torch.compile(self.eager, dynamic=False)
+        self.precompiled_dir = precompiled_dir
+        self.fingerprint = fingerprint  # the architecture, for the precompiled file's name
+        self._forwards: dict[tuple, Callable] = {}  # per input signature
+        self.precompiled_from_volume = 0  # signatures loaded rather than traced
+        self.first_calls_ms = 0.0  # each signature's first call: compiling or loading, and running
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.failed:
             try:
-                return self.compiled(*args, **kwargs)
+                return self._compiled_call(args, kwargs)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:
@@ -473,21 +545,78 @@ class CompiledForward:
                 self.failed = True
         return self.eager(*args, **kwargs)
 
+    def _compiled_call(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        key = _signature(args, kwargs)
+        if key in self._forwards:
+            return self._call(key, args, kwargs)
+        started = time.perf_counter()
+        self._forwards[key] = self._precompiled(key, args, kwargs) or self.compiled
+        try:
+            return self._call(key, args, kwargs)
+        finally:
+            self.first_calls_ms += (time.perf_counter() - started) * 1000
 
-def compile_vae_decoder(vae: Any) -> None:
-    """COMPILE=1's VAE decoder: channels_last, compiled (fused group norms). Eager and
-    contiguous is faster without compile, so the VAE keeps that layout otherwise."""
+    def _call(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
+        forward = self._forwards[key]
+        if forward is self.compiled:
+            return forward(*args, **kwargs)
+        try:
+            return forward(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # e.g. a guard of the loaded code does not hold
+            log.warning(
+                "precompiled %s failed (%s); compiling it in this worker",
+                self.what,
+                _brief(error),
+            )
+            self._forwards[key] = self.compiled
+            return self.compiled(*args, **kwargs)
+
+    def _precompiled(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Callable | None:
+        if self.precompiled_dir is None:
+            return None
+        weights = next(self.module.parameters(), None)
+        path = precompiled_path(
+            self.precompiled_dir,
+            self.what.lower().replace(" ", "-"),
+            [self.fingerprint, str(getattr(weights, "dtype", None)), repr(key)],
+        )
+        precompiled = precompiled_forward(self.module, path, args, kwargs)
+        if precompiled is None:
+            return None
+        forward, loaded = precompiled
+        self.precompiled_from_volume += loaded
+        return forward
+
+
+def compile_vae_decoder(vae: Any, precompiled_dir: Path | None = None) -> None:
+    """COMPILE=1's VAE decoder: channels_last, compiled (fused group norms), and with
+    `precompiled_dir` saved there ahead of time for later workers. Eager and contiguous is
+    faster without compile, so the VAE keeps that layout otherwise."""
     decoder = getattr(vae, "decoder", None)
     if decoder is None or isinstance(decoder.__dict__.get("forward"), CompiledForward):
         return
     try:
-        forward = CompiledForward(decoder, "VAE decoder")
+        forward = CompiledForward(
+            decoder,
+            "VAE decoder",
+            precompiled_dir,
+            fingerprint=config_fingerprint(vae) if precompiled_dir is not None else "",
+        )
     except Exception as error:
         log.warning("torch.compile unavailable (%s); the VAE decodes eagerly", error)
         return
     with torch.inference_mode(False):
         decoder.to(memory_format=torch.channels_last)
     decoder.forward = forward
+
+
+def compiled_vae_decoder(pipeline: Any) -> CompiledForward | None:
+    """The pipeline's compiled VAE decoder (see `compile_vae_decoder`), or None."""
+    decoder = getattr(getattr(pipeline, "vae", None), "decoder", None)
+    forward = decoder.__dict__.get("forward") if decoder is not None else None
+    return forward if isinstance(forward, CompiledForward) else None
 
 
 ATTENTION_BACKENDS = {
@@ -534,12 +663,13 @@ def _static_dtype(name: str, tensor: torch.Tensor) -> torch.dtype:
     return torch.float32 if name == "timestep" else tensor.dtype
 
 
-def unet_fingerprint(unet) -> str:
-    """A short hash of the UNet's architecture, the same in every worker process.
+def config_fingerprint(model) -> str:
+    """A short hash of a diffusers model's architecture (its config), the same in every worker
+    process.
 
     Only the public config keys count: diffusers' private `_use_default_values` is a list
     built from a set, so its order changes with each process's hash seed."""
-    public = {name: value for name, value in unet.config.items() if not name.startswith("_")}
+    public = {name: value for name, value in model.config.items() if not name.startswith("_")}
     config = json.dumps(public, sort_keys=True, default=str)
     return hashlib.sha256(config.encode()).hexdigest()[:16]
 
@@ -631,7 +761,7 @@ def accelerate(
         precompiled_dir=precompiled_dir,
     )
     if compile_unet and getattr(pipeline, "vae", None) is not None:
-        compile_vae_decoder(pipeline.vae)
+        compile_vae_decoder(pipeline.vae, precompiled_dir)
     return graphs.install()
 
 

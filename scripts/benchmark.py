@@ -259,6 +259,7 @@ def child_worker(configs: list[str]) -> None:
     prefetch = prefetch_default_checkpoint()  # what handler/__main__.py does first
     import torch
 
+    from handler import fastpath
     from handler.runpod_worker import get_engine
 
     imported = time.time()
@@ -297,6 +298,15 @@ def child_worker(configs: list[str]) -> None:
         loaded.name: loaded.graphs.precompiled_from_volume
         for loaded in engine.cache._entries.values()
         if loaded.graphs is not None
+    }
+    decoders = {
+        loaded.name: fastpath.compiled_vae_decoder(loaded.pipeline)
+        for loaded in engine.cache._entries.values()
+    }
+    report["vae_precompiled_from_volume"] = {
+        name: decoder.precompiled_from_volume
+        for name, decoder in decoders.items()
+        if decoder is not None
     }
     if torch.cuda.is_available():
         report["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -486,12 +496,21 @@ def run_benchmark(
             ),
             "of_which_load": round(child["startup_ms"].get("load", 0) / 1000, 2),
             "of_which_warm_up": round(child["startup_ms"].get("warm_up", 0) / 1000, 2),
+            "of_which_unet_first_calls": round(
+                child["startup_ms"].get("unet_first_calls", 0) / 1000, 2
+            ),
+            "of_which_vae_decoder_first_calls": round(
+                child["startup_ms"].get("vae_decoder_first_calls", 0) / 1000, 2
+            ),
             "first_job": round(child["configs"]["sdxl-1024-30"]["first_job_s"], 2),
             "prefetch_done_at": round(child["prefetch_done_s"], 2),
         }
         sdxl[f"{key}_layout_from_volume"] = child.get("layout_from_volume", {}).get("bench-sdxl")
         sdxl[f"{key}_unet_shapes_precompiled_from_volume"] = child.get(
             "precompiled_from_volume", {}
+        ).get("bench-sdxl")
+        sdxl[f"{key}_vae_shapes_precompiled_from_volume"] = child.get(
+            "vae_precompiled_from_volume", {}
         ).get("bench-sdxl")
 
     if "cold" not in skip:

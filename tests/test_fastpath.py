@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,8 +25,9 @@ from handler.fastpath import (
     UNetGraphs,
     compile_cache_dir,
     compile_vae_decoder,
+    compiled_vae_decoder,
+    config_fingerprint,
     precompiled_forward,
-    unet_fingerprint,
 )
 from handler.pipelines import LatentDecoder
 from handler.schema import parse_job
@@ -109,17 +111,17 @@ def test_layout_choices_survive_a_restart_and_bad_files_mean_timing_again(tmp_pa
 
 FINGERPRINT_IN_A_NEW_PROCESS = """
 from diffusers import UNet2DConditionModel
-from handler.fastpath import unet_fingerprint
+from handler.fastpath import config_fingerprint
 unet = UNet2DConditionModel.from_config({
     "block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 4,
 })
-print(unet_fingerprint(unet))
+print(config_fingerprint(unet))
 """
 
 
-def test_every_worker_process_computes_the_same_unet_fingerprint():
+def test_every_worker_process_computes_the_same_config_fingerprint():
     # diffusers keeps a set-ordered `_use_default_values` list in the config: hashing it made
     # each worker look up a different layout key, so none reused an earlier worker's choice.
     fingerprints = set()
@@ -138,7 +140,7 @@ def test_every_worker_process_computes_the_same_unet_fingerprint():
     assert len(fingerprints.pop()) == 16
 
 
-def test_the_unet_fingerprint_tells_architectures_apart():
+def test_the_config_fingerprint_tells_architectures_apart():
     from diffusers import UNet2DConditionModel
 
     def tiny(cross_attention_dim):
@@ -151,8 +153,8 @@ def test_the_unet_fingerprint_tells_architectures_apart():
             attention_head_dim=4,
         )
 
-    assert unet_fingerprint(tiny(32)) == unet_fingerprint(tiny(32))
-    assert unet_fingerprint(tiny(32)) != unet_fingerprint(tiny(48))
+    assert config_fingerprint(tiny(32)) == config_fingerprint(tiny(32))
+    assert config_fingerprint(tiny(32)) != config_fingerprint(tiny(48))
 
 
 def test_an_unwritable_layout_cache_is_only_a_warning(tmp_path, caplog):
@@ -298,6 +300,66 @@ def test_a_torch_without_ahead_of_time_compile_means_compiling_the_usual_way(
         assert precompiled_forward(tiny_unet(), path, args, kwargs) is None
     assert not path.exists()
     assert "could not compile UNet2DConditionModel ahead of time (AttributeError" in caplog.text
+    # Later workers go straight to the usual compile instead of failing again first.
+    assert "AttributeError" in (tmp_path / "unet.bin.failed").read_text()
+
+    def must_not_compile(fn, **kwargs):
+        raise AssertionError("compiled ahead of time again")
+
+    monkeypatch.setattr(torch, "compile", must_not_compile)
+    caplog.clear()
+    with torch.inference_mode(), caplog.at_level("INFO", logger="handler.fastpath"):
+        assert precompiled_forward(tiny_unet(), path, args, kwargs) is None
+    assert "an earlier worker could not save it" in caplog.text
+
+
+def test_the_compiled_vae_decoder_is_saved_for_later_workers_per_shape(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    folder = tmp_path / "precompiled"
+    latents = torch.randn(1, 4, 8, 8)
+
+    def decode_in_a_worker(*inputs):
+        vae = tiny_vae()
+        with torch.inference_mode():
+            expected = [vae.decode(x).sample for x in inputs]
+            compile_vae_decoder(vae, folder)
+            for x, want in zip(inputs, expected, strict=True):
+                torch.testing.assert_close(vae.decode(x).sample, want)
+        return compiled_vae_decoder(SimpleNamespace(vae=vae))
+
+    with caplog.at_level("INFO", logger="handler.fastpath"):
+        first = decode_in_a_worker(latents)
+        assert first.precompiled_from_volume == 0 and first.first_calls_ms > 0
+        assert len(list(folder.glob("vae-decoder-*.bin"))) == 1
+        later = decode_in_a_worker(latents, torch.randn(1, 4, 4, 4))
+    assert later.precompiled_from_volume == 1  # the 8x8 latents; the 4x4 ones were new
+    assert len(list(folder.glob("vae-decoder-*.bin"))) == 2
+    assert "compiled Decoder loaded from vae-decoder-" in caplog.text
+    assert not later.failed and "failed" not in caplog.text
+    assert not list(folder.glob("*.failed"))
+
+
+def test_a_precompiled_vae_decoder_whose_guards_fail_is_compiled_the_usual_way(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    folder = tmp_path / "precompiled"
+    latents = torch.randn(1, 4, 8, 8)
+    vae = tiny_vae()
+    with torch.no_grad():
+        compile_vae_decoder(vae, folder)
+        vae.decode(latents)  # saved with gradients off
+    later = tiny_vae()
+    compile_vae_decoder(later, folder)
+    with caplog.at_level("WARNING", logger="handler.fastpath"):
+        got = later.decode(latents).sample  # gradients on: the saved code's guard fails
+    decoder = compiled_vae_decoder(SimpleNamespace(vae=later))
+    assert "precompiled VAE decoder failed (RuntimeError" in caplog.text
+    assert decoder.precompiled_from_volume == 1 and not decoder.failed  # compiled, not eager
+    with torch.no_grad():
+        torch.testing.assert_close(got, later.decode(latents).sample)
 
 
 def tiny_vae(**config):
@@ -422,15 +484,22 @@ def test_a_later_compiled_worker_loads_the_precompiled_unet(cuda_engines, settin
     _, eager = cuda_engines
     compiled = replace(settings, device="cuda", compile=True, compile_cache_dir=str(tmp_path))
     job = parse_job({**JOB, "checkpoint": "demo-sd15"})
+    wide = parse_job({**JOB, "checkpoint": "demo-sd15", "width": 96})  # a second shape
     first = Engine(compiled)
     first_image = first.run(job)
+    first_wide = first.run(wide)
     first_loaded, _ = first.checkpoint("demo-sd15")
     assert first_loaded.graphs.compiled and first_loaded.graphs.precompiled_from_volume == 0
-    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 1
+    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 2
+    assert len(list(tmp_path.glob("*/precompiled/vae-decoder-*.bin"))) == 2
+    assert not list(tmp_path.glob("*/precompiled/*.failed"))
     later = Engine(compiled)  # same volume, fresh engine: loads instead of tracing
     later_image = later.run(job)
+    assert np.abs(pixels(later.run(wide)) - pixels(first_wide)).max() <= 1
     loaded, _ = later.checkpoint("demo-sd15")
-    assert loaded.graphs.compiled and loaded.graphs.precompiled_from_volume == 1
+    assert loaded.graphs.compiled and loaded.graphs.precompiled_from_volume == 2
+    decoder = compiled_vae_decoder(loaded.pipeline)
+    assert decoder.precompiled_from_volume == 2 and not decoder.failed
     assert np.abs(pixels(later_image) - pixels(first_image)).max() <= 1
     assert np.abs(pixels(later_image) - pixels(eager.run(job))).max() <= 4
     lora = later.run(
