@@ -118,7 +118,8 @@ class Engine:
         self.layouts = fastpath.LayoutCache(
             shared_cache / "unet-layouts.json" if shared_cache is not None else None
         )
-        # Where the first COMPILE=1 worker saves each compiled UNet shape for later ones
+        # Where the first COMPILE=1 worker saves each compiled UNet and VAE decoder shape for
+        # later ones
         self.precompiled_dir: Path | None = None
         if self.settings.compile and self.device.type == "cuda":
             compile_cache = fastpath.compile_cache_dir(

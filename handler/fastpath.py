@@ -16,9 +16,9 @@ the speed, not the math.
   minute or more per shape on first use; the cache lives on the volume (`COMPILE_CACHE_DIR`)
   so later workers load it. If compiling fails the worker logs it and stays on eager kernels:
   compile never fails a job.
-- With `COMPILE=1`, the first worker also saves dynamo's and inductor's work for each UNet shape
-  ahead of time (`torch.compile(...).aot_compile`, `save_compiled_function`), and later workers
-  load it instead of tracing the UNet again (`precompiled_forward`).
+- With `COMPILE=1`, the first worker also saves dynamo's and inductor's work for each UNet and
+  VAE decoder shape ahead of time (`torch.compile(...).aot_compile`, `save_compiled_function`),
+  and later workers load it instead of tracing them again (`precompiled_forward`).
 """
 
 from __future__ import annotations
