@@ -197,8 +197,11 @@ class UNetGraphs:
     def _precompile(self, key: tuple, static: dict[str, torch.Tensor]) -> Callable | None:
         """This input signature's compiled forward, from the volume or compiled ahead of time
         now and saved there for later workers; None when that cannot be done."""
+        weights = next(self.unet.parameters())
         path = precompiled_path(
-            self.precompiled_dir, "unet", [self._layout_key(key), _layout_of(self.unet)]
+            self.precompiled_dir,
+            "unet",
+            [self._layout_key(key), _layout_of(self.unet), str(weights.dtype)],
         )
         with attention_backends(self.attention):  # inductor bakes in the attention kernel
             precompiled = precompiled_forward(self.unet, path, *self._static_call(static))
@@ -345,8 +348,24 @@ class UNetGraphs:
 
 
 # Guards that cannot be saved (object identities, closures, dict versions, function defaults):
-# a later worker's modules are new objects. What stays are the type, shape and value guards.
+# a later worker's modules are new objects.
 _UNSAVED_GUARDS = {"ID_MATCH", "CLOSURE_MATCH", "WEAKREF_ALIVE", "DICT_VERSION"}
+# Guards on the compiled module's own structure: its submodules' types, list lengths, dict keys,
+# attributes and (empty) hooks, and its parameters' metadata. SDXL's UNet has about 22,500, and
+# rebuilding them took 2.2 s of each load on an H200 (benchmarks/probes/guard-trim-*). They are
+# left out: the file name pins the architecture, weight layout and dtype, and a module whose
+# structure changed (a LoRA's peft layers) still fails the guards kept on its attributes' values,
+# whose paths run through the structure.
+_MODULE_STRUCTURE_GUARDS = {
+    "TYPE_MATCH",
+    "SEQUENCE_LENGTH",
+    "DICT_KEYS_MATCH",
+    "DICT_CONTAINS",
+    "HASATTR",
+    "NOT_PRESENT_IN_GENERIC_DICT",
+    "EMPTY_NN_MODULE_HOOKS_DICT",
+    "TENSOR_MATCH",
+}
 
 
 def _brief(error: BaseException) -> str:
@@ -355,6 +374,7 @@ def _brief(error: BaseException) -> str:
 
 
 def _saveable_guards(entries: list) -> list[bool]:
+    """Which of dynamo's guards a precompiled forward keeps (its `guard_filter_fn`)."""
     from torch._dynamo.guards import CheckFunctionManager
 
     unsaved = _UNSAVED_GUARDS | set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
@@ -365,6 +385,11 @@ def _saveable_guards(entries: list) -> list[bool]:
             or unsaved & set(entry.derived_guard_types)
             or "__defaults__" in entry.orig_guard.name
             or "__kwdefaults__" in entry.orig_guard.name
+            # the module is the compiled bound method's `self`
+            or (
+                entry.orig_guard.name.startswith("L['self']")
+                and entry.guard_type in _MODULE_STRUCTURE_GUARDS
+            )
         )
         for entry in entries
     ]

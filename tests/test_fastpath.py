@@ -263,6 +263,26 @@ def test_a_precompiled_unet_is_saved_then_loaded_by_a_new_process_without_tracin
     assert result["max_diff_after_change"] < 1e-5  # reads the weights where they are
 
 
+def test_a_precompiled_unet_refuses_a_unet_whose_structure_changed(tmp_path, monkeypatch):
+    # The saved guards leave the module's structure out (the file name pins the architecture);
+    # a structure that changed anyway, such as a LoRA's peft layers, must still fail them.
+    from peft import LoraConfig
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    path = tmp_path / "unet.bin"
+    args, kwargs = unet_call()
+    with torch.inference_mode():
+        precompiled_forward(tiny_unet(), path, args, kwargs)
+    unet = tiny_unet()
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]), adapter_name="lora")
+    unet.disable_adapters()
+    with torch.inference_mode():
+        forward, loaded = precompiled_forward(unet, path, args, kwargs)
+        assert loaded
+        with pytest.raises(RuntimeError, match="GuardManager check failed"):
+            forward(*args, **kwargs)
+
+
 def test_an_unreadable_precompiled_file_is_compiled_again_and_replaced(
     tmp_path, monkeypatch, caplog
 ):
