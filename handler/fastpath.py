@@ -583,13 +583,13 @@ class CompiledForward:
 
     def _call(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
         forward = self._forwards[key]
-        if forward is self.compiled:
-            return forward(*args, **kwargs)
         try:
             return forward(*args, **kwargs)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # e.g. a guard of the loaded code does not hold
+            if forward is self.compiled:
+                raise  # __call__ falls back to eager
             log.warning(
                 "precompiled %s failed (%s); compiling it in this worker",
                 self.what,
