@@ -425,6 +425,11 @@ def precompiled_forward(
     if hasattr(config, "enable_aot_compile"):  # off by default in torch 2.11
         config.enable_aot_compile = True
     what = type(module).__name__
+    if _has_adapter_layers(module):
+        # The saved code would hold this worker's set of LoRA layers (loaded, disabled between
+        # jobs), which later workers would not have: compile it the usual way, and save nothing.
+        log.info("%s holds LoRA layers: compiled the usual way, not saved", what)
+        return None
     failed = path.with_name(path.name + ".failed")
     if failed.is_file():
         log.info("%s is compiled the usual way: an earlier worker could not save it", what)
@@ -509,6 +514,11 @@ def _compile_and_save(
         )
         _mark_failed(failed, error)
     return compiled
+
+
+def _has_adapter_layers(module: torch.nn.Module) -> bool:
+    """Whether peft has wrapped any of the module's layers (LoRA adapters loaded into it)."""
+    return any(type(layer).__module__.startswith("peft.") for layer in module.modules())
 
 
 def _mark_failed(marker: Path, error: BaseException) -> None:

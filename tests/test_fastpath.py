@@ -263,24 +263,39 @@ def test_a_precompiled_unet_is_saved_then_loaded_by_a_new_process_without_tracin
     assert result["max_diff_after_change"] < 1e-5  # reads the weights where they are
 
 
+def with_lora_layers(unet):
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]), adapter_name="lora")
+    unet.disable_adapters()  # as the worker keeps loaded LoRAs between jobs
+    return unet
+
+
 def test_a_precompiled_unet_refuses_a_unet_whose_structure_changed(tmp_path, monkeypatch):
     # The saved guards leave the module's structure out (the file name pins the architecture);
     # a structure that changed anyway, such as a LoRA's peft layers, must still fail them.
-    from peft import LoraConfig
+    import inspect
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     path = tmp_path / "unet.bin"
     args, kwargs = unet_call()
     with torch.inference_mode():
         precompiled_forward(tiny_unet(), path, args, kwargs)
-    unet = tiny_unet()
-    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]), adapter_name="lora")
-    unet.disable_adapters()
-    with torch.inference_mode():
-        forward, loaded = precompiled_forward(unet, path, args, kwargs)
-        assert loaded
-        with pytest.raises(RuntimeError, match="GuardManager check failed"):
-            forward(*args, **kwargs)
+    unet = with_lora_layers(tiny_unet())
+    external = {"module": unet, "undecorated_forward": inspect.unwrap(type(unet).forward)}
+    with path.open("rb") as file:
+        compiled = torch.compiler.load_compiled_function(file, external_data=external)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="GuardManager check failed"):
+        compiled(unet, *args, **kwargs)
+
+
+def test_a_unet_holding_lora_layers_is_neither_precompiled_nor_loaded(tmp_path, caplog):
+    path = tmp_path / "unet.bin"
+    args, kwargs = unet_call()
+    with torch.inference_mode(), caplog.at_level("INFO", logger="handler.fastpath"):
+        assert precompiled_forward(with_lora_layers(tiny_unet()), path, args, kwargs) is None
+    assert "holds LoRA layers: compiled the usual way, not saved" in caplog.text
+    assert not list(tmp_path.iterdir())  # no file, no failure marker
 
 
 def test_an_unreadable_precompiled_file_is_compiled_again_and_replaced(
