@@ -585,7 +585,7 @@ class CompiledForward:
         if key in self._forwards:
             return self._call(key, args, kwargs)
         started = time.perf_counter()
-        self._forwards[key] = self._precompiled(key, args, kwargs) or self.compiled
+        self._forwards[key] = self._precompile(key, args, kwargs) or self.compiled
         try:
             return self._call(key, args, kwargs)
         finally:
@@ -608,7 +608,7 @@ class CompiledForward:
             self._forwards[key] = self.compiled
             return self.compiled(*args, **kwargs)
 
-    def _precompiled(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Callable | None:
+    def _precompile(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Callable | None:
         if self.precompiled_dir is None:
             return None
         weights = next(self.module.parameters(), None)
