@@ -96,3 +96,21 @@ def test_cog_and_the_worker_image_use_the_same_python():
     cog = (REPO / "cog.yaml").read_text()
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert 'python_version: "3.12"' in cog and "ubuntu24.04" in dockerfile  # 24.04's python3
+
+
+def test_the_image_compiles_bytecode_that_is_used_whatever_the_mtimes(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    step = re.search(r"RUN (python3 -m compileall [^\n]*\\\n[^\n]*)", dockerfile).group(1)
+    package = tmp_path / "lib" / "site-packages" / "demo"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    (package / "broken.py").write_text("def f(:\n")  # like the test files that do not compile
+    command = step.replace("\\\n", " ").replace("python3", sys.executable)
+    subprocess.run(command.replace("/opt/venv/lib", str(tmp_path / "lib")), shell=True, check=True)
+    (compiled,) = (package / "__pycache__").glob("__init__.*.pyc")
+    flags = int.from_bytes(compiled.read_bytes()[4:8], "little")
+    assert flags == 0b01  # PEP 552: hash-based, source not checked
