@@ -160,6 +160,20 @@ def decode_png(data_uri: str):
     return Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1]))).convert("RGB")
 
 
+def bytecode_state(torch) -> dict:
+    """Whether the worker processes import compiled bytecode, as the image does, or compile
+    every module from source (a host with PYTHONDONTWRITEBYTECODE=1 and no .pyc files)."""
+    prefix = os.environ.get("PYTHONPYCACHEPREFIX")
+    torch_dir = Path(torch.__file__).parent
+    return {
+        "dont_write_bytecode": bool(sys.flags.dont_write_bytecode),
+        "pycache_prefix": prefix,
+        "torch_pyc_beside_source": (torch_dir / "__pycache__").is_dir(),
+        "torch_pyc_in_prefix": bool(prefix)
+        and (Path(prefix) / str(torch_dir).lstrip("/") / "__pycache__").is_dir(),
+    }
+
+
 def drop_page_cache() -> bool:
     """Drop the OS page cache so a cold start reads the checkpoint from disk (root only)."""
     try:
@@ -355,6 +369,7 @@ class Report:
                 "cuda": torch.version.cuda,
             },
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "bytecode": bytecode_state(torch),
             "notes": [
                 "baseline = plain diffusers pipeline call to a PIL image (its default scheduler, "
                 "fp16, SDPA, VAE upcast as diffusers does it).",

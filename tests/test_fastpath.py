@@ -544,6 +544,14 @@ def test_a_later_compiled_worker_loads_the_precompiled_unet(cuda_engines, settin
     )
     assert np.abs(pixels(lora) - pixels(later_image)).max() > 0  # merged weights are read
     assert (pixels(later.run(job)) == pixels(later_image)).all()
+    # A new shape while the LoRA's layers stay resident: the UNet is compiled the usual way and
+    # not saved (other workers lack those layers); the decoder, which holds none, is saved.
+    tall = parse_job({**JOB, "checkpoint": "demo-sd15", "height": 96})
+    tall_image = later.run(tall)
+    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 2
+    assert len(list(tmp_path.glob("*/precompiled/vae-decoder-*.bin"))) == 3
+    assert not list(tmp_path.glob("*/precompiled/*.failed"))
+    assert np.abs(pixels(tall_image) - pixels(eager.run(tall))).max() <= 4
 
 
 @pytest.mark.gpu
