@@ -169,8 +169,13 @@ def bytecode_state(torch) -> dict:
         "dont_write_bytecode": bool(sys.flags.dont_write_bytecode),
         "pycache_prefix": prefix,
         "torch_pyc_beside_source": (torch_dir / "__pycache__").is_dir(),
+        # under a prefix the .pyc files sit in a mirror of the source folders, no __pycache__
         "torch_pyc_in_prefix": bool(prefix)
-        and (Path(prefix) / str(torch_dir).lstrip("/") / "__pycache__").is_dir(),
+        and (
+            Path(prefix)
+            / str(torch_dir).lstrip("/")
+            / f"__init__.{sys.implementation.cache_tag}.pyc"
+        ).is_file(),
     }
 
 
