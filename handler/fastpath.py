@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -821,12 +822,35 @@ def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:
     return base / key
 
 
+LAST_USED = ".last-used"  # touched at each start: marks a compile cache as the worker's own
+
+
 def use_compile_cache(folder: Path | None) -> None:
     """Point inductor's and triton's on-disk caches at `folder` (before anything compiles)."""
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / LAST_USED).touch()
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def prune_compile_caches(folder: Path, keep_days: float) -> list[str]:
+    """Delete the other GPU/torch-version caches beside `folder` that no worker has started
+    with for `keep_days` (an image upgrade leaves the old version's behind). Only folders
+    holding the worker's `.last-used` marker are touched. Returns the names removed."""
+    if keep_days <= 0 or not folder.parent.is_dir():
+        return []
+    cutoff = time.time() - keep_days * 86400
+    removed = []
+    for other in sorted(folder.parent.iterdir()):
+        marker = other / LAST_USED
+        if other == folder or not marker.is_file() or marker.stat().st_mtime >= cutoff:
+            continue
+        shutil.rmtree(other, ignore_errors=True)
+        if not other.exists():
+            removed.append(other.name)
+            log.info("removed the compile cache %s: unused for %g days", other.name, keep_days)
+    return removed

@@ -47,6 +47,7 @@ class Settings:
     graph_shapes: int = 4
     compile: bool = False
     compile_cache_dir: str | None = None
+    compile_cache_keep_days: float = 14
     precompile: bool = True
     attention: str = "auto"
     warmup: bool = True
@@ -95,6 +96,7 @@ class Settings:
             graph_shapes=_int("GRAPH_SHAPES", 4),
             compile=_flag("COMPILE"),
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
+            compile_cache_keep_days=float(_str("COMPILE_CACHE_KEEP_DAYS", "14")),
             precompile=_flag("PRECOMPILE", True),
             attention=_str("ATTENTION_BACKEND", "auto"),
             warmup=_flag("WARMUP", True),

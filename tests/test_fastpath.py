@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from handler.fastpath import (
+    LAST_USED,
     CompiledForward,
     LayoutCache,
     UNetGraphs,
@@ -28,10 +30,18 @@ from handler.fastpath import (
     compiled_vae_decoder,
     config_fingerprint,
     precompiled_forward,
+    prune_compile_caches,
+    use_compile_cache,
 )
 from handler.pipelines import LatentDecoder
 from handler.schema import parse_job
 
+CACHE_VARIABLES = (
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE",
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 JOB = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 5}
 
@@ -84,6 +94,36 @@ def test_compile_cache_is_keyed_by_gpu_and_torch_version(tmp_path):
     assert torch.__version__ in folder.name
     assert compile_cache_dir(str(tmp_path / "elsewhere"), []).parent == tmp_path / "elsewhere"
     assert compile_cache_dir(None, [tmp_path / "missing"]) is None
+
+
+def test_compile_caches_of_versions_unused_for_the_keep_days_are_pruned(
+    tmp_path, monkeypatch, caplog
+):
+    for name in CACHE_VARIABLES:  # use_compile_cache sets them: restored after the test
+        monkeypatch.delenv(name, raising=False)
+    current = tmp_path / "NVIDIA-H200-torch2.13.0"
+    use_compile_cache(current)
+    month_ago = time.time() - 30 * 86400
+    for name, stamp in [("NVIDIA-H200-torch2.11.0", month_ago), ("NVIDIA-H100-torch2.13.0", None)]:
+        (tmp_path / name / "precompiled").mkdir(parents=True)
+        (tmp_path / name / LAST_USED).touch()
+        if stamp:
+            os.utime(tmp_path / name / LAST_USED, (stamp, stamp))
+    (tmp_path / "someone-elses").mkdir()  # no marker: never the worker's to delete
+    os.utime(tmp_path / "someone-elses", (month_ago, month_ago))
+    os.utime(current / LAST_USED, (month_ago, month_ago))  # the current one is always kept
+
+    assert prune_compile_caches(current, keep_days=0) == []  # 0: never prune
+    with caplog.at_level("INFO", logger="handler.fastpath"):
+        assert prune_compile_caches(current, keep_days=14) == ["NVIDIA-H200-torch2.11.0"]
+    assert "removed the compile cache NVIDIA-H200-torch2.11.0: unused for 14 days" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "NVIDIA-H100-torch2.13.0",
+        "NVIDIA-H200-torch2.13.0",
+        "someone-elses",
+    ]
+    use_compile_cache(current)  # a start refreshes the marker
+    assert (current / LAST_USED).stat().st_mtime > month_ago
 
 
 def test_layout_choices_survive_a_restart_and_bad_files_mean_timing_again(tmp_path):

@@ -114,3 +114,13 @@ def test_the_image_compiles_bytecode_that_is_used_whatever_the_mtimes(tmp_path):
     (compiled,) = (package / "__pycache__").glob("__init__.*.pyc")
     flags = int.from_bytes(compiled.read_bytes()[4:8], "little")
     assert flags == 0b01  # PEP 552: hash-based, source not checked
+
+
+def test_every_environment_variable_the_worker_reads_is_in_the_readme():
+    import re
+
+    settings = (REPO / "handler" / "settings.py").read_text()
+    names = set(re.findall(r'_(?:flag|int|str)\(\s*"([A-Z0-9_]+)"', settings))
+    readme = (REPO / "README.md").read_text()
+    assert len(names) > 30
+    assert sorted(n for n in names if f"`{n}`" not in readme) == []
