@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,22 +101,52 @@ def test_cog_and_the_worker_image_use_the_same_python():
     assert 'python_version: "3.12"' in cog and "ubuntu24.04" in dockerfile  # 24.04's python3
 
 
-def test_the_image_compiles_bytecode_that_is_used_whatever_the_mtimes(tmp_path):
+def bytecode_steps() -> dict[str, tuple[str, str]]:
+    """Each image's bytecode step, and the folder it compiles as written there."""
     import re
-    import subprocess
-    import sys
+
+    import yaml
 
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     step = re.search(r"RUN (python3 -m compileall [^\n]*\\\n[^\n]*)", dockerfile).group(1)
+    (cog_step,) = yaml.safe_load((REPO / "cog.yaml").read_text())["build"]["run"]
+    purelib = re.search(r'\$\(python -c "[^"]*"\)', cog_step).group(0)
+    return {
+        "docker": (step.replace("\\\n", " ").replace("python3", "python"), "/opt/venv/lib"),
+        "cog": (cog_step, purelib),
+    }
+
+
+@pytest.mark.parametrize("image", ["docker", "cog"])
+def test_the_images_compile_bytecode_that_is_used_whatever_the_mtimes(image, tmp_path):
+    import subprocess
+
+    step, folder = bytecode_steps()[image]
     package = tmp_path / "lib" / "site-packages" / "demo"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("VALUE = 1\n")
     (package / "broken.py").write_text("def f(:\n")  # like the test files that do not compile
-    command = step.replace("\\\n", " ").replace("python3", sys.executable)
-    subprocess.run(command.replace("/opt/venv/lib", str(tmp_path / "lib")), shell=True, check=True)
+    command = step.replace(folder, str(tmp_path / "lib")).replace("python ", f"{sys.executable} ")
+    subprocess.run(command, shell=True, check=True)
     (compiled,) = (package / "__pycache__").glob("__init__.*.pyc")
     flags = int.from_bytes(compiled.read_bytes()[4:8], "little")
     assert flags == 0b01  # PEP 552: hash-based, source not checked
+
+
+def test_the_cog_bytecode_step_compiles_the_interpreters_site_packages():
+    import subprocess
+    import sysconfig
+
+    _, folder = bytecode_steps()["cog"]
+    shell = subprocess.run(
+        f"echo {folder}",
+        shell=True,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PATH": str(Path(sys.executable).parent)},
+    )
+    assert shell.stdout.strip() == sysconfig.get_paths()["purelib"]
 
 
 def test_every_environment_variable_the_worker_reads_is_in_the_readme():
