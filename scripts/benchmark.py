@@ -322,8 +322,9 @@ def child_worker(configs: list[str]) -> None:
     import torch
 
     from handler import fastpath
-    from handler.runpod_worker import get_engine
+    from handler.runpod_worker import get_engine, import_runpod
 
+    import_runpod()  # as main() does before the engine
     imported = time.time()
     engine = get_engine()  # preload DEFAULT_CHECKPOINT, warm-up (graph capture, compile)
     ready = time.time()

@@ -253,3 +253,31 @@ def test_worker_with_a_bad_default_checkpoint_refuses_to_start(demo_volume):
     out = run_worker([], demo_volume, DEFAULT_CHECKPOINT="does-not-exist")
     assert out.returncode == 1
     assert "worker cannot start: model_not_found: DEFAULT_CHECKPOINT" in out.stderr + out.stdout
+
+
+def test_the_sdk_is_imported_without_py_cpuinfo_starting_a_process():
+    # In a fresh interpreter: record every process started while the SDK is imported.
+    code = """
+import json, subprocess
+started = []
+class Recording(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+        started.append([str(a) for a in args])
+        super().__init__(args, *rest, **kwargs)
+subprocess.Popen = Recording
+from handler.runpod_worker import cpu_model_name, import_runpod
+import cpuinfo
+original = cpuinfo.get_cpu_info
+import_runpod()
+from runpod.serverless.utils import rp_debugger
+print(json.dumps({"started": started, "processor": rp_debugger.PROCESSOR,
+                  "from_proc": cpu_model_name(), "restored": cpuinfo.get_cpu_info is original}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not [args for args in report["started"] if "cpuinfo" in " ".join(args)]
+    assert report["processor"] == report["from_proc"] and report["processor"] != "unknown CPU"
+    assert report["restored"]  # py-cpuinfo is left as it was for anyone else
