@@ -498,9 +498,13 @@ def _compile_and_save(
         )
         _mark_failed(failed, error)
         return None
+    # Written beside it, then renamed: workers starting together on a fresh volume never load
+    # a half-written file from each other.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        compiled.save_compiled_function(str(path), external_data=external)
+        compiled.save_compiled_function(str(partial), external_data=external)
+        os.replace(partial, path)
         log.info(
             "compiled %s ahead of time in %.1f s, saved as %s",
             what,
@@ -513,6 +517,8 @@ def _compile_and_save(
             what,
             _brief(error),
         )
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         _mark_failed(failed, error)
     return compiled
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -279,12 +280,24 @@ def test_a_precompiled_unet_is_saved_then_loaded_by_a_new_process_without_tracin
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     unet, (args, kwargs) = tiny_unet(), unet_call()
     path = tmp_path / "precompiled" / "unet.bin"
+    renames = []  # the file appears whole: written beside it, then renamed into place
+    rename = os.replace
+
+    def recording_rename(source, target):
+        if Path(target) == path:
+            renames.append((Path(source).name, path.exists(), Path(source).stat().st_size))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_rename)
     with torch.inference_mode(), caplog.at_level("INFO", logger="handler.fastpath"):
         forward, loaded = precompiled_forward(unet, path, args, kwargs)
         assert not loaded and path.is_file()
         assert "compiled UNet2DConditionModel ahead of time" in caplog.text
         expected = unet(*args, **kwargs)[0]
         assert torch.allclose(forward(*args, **kwargs)[0], expected, atol=1e-5)
+    ((partial, existed, size),) = renames
+    assert partial == f"unet.bin.{os.getpid()}.tmp" and not existed
+    assert size == path.stat().st_size and not list(path.parent.glob("*.tmp"))
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(
