@@ -128,8 +128,8 @@ class Engine:
             fastpath.use_compile_cache(compile_cache)
             if compile_cache is not None:
                 fastpath.prune_compile_caches(compile_cache, self.settings.compile_cache_keep_days)
-            if compile_cache is not None and self.settings.precompile:
-                self.precompiled_dir = compile_cache / "precompiled"
+                if self.settings.precompile:
+                    self.precompiled_dir = compile_cache / "precompiled"
 
     @property
     def storage(self) -> Storage | None:
