@@ -48,6 +48,9 @@ def test_loaded_pipeline_uses_bundled_tokenizers(engine):
         49407,
     ]
     assert loaded.pipeline.tokenizer_2.pad_token == "!"
+    # each pipeline has its own: embeddings add tokens to it for the length of a job
+    other, _ = engine.checkpoint("demo-sd15")
+    assert other.pipeline.tokenizer is not loaded.pipeline.tokenizer
 
 
 def test_sd2_v_prediction_reaches_the_scheduler(engine):
