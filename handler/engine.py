@@ -114,6 +114,13 @@ class Engine:
                 field="SAFETY_POLICY",
                 accepted="blur or withhold",
             )
+        backends = ("auto", *fastpath.ATTENTION_BACKENDS)
+        if self.settings.attention not in backends:
+            raise InvalidInput(
+                f"unknown attention backend {self.settings.attention!r}",
+                field="ATTENTION_BACKEND",
+                accepted=", ".join(backends),
+            )
         shared_cache = fastpath.worker_cache_dir(self.settings.model_roots)
         self.layouts = fastpath.LayoutCache(
             shared_cache / "unet-layouts.json" if shared_cache is not None else None

@@ -98,7 +98,7 @@ class Settings:
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
             compile_cache_keep_days=float(_str("COMPILE_CACHE_KEEP_DAYS", "14")),
             precompile=_flag("PRECOMPILE", True),
-            attention=_str("ATTENTION_BACKEND", "auto"),
+            attention=(_str("ATTENTION_BACKEND", "auto") or "auto").strip().lower(),
             warmup=_flag("WARMUP", True),
             require_gpu=_flag("REQUIRE_GPU"),
             max_inline_bytes=_int("MAX_INLINE_BYTES", 9 * 1024 * 1024),

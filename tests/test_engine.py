@@ -148,3 +148,16 @@ def test_same_image_as_plain_diffusers(engine, checkpoint, scheduler):
     ).images[0]
     reference = np.asarray(plain.convert("RGB"), dtype=np.int16)
     assert np.abs(pixels(ours.images[0]) - reference).max() <= 1
+
+
+def test_an_unknown_attention_backend_stops_the_worker_at_start(settings, monkeypatch):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+    from handler.settings import Settings
+
+    with pytest.raises(InvalidInput) as info:
+        Engine(replace(settings, attention="fastest"))
+    assert info.value.field == "ATTENTION_BACKEND" and "cudnn" in info.value.accepted
+    monkeypatch.setenv("ATTENTION_BACKEND", " cuDNN ")
+    assert Settings.from_env().attention == "cudnn"  # read case-insensitively
