@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_the_images_compile_bytecode_that_is_used_whatever_the_mtimes(image, tmp
     (package / "__init__.py").write_text("VALUE = 1\n")
     (package / "broken.py").write_text("def f(:\n")  # like the test files that do not compile
     command = step.replace(folder, str(tmp_path / "lib")).replace("python ", f"{sys.executable} ")
-    subprocess.run(command, shell=True, check=True)
+    beside_sources = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    subprocess.run(command, shell=True, check=True, env=beside_sources)
     (compiled,) = (package / "__pycache__").glob("__init__.*.pyc")
     flags = int.from_bytes(compiled.read_bytes()[4:8], "little")
     assert flags == 0b01  # PEP 552: hash-based, source not checked
