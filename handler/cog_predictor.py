@@ -13,8 +13,8 @@ from pathlib import Path as FilePath
 
 from cog import BaseRunner, Input, Path
 
-from handler.engine import Engine
 from handler.errors import InvalidInput
+from handler.registry import prefetch_default_checkpoint
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -55,6 +55,11 @@ class Predictor(BaseRunner):
     """Stable Diffusion 1.x / 2.x / XL from the model root baked into the image (./models)."""
 
     def setup(self) -> None:
+        # As `python -m handler` does: the checkpoint's disk read overlaps importing torch and
+        # diffusers (this module leaves them to here).
+        prefetch_default_checkpoint()
+        from handler.engine import Engine
+
         self.engine = Engine(Settings.from_env())
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))

@@ -128,6 +128,35 @@ def test_lora_string_parsing():
     assert info.value.field == "loras"
 
 
+def test_setup_starts_reading_the_checkpoint_before_torch_is_imported(demo_volume):
+    # Cog imports the predictor, then calls setup(): the checkpoint's disk read can only overlap
+    # the torch and diffusers imports if the module itself imports neither.
+    import subprocess
+
+    code = """
+import json, sys
+import handler.cog_predictor as predictor
+calls = []
+original = predictor.prefetch_default_checkpoint
+def recording():
+    calls.append("torch" in sys.modules or "diffusers" in sys.modules)
+    return original()
+predictor.prefetch_default_checkpoint = recording
+runner = predictor.Predictor()
+runner.setup()
+print(json.dumps({"calls": calls, "checkpoints_loaded": len(runner.engine.cache)}))
+"""
+    env = {**os.environ, "MODELS_DIR": str(demo_volume), "DEFAULT_CHECKPOINT": "demo-sd15"}
+    env.update(DEVICE="cpu", HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["calls"] == [False]  # once, with neither library imported yet
+    assert report["checkpoints_loaded"] == 1  # DEFAULT_CHECKPOINT preloaded by setup
+
+
 def test_cog_yaml_points_at_the_predictor_and_the_shared_requirements():
     text = (REPO / "cog.yaml").read_text()
     assert 'run: "handler/cog_predictor.py:Predictor"' in text
