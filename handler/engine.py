@@ -870,6 +870,10 @@ class Engine:
         pipeline = pipeline_for(loaded, mode)
         original = pipeline.scheduler
         pipeline.scheduler = build_scheduler(job.scheduler, loaded.scheduler_config)
+        if hasattr(pipeline.scheduler, "noise_sampler_seed"):
+            # DPM++ SDE draws its noise from a Brownian tree, randomly seeded unless told: one
+            # tree per image, seeded like its generator, keeps each image reproducible alone.
+            pipeline.scheduler.noise_sampler_seed = [g.initial_seed() for g in args["generator"]]
         if loaded.graphs is not None and not loaded.graphs.disabled:
             fastpath.host_side_timesteps(pipeline.scheduler)
         try:

@@ -54,6 +54,18 @@ def test_batch_image_i_has_seed_plus_i_and_reproduces_alone(engine):
     assert np.abs(pixels(batch.images[2]) - pixels(alone.images[0])).max() <= 2
 
 
+@pytest.mark.parametrize("scheduler", ["DPM++ SDE", "DPM++ SDE Karras"])
+def test_brownian_noise_samplers_follow_the_seed(engine, scheduler):
+    # DPM++ SDE draws noise from a Brownian tree, which diffusers seeds randomly by default.
+    job = {**BASE, "scheduler": scheduler}
+    first = engine.run(parse_job({**job, "seed": 7}))
+    again = engine.run(parse_job({**job, "seed": 7}))
+    assert (pixels(first.images[0]) == pixels(again.images[0])).all()
+    batch = engine.run(parse_job({**job, "seed": 5, "num_images": 3}))
+    assert np.abs(pixels(batch.images[2]) - pixels(first.images[0])).max() <= 2
+    assert np.abs(pixels(batch.images[0]) - pixels(first.images[0])).max() > 2
+
+
 def test_largest_seed_wraps(engine):
     result = engine.run(parse_job({**BASE, "seed": 2**64 - 1, "num_images": 2}))
     assert [image.seed for image in result.images] == [2**64 - 1, 0]
