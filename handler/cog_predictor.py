@@ -7,16 +7,23 @@ running it); tests/test_cog_predictor.py checks every one against handler/schema
 from __future__ import annotations
 
 import base64
+import io
+import logging
 import tempfile
 import time
 from pathlib import Path as FilePath
+from urllib.parse import urlsplit
 
 from cog import BaseRunner, Input, Path
 
-from handler.errors import InvalidInput
+from handler.errors import InternalError, InvalidInput, WorkerError
 from handler.registry import prefetch_default_checkpoint
 from handler.schema import parse_job
 from handler.settings import Settings
+
+log = logging.getLogger(__name__)
+# The form's hires_strength default: any other value without hires_scale would be ignored.
+HIRES_STRENGTH_DEFAULT = 0.55
 
 
 def parse_lora_list(text: str) -> list[dict]:
@@ -34,6 +41,30 @@ def parse_lora_list(text: str) -> list[dict]:
             ) from None
         loras.append({"name": name.strip(), "scale": value})
     return loras
+
+
+def fetch_url_inputs_like_the_worker(settings: Settings) -> None:
+    """Make Cog fetch `image` / `mask` URLs through the worker's own fetcher.
+
+    coglet downloads a `Path` input given as an http(s) URL itself, before `run()` is called,
+    with plain requests: any scheme it knows, any address (loopback, private, link-local).
+    cog builds those downloads from `cog.types.File.validate`, so this routes http(s) values
+    there through `handler.inputs.fetch_url`: https only unless ALLOW_HTTP_INPUTS, every address
+    checked and pinned, with its size and time caps, as a RunPod job's URLs are. Data URIs,
+    which the web form and `cog predict` send for uploaded files, are left to cog.
+    """
+    import cog.types
+
+    from handler.inputs import fetch_url
+
+    cog_validate = cog.types.File.validate.__func__
+
+    def validate(cls, value):
+        if isinstance(value, str) and urlsplit(value.strip()).scheme in ("http", "https"):
+            return io.BytesIO(fetch_url(value.strip(), "image or mask", settings))
+        return cog_validate(cls, value)
+
+    cog.types.File.validate = classmethod(validate)
 
 
 class _LogProgress:
@@ -60,7 +91,9 @@ class Predictor(BaseRunner):
         prefetch_default_checkpoint()
         from handler.engine import Engine
 
-        self.engine = Engine(Settings.from_env())
+        settings = Settings.from_env()
+        fetch_url_inputs_like_the_worker(settings)
+        self.engine = Engine(settings)
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))
 
@@ -202,6 +235,12 @@ class Predictor(BaseRunner):
         ),
     ) -> list[Path]:
         """Generate images; each file's name and infotext carry its seed."""
+        if hires_scale is None and hires_strength != HIRES_STRENGTH_DEFAULT:
+            raise InvalidInput(
+                "hires_strength only applies to the hires fix's second pass",
+                field="hires_strength",
+                accepted="a hires_scale (1.0 to 4.0) with it, or the default",
+            )
         payload = {
             "prompt": prompt,
             "negative_prompt": negative_prompt,
@@ -233,8 +272,15 @@ class Predictor(BaseRunner):
         for name, path in (("image", image), ("mask", mask)):
             if path is not None:
                 payload[name] = base64.b64encode(FilePath(path).read_bytes()).decode("ascii")
-        # WorkerError propagates: the prediction fails with "<code>: <field>: ...".
-        result = self.engine.run(parse_job(payload), progress=_LogProgress())
+        # A WorkerError fails the prediction with "<code>: <field>: ..."; anything else, as on
+        # RunPod, with internal_error and the traceback in the log only.
+        try:
+            result = self.engine.run(parse_job(payload), progress=_LogProgress())
+        except WorkerError:
+            raise
+        except Exception:
+            log.exception("prediction: unexpected error")
+            raise InternalError("unexpected error; the worker log has the details") from None
         outputs, files = self._fresh_outputs(), []
         for item in result.images:
             if item.withheld:  # the safety policy kept it back: reported, not delivered

@@ -167,10 +167,12 @@ def test_cog_yaml_points_at_the_predictor_and_the_shared_requirements():
 
 
 class WebhookSink:
-    """Collects the prediction updates coglet posts to a webhook on 127.0.0.1."""
+    """Collects the prediction updates coglet posts to a webhook on 127.0.0.1, and records any
+    GET (answered with a small PNG)."""
 
     def __init__(self) -> None:
         self.events: list[dict] = []
+        self.gets: list[str] = []
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -179,6 +181,15 @@ class WebhookSink:
                 sink.events.append(json.loads(body))
                 self.send_response(200)
                 self.end_headers()
+
+            def do_GET(self):  # noqa: N802
+                sink.gets.append(self.path)
+                png = sink_png()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
 
             def log_message(self, *args):
                 pass
@@ -370,3 +381,61 @@ def test_cancel_stops_between_steps_and_leaves_no_state(cog):
     assert after["status"] == again["status"] == "succeeded"
     assert decode(after["output"][0]).tobytes() == decode(again["output"][0]).tobytes()
     assert decode(with_lora["output"][0]).tobytes() != decode(after["output"][0]).tobytes()
+
+
+def test_url_inputs_follow_the_worker_url_rules(cog):
+    # coglet would download these itself; the predictor routes them through handler.inputs
+    sink = WebhookSink()
+    try:
+        base = sink.url.rsplit("/", 1)[0]
+        job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "strength": 0.5}
+        for url, expected in (
+            (f"{base}/red.png", "http:// URLs are not accepted"),
+            (base.replace("http://", "https://") + "/red.png", "non-public address"),
+            (base.replace("127.0.0.1", "localhost") + "/red.png", "http:// URLs"),
+        ):
+            for field in ("image", "mask"):
+                inputs = {**job, field: url}
+                if field == "mask":
+                    inputs["image"] = "data:image/png;base64," + base64.b64encode(
+                        sink_png()
+                    ).decode("ascii")
+                response = predict(cog, inputs)
+                text = response.text
+                assert response.status_code in (200, 422), text
+                assert response.status_code == 422 or response.json()["status"] == "failed"
+                assert "invalid_input" in text and expected in text, text
+        assert sink.gets == []  # nothing was fetched from the loopback server
+    finally:
+        sink.close()
+
+
+def sink_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_hires_strength_without_hires_scale_is_refused(cog):
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "hires_strength": 0.9}
+    body = predict(cog, job).json()
+    assert body["status"] == "failed"
+    assert "invalid_input: hires_strength" in body["error"] and "hires_scale" in body["error"]
+
+
+def test_an_unexpected_error_fails_as_internal_error_without_its_text():
+    from handler.cog_predictor import Predictor
+    from handler.errors import InternalError
+
+    class BrokenEngine:
+        def run(self, job, progress=None):
+            raise IndexError("tuple index out of range, with a secret prompt")
+
+    runner = Predictor()
+    runner.engine = BrokenEngine()
+    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
+    inputs.pop("self")
+    inputs.update(prompt="a cube", width=64, height=64)
+    with pytest.raises(InternalError) as raised:
+        runner.run(**inputs)
+    assert str(raised.value).startswith("internal_error:") and "secret" not in str(raised.value)
