@@ -762,6 +762,15 @@ class Engine:
                 # (force_zeros_for_empty_prompt), as diffusers and A1111 do.
                 "negative_prompt": [job.negative_prompt] * count if job.negative_prompt else None,
             }
+        encoders = [getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")]
+        deepest = min(e.config.num_hidden_layers for e in encoders if e is not None)
+        if job.clip_skip > deepest:
+            raise InvalidInput(
+                f"clip_skip {job.clip_skip} goes past this checkpoint's text encoder "
+                f"({deepest} layers)",
+                field="clip_skip",
+                accepted=f"1 to {deepest}",
+            )
         encode = encode_sdxl if hasattr(pipeline, "text_encoder_2") else encode_sd
         embeds = encode(pipeline, job.prompt, job.negative_prompt, job.clip_skip)
         return {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.errors import LoraIncompatible, ModelNotFound
+from handler.errors import InvalidInput, LoraIncompatible, ModelNotFound
 from handler.loras import extract_inline_loras
 from handler.outputs import read_infotext
 from handler.schema import parse_job
@@ -229,6 +229,16 @@ def test_clip_skip_changes_the_image_and_is_per_job(engine):
     skipped = engine.run(parse_job({**SD15, "clip_skip": 2}))
     assert np.abs(pixels(skipped) - pixels(plain)).max() > 0
     assert (pixels(engine.run(parse_job(SD15))) == pixels(plain)).all()
+
+
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_clip_skip_past_the_text_encoder_is_invalid_input(engine, checkpoint):
+    # The demo text encoders have 2 layers (CLIP ViT-L has 12): the error says how many.
+    job = parse_job({**SD15, "checkpoint": checkpoint, "clip_skip": 3})
+    with pytest.raises(InvalidInput) as raised:
+        engine.run(job)
+    assert raised.value.field == "clip_skip" and raised.value.accepted == "1 to 2"
+    assert engine.run(parse_job({**SD15, "checkpoint": checkpoint, "clip_skip": 2})).images
 
 
 def test_a1111_override_settings_for_clip_skip_and_vae():
