@@ -440,6 +440,7 @@ class Engine:
                 timings,
                 overlay,
                 safety,
+                warnings,
             )
 
         # 4. Deliver
@@ -492,6 +493,7 @@ class Engine:
         timings,
         overlay,
         safety=None,
+        warnings=None,
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
@@ -528,6 +530,11 @@ class Engine:
         with torch.inference_mode(), LatentDecoder(decoder_pipeline) as decoder:
             for index in range(len(seeds)):
                 image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
+                if not decoder.last_was_finite and warnings is not None:
+                    warnings.append(
+                        f"image {index} (seed {seeds[index]}): the model produced non-finite "
+                        "values (NaN or inf); those pixels are black"
+                    )
                 if overlay is not None:
                     image = Image.composite(image, overlay[0], overlay[1])
                 nsfw = self._flagged(safety, image) if safety else None

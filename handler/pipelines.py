@@ -433,6 +433,7 @@ class LatentDecoder:
             self.vae.config, "force_upcast", False
         )
         self.upcast = False
+        self.last_was_finite = True  # whether the last decoded image had only finite pixels
         on_cuda = self.vae.device.type == "cuda"
         self.wide_dtype = (
             torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -454,13 +455,16 @@ class LatentDecoder:
     def decode(self, latents: torch.Tensor):
         """One PIL image from latents of shape [1, C, h, w]."""
         image = self._decode(latents)
-        if self.may_upcast and not self.upcast and not bool(torch.isfinite(image).all()):
+        finite = bool(torch.isfinite(image).all())
+        if self.may_upcast and not self.upcast and not finite:
             log.info(
                 "fp16 VAE decode overflowed; this VAE decodes in %s from now on", self.wide_dtype
             )
             self.vae._sd_worker_overflows = True
             self._upcast()
             image = self._decode(latents)
+            finite = bool(torch.isfinite(image).all())
+        self.last_was_finite = finite
         return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -136,9 +136,13 @@ def _encode_windows(
             pooled = result.text_embeds
         weight = torch.tensor(weights, device=device, dtype=hidden.dtype)
         if not torch.all(weight == 1):
-            original_mean = hidden.mean()
+            # A1111's weighting: scale the tokens, then restore the overall mean. A weighted
+            # mean of about zero would blow the embeddings up: then the mean is left as it is.
+            original_mean = hidden.float().mean()
             hidden = hidden * weight[None, :, None]
-            hidden = hidden * (original_mean / hidden.mean())
+            ratio = original_mean / hidden.float().mean()
+            ratio = torch.where(ratio.isfinite() & (ratio.abs() < 1e3), ratio, 1.0)
+            hidden = hidden * ratio.to(hidden.dtype)
         outputs.append(hidden)
     return torch.cat(outputs, dim=1), pooled
 

@@ -120,3 +120,51 @@ def test_words_after_token_75_reach_the_image(engine, checkpoint):
     first = run(engine, checkpoint, head + ", a red cube")
     second = run(engine, checkpoint, head + ", a blue sphere")
     assert np.abs(first - second).max() > 0  # truncating at 77 tokens would make them equal
+
+
+def test_weighting_never_blows_the_embeddings_up(engine):
+    # On the demo's random encoder this prompt's weighted mean is about zero: restoring the
+    # mean by dividing by it gave non-finite embeddings, hence black images.
+    import torch
+
+    from handler.prompts import encode_sd
+
+    prompt = ", ".join(["a very detailed (masterpiece:1.2) [cube]"] * 5)
+    loaded, _ = engine.checkpoint("demo-sd15")
+    embeds = encode_sd(loaded.pipeline, prompt, "", clip_skip=1)["prompt_embeds"]
+    assert torch.isfinite(embeds).all() and embeds.abs().max() < 1e3
+    image = run(engine, "demo-sd15", prompt)
+    assert image.max() > 0  # not black
+
+
+def test_a_non_finite_image_is_reported_in_the_warnings(engine, monkeypatch):
+    import torch
+
+    from handler.pipelines import LatentDecoder
+
+    original = LatentDecoder._decode
+
+    def nan_decode(self, latents):
+        return torch.full_like(original(self, latents), float("nan"))
+
+    monkeypatch.setattr(LatentDecoder, "_decode", nan_decode)
+    result = engine.run(
+        parse_job(
+            {
+                "prompt": "x",
+                "width": 64,
+                "height": 64,
+                "steps": 1,
+                "seed": 3,
+                "checkpoint": "demo-sd15",
+                "num_images": 2,
+            }
+        )
+    )
+    assert len(result.images) == 2
+    assert [w for w in result.warnings if "non-finite" in w] == [
+        "image 0 (seed 3): the model produced non-finite values (NaN or inf); those pixels are "
+        "black",
+        "image 1 (seed 4): the model produced non-finite values (NaN or inf); those pixels are "
+        "black",
+    ]
