@@ -12,7 +12,13 @@ import re
 from typing import Any
 
 from handler.errors import InvalidInput
-from handler.schedulers import canonical_scheduler
+from handler.schedulers import (
+    SCHEDULE_TYPES,
+    SCHEDULER_NAMES,
+    canonical_scheduler,
+    split_schedule,
+    takes_schedule,
+)
 
 # other name -> native name
 FIELD_ALIASES = {
@@ -60,8 +66,28 @@ A1111_NEUTRAL = {
     "force_task_id": (None, ""),
     "infotext": (None, ""),
 }
-# A1111 >= 1.9 names the noise schedule separately from the sampler.
-A1111_SCHEDULE_TYPES = {"automatic": "", "karras": "Karras", "uniform": "", "normal": ""}
+# A1111 >= 1.9 names the noise schedule separately from the sampler. "Automatic" is the
+# sampler's own; "Uniform" and "Normal" are the model's timesteps evenly spaced, as diffusers'
+# default spacing does.
+A1111_SCHEDULE_TYPES = {
+    "automatic": "",
+    "uniform": "",
+    "normal": "",
+    **{name.lower(): name for name in SCHEDULE_TYPES},
+}
+# Other A1111 fields its clients send as null for "not set", besides the aliases and extras.
+A1111_NULLABLE = (
+    "override_settings",
+    "sampler_index",
+    "scheduler",
+    "enable_hr",
+    "batch_size",
+    "n_iter",
+    "init_images",
+    "refiner_switch_at",
+)
+# A1111's default sampler_index, which its own clients send beside every sampler_name.
+A1111_DEFAULT_SAMPLER_INDEX = "Euler"
 # worker-sdxl refiner controls; they run the refiner only when one is configured.
 REFINER_FIELDS = ("refiner_inference_steps", "high_noise_frac")
 # A1111 model titles carry a hash suffix: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
@@ -72,6 +98,10 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     """Map alias field names onto native ones; returns (native payload, warnings)."""
     data = dict(payload)
     warnings: list[str] = []
+    # A1111's API models default many fields to null, and clients send them: null is absent.
+    for name in (*A1111_NULLABLE, *FIELD_ALIASES, *A1111_NEUTRAL, *A1111_HIRES_FIELDS):
+        if name in data and data[name] is None:
+            del data[name]
     _apply_hires_fields(data)  # first: with enable_hr, denoising_strength belongs to hires
 
     # 0. Defaults other clients send explicitly: worker-sdxl's negative_prompt null, A1111's
@@ -81,10 +111,12 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         data["negative_prompt"] = ""
     if "sampler_index" in data:
         index = data.pop("sampler_index")
-        if "sampler_name" not in data and "scheduler" not in data:
+        if "sampler_name" not in data and (
+            "scheduler" not in data or _is_schedule_type(data["scheduler"])
+        ):
             data["sampler_name"] = index
-        elif data.get("sampler_name", index) != index:
-            warnings.append("sampler_index ignored: sampler_name is given (as A1111 does)")
+        elif index not in (data.get("sampler_name"), A1111_DEFAULT_SAMPLER_INDEX):
+            warnings.append("sampler_index ignored: the sampler is given (as A1111 does)")
     if "sampler_name" not in data and _is_schedule_type(data.get("scheduler")):
         if data["scheduler"].lower() != "automatic":
             raise InvalidInput(
@@ -105,17 +137,19 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
 
     # 1. Plain renames; two names for one field is ambiguous, so it is refused.
     for alias, native in FIELD_ALIASES.items():
-        if alias in data:
-            if native in data and not (alias == "sampler_name" and _is_schedule_type(data[native])):
-                raise InvalidInput(
-                    f"both {alias!r} and {native!r} are given; they name the same field",
-                    field=alias,
-                    accepted=f"one of {alias!r} or {native!r}",
-                )
-            value = data.pop(alias)
-            if alias == "sampler_name" and native in data:
-                value = _with_schedule_type(value, data.pop(native))
-            data[native] = value
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if alias == "sampler_name" and native in data and not _is_sampler(data[native]):
+            # beside sampler_name, A1111's `scheduler` is the schedule type
+            value = _with_schedule_type(value, data.pop(native))
+        elif native in data:
+            raise InvalidInput(
+                f"both {alias!r} and {native!r} are given; they name the same field",
+                field=alias,
+                accepted=f"one of {alias!r} or {native!r}",
+            )
+        data[native] = value
 
     # 2. A1111: seed -1 means random, batch_size x n_iter images, model in override_settings.
     if data.get("seed") == -1:
@@ -223,13 +257,35 @@ def _is_schedule_type(value: Any) -> bool:
     return isinstance(value, str) and value.lower() in A1111_SCHEDULE_TYPES
 
 
-def _with_schedule_type(sampler: Any, schedule: str) -> Any:
-    """'DPM++ 2M' + 'Karras' -> 'DPM++ 2M Karras' (when that combination exists)."""
+def _is_sampler(value: Any) -> bool:
+    return isinstance(value, str) and canonical_scheduler(value) is not None
+
+
+def _with_schedule_type(sampler: Any, schedule: Any) -> Any:
+    """'DPM++ 2M' + 'Karras' -> 'DPM++ 2M Karras'; a schedule type the sampler does not have,
+    or one diffusers does not have, is refused rather than run as something else."""
+    if not _is_schedule_type(schedule):
+        raise InvalidInput(
+            f"schedule type {schedule!r} is not supported",
+            field="scheduler",
+            accepted="Automatic, Uniform, Normal, " + ", ".join(SCHEDULE_TYPES),
+        )
     suffix = A1111_SCHEDULE_TYPES[schedule.lower()]
-    if not suffix or not isinstance(sampler, str):
-        return sampler
-    combined = f"{sampler} {suffix}"
-    return combined if canonical_scheduler(combined) else sampler
+    base = canonical_scheduler(sampler) if isinstance(sampler, str) else None
+    if not suffix or base is None:
+        return sampler  # the sampler's own schedule; an unknown sampler is the schema's error
+    if split_schedule(base)[1] == suffix:
+        return base  # "DPM++ 2M Karras" with "Karras"
+    if split_schedule(base)[1] is None and takes_schedule(base, suffix):
+        return f"{base} {suffix}"
+    with_it = [
+        n for n in SCHEDULER_NAMES if split_schedule(n)[1] is None and takes_schedule(n, suffix)
+    ]
+    raise InvalidInput(
+        f"sampler {sampler!r} has no {suffix!r} schedule type",
+        field="scheduler",
+        accepted=f"{suffix} with one of: " + ", ".join(with_it),
+    )
 
 
 def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:

@@ -139,6 +139,7 @@ class Predictor(BaseRunner):
                 "DPM2 a",
                 "DPM++ 2M",
                 "DPM++ 2M Karras",
+                "DPM++ 2M SDE",
                 "DPM++ 2M SDE Karras",
                 "DPM++ SDE",
                 "DPM++ SDE Karras",

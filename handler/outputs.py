@@ -23,6 +23,7 @@ import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 
 from handler.errors import InvalidInput, OutputTooLarge, UploadFailed
+from handler.schedulers import split_schedule
 from handler.schema import ImageResult
 from handler.settings import Settings
 
@@ -176,11 +177,9 @@ def a1111_infotext(
     """The "parameters" text A1111 writes, so dropping the file into A1111 restores the settings."""
     prompt_line = prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
     fields: dict[str, Any] = {"Steps": steps}
-    if sampler.endswith(" Karras"):
-        fields["Sampler"] = sampler.removesuffix(" Karras")
-        fields["Schedule type"] = "Karras"
-    else:
-        fields["Sampler"] = sampler
+    fields["Sampler"], schedule = split_schedule(sampler)
+    if schedule:
+        fields["Schedule type"] = schedule
     fields.update({"CFG scale": f"{cfg_scale:g}", "Seed": seed, "Size": f"{width}x{height}"})
     if model_hash:
         fields["Model hash"] = model_hash

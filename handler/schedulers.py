@@ -2,6 +2,8 @@
 
 Canonical names are A1111's sampler names, which most users know. A1111's older combined names
 ("DPM++ 2M Karras"), worker-sdxl's K_* names and diffusers class names are accepted as aliases.
+A sampler followed by one of A1111's schedule types ("DPM++ 2M Exponential", "Euler SGM
+Uniform") is a name too, for the samplers whose diffusers class has that schedule.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "DPM++ 2M SDE": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+    ),
     "DPM++ 2M SDE Karras": (
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
@@ -38,6 +44,17 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 DEFAULT_SCHEDULER = "DPM++ 2M Karras"
+
+# A1111's schedule types (its `scheduler` field since 1.9) that diffusers has, as the config
+# they set. "SGM Uniform" is trailing timestep spacing, as diffusers' scheduler docs map it.
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "Beta": {"use_beta_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+# Samplers whose diffusers class has no sigma schedules (use_*_sigmas): only SGM Uniform.
+NO_SIGMA_SCHEDULES = frozenset({"Euler a", "DDIM", "PNDM", "LCM"})
 
 _EXTRA_ALIASES = {
     # worker-sdxl / Replicate K-diffusion style names
@@ -81,19 +98,52 @@ _ALIASES.update({_key(name.replace(" ", "_")): name for name in SCHEDULERS})
 
 
 def canonical_scheduler(name: str) -> str | None:
-    """The canonical name for `name` or one of its aliases, or None if unknown."""
-    return _ALIASES.get(_key(name))
+    """The canonical name for `name` or one of its aliases ("K_EULER karras" -> "Euler
+    Karras"), or None if unknown or a schedule type the sampler does not have."""
+    known = _ALIASES.get(_key(name))
+    if known is not None:
+        return known
+    for schedule in SCHEDULE_TYPES:
+        if _key(name).endswith(_key(schedule)):
+            base = _ALIASES.get(_key(name)[: -len(_key(schedule))])
+            if base is not None and takes_schedule(base, schedule):
+                return f"{base} {schedule}"
+    return None
+
+
+def takes_schedule(sampler: str, schedule: str) -> bool:
+    """Whether canonical `sampler` can run with A1111 schedule type `schedule`: not one that
+    already names a schedule ("DPM++ 2M Karras"), and one whose class has sigma schedules."""
+    _, overrides = SCHEDULERS[sampler]
+    if any(key in overrides for config in SCHEDULE_TYPES.values() for key in config):
+        return False
+    return schedule == "SGM Uniform" or sampler not in NO_SIGMA_SCHEDULES
+
+
+def split_schedule(name: str) -> tuple[str, str | None]:
+    """A canonical name as (sampler, schedule type): "DPM++ 2M Karras" -> ("DPM++ 2M",
+    "Karras"), "Euler" -> ("Euler", None)."""
+    for schedule in SCHEDULE_TYPES:
+        base = name.removesuffix(f" {schedule}")
+        if base != name and base in SCHEDULERS:
+            return base, schedule
+    return name, None
 
 
 def build_scheduler(name: str, base_config: dict[str, Any]):
     """A fresh scheduler of canonical `name`, keeping the checkpoint's noise schedule."""
     import diffusers
 
-    class_name, overrides = SCHEDULERS[name]
+    if name in SCHEDULERS:
+        class_name, overrides = SCHEDULERS[name]
+    else:
+        sampler, schedule = split_schedule(name)
+        class_name, overrides = SCHEDULERS[sampler]
+        overrides = {**overrides, **SCHEDULE_TYPES[schedule]}
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     # A checkpoint's default scheduler may carry options another class does not take; the
     # noise schedule (betas, prediction type, timestep spacing) is what must carry over.
-    config.pop("skip_prk_steps", None)
-    config.pop("use_karras_sigmas", None)
-    config.pop("algorithm_type", None)
+    sigma_options = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    for option in ("skip_prk_steps", "algorithm_type", *sigma_options):
+        config.pop(option, None)
     return getattr(diffusers, class_name).from_config({**config, **overrides})

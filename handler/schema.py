@@ -6,13 +6,19 @@ inputs are checked against it by a parity test.
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from handler.aliases import normalize_payload
 from handler.errors import InvalidInput
-from handler.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, canonical_scheduler
+from handler.schedulers import (
+    DEFAULT_SCHEDULER,
+    SCHEDULE_TYPES,
+    SCHEDULER_NAMES,
+    canonical_scheduler,
+)
 
 MAX_SEED = 2**64 - 1
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -205,16 +211,53 @@ class Result(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
+def _owner(loc: tuple) -> tuple[type[BaseModel], Any]:
+    """The model that holds the field an error's location ends at, and that field (None for
+    an unknown name or a list item): ("hires", "strength") -> (HiresFix, its strength)."""
+    model: type[BaseModel] = Job
+    field = None
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list item: its model is the list's
+        if field is not None:
+            nested = _nested_model(field.annotation)
+            if nested is None:
+                break
+            model = nested
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+    return model, field
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `X`, `X | None` or `list[X]`, if there is one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for member in typing.get_args(annotation):
+        found = _nested_model(member)
+        if found is not None:
+            return found
+    return None
+
+
 def _accepted(error: dict[str, Any]) -> str | None:
     """Describe what would have been accepted for one pydantic error."""
     ctx = error.get("ctx") or {}
     kind = error["type"]
-    field = str(error["loc"][-1]) if error["loc"] else ""
-    bounds = Job.model_fields.get(field)
-    if field == "scheduler":
-        return ", ".join(SCHEDULER_NAMES)
+    loc = tuple(error["loc"])
+    model, bounds = _owner(loc)
+    if loc == ("scheduler",):
+        schedules = ", ".join(SCHEDULE_TYPES)
+        return ", ".join(SCHEDULER_NAMES) + f"; or a sampler and a schedule type ({schedules})"
     if kind == "literal_error":
         return ctx.get("expected")
+    if kind == "extra_forbidden":
+        return "fields: " + ", ".join(model.model_fields)
+    if loc and isinstance(loc[-1], int) or kind in ("model_type", "model_attributes_type"):
+        item = _nested_model(bounds.annotation) if bounds else None
+        if item is not None:  # a list item or an object of the wrong kind
+            return "an object with " + ", ".join(item.model_fields)
     if kind in ("greater_than_equal", "less_than_equal", "multiple_of") and bounds is not None:
         low = high = step = None
         for rule in bounds.metadata:
@@ -223,8 +266,6 @@ def _accepted(error: dict[str, Any]) -> str | None:
             step = getattr(rule, "multiple_of", step)
         text = f"{low} to {high}"
         return text + (f", a multiple of {step}" if step else "")
-    if kind == "extra_forbidden":
-        return "fields: " + ", ".join(Job.model_fields)
     if bounds is not None:  # missing, or of the wrong type: say the type (and its range)
         described = _type_name(bounds.annotation)
         low = next((r.ge for r in bounds.metadata if getattr(r, "ge", None) is not None), None)
@@ -235,10 +276,17 @@ def _accepted(error: dict[str, Any]) -> str | None:
     return None
 
 
+def field_path(loc: tuple) -> str | None:
+    """A pydantic location as the engine names fields: ("loras", 0, "scale") -> loras[0].scale."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
 def _type_name(annotation: Any) -> str:
     """'a string', 'an integer', ... for a field's annotation (first non-None member)."""
     import types
-    import typing
 
     members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
     base = next((m for m in members if m is not type(None)), annotation)
@@ -255,7 +303,7 @@ def _type_name(annotation: Any) -> str:
 def invalid_input_from(error: ValidationError) -> InvalidInput:
     """Turn pydantic's first error into our InvalidInput (code, field, accepted)."""
     errors = error.errors()
-    unknown = [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    unknown = [field_path(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
         return InvalidInput(
             f"unknown field(s): {', '.join(unknown)}",
@@ -263,7 +311,7 @@ def invalid_input_from(error: ValidationError) -> InvalidInput:
             accepted=_accepted(errors[0]),
         )
     first = errors[0]
-    field = ".".join(str(p) for p in first["loc"]) or None
+    field = field_path(first["loc"])
     message = first["msg"]
     if first["type"] == "missing":
         message = "is required"

@@ -86,6 +86,19 @@ def test_every_scheduler_runs_and_is_restored(engine, scheduler):
     assert loaded.pipeline.scheduler is before
 
 
+@pytest.mark.parametrize("schedule", ["Exponential", "Beta", "SGM Uniform"])
+def test_a1111_schedule_types_run_and_reach_the_infotext(engine, schedule):
+    from handler.outputs import read_infotext
+
+    job = {**BASE, "seed": 3, "steps": 4}
+    plain = engine.run(parse_job({**job, "scheduler": "DPM++ 2M"}))
+    result = engine.run(parse_job({**job, "sampler_name": "DPM++ 2M", "scheduler": schedule}))
+    assert result.scheduler == f"DPM++ 2M {schedule}"
+    assert np.abs(pixels(result.images[0]) - pixels(plain.images[0])).max() > 0
+    infotext = read_infotext(base64.b64decode(result.images[0].image.split(",", 1)[1]))
+    assert f"Sampler: DPM++ 2M, Schedule type: {schedule}," in infotext
+
+
 def test_result_carries_timings(engine):
     result = engine.run(parse_job({**BASE, "seed": 3}))
     assert set(result.timings_ms) == {"load", "denoise", "decode", "encode", "upload", "total"}

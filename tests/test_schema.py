@@ -93,6 +93,76 @@ def test_scheduler_aliases(alias, name):
     assert parse_job({"prompt": "x", "scheduler": alias}).scheduler == name
 
 
+@pytest.mark.parametrize(
+    ("sampler_name", "schedule", "name"),
+    [
+        ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),
+        ("DPM++ 2M", "Exponential", "DPM++ 2M Exponential"),
+        ("Euler", "Beta", "Euler Beta"),
+        ("Euler a", "SGM Uniform", "Euler a SGM Uniform"),
+        ("DPM++ 2M SDE", "karras", "DPM++ 2M SDE Karras"),
+        ("DPM++ 2M Karras", "Karras", "DPM++ 2M Karras"),
+        ("Heun", "Automatic", "Heun"),
+        ("LMS", None, "LMS"),
+    ],
+)
+def test_a1111_sampler_and_schedule_type(sampler_name, schedule, name):
+    job = parse_job({"prompt": "x", "sampler_name": sampler_name, "scheduler": schedule})
+    assert job.scheduler == name
+
+
+@pytest.mark.parametrize(
+    ("payload", "message", "accepted"),
+    [
+        ({"sampler_name": "Euler a", "scheduler": "Karras"}, "no 'Karras'", "Karras with one of"),
+        ({"sampler_name": "DDIM", "scheduler": "Exponential"}, "no 'Exponential'", "DPM++ 2M"),
+        ({"sampler_name": "DPM++ 2M", "scheduler": "Align Your Steps"}, "not supported", "Beta"),
+        ({"sampler_name": "DPM++ 2M Karras", "scheduler": "Beta"}, "no 'Beta'", "Euler"),
+    ],
+)
+def test_a_schedule_type_the_sampler_lacks_is_refused(payload, message, accepted):
+    error = error_of({"prompt": "x", **payload})
+    assert error.field == "scheduler" and message in str(error) and accepted in error.accepted
+
+
+def test_every_sampler_and_schedule_type_builds_and_steps():
+    import inspect
+
+    import diffusers
+
+    from handler.schedulers import (
+        NO_SIGMA_SCHEDULES,
+        SCHEDULE_TYPES,
+        SCHEDULERS,
+        build_scheduler,
+        split_schedule,
+    )
+
+    base = dict(diffusers.PNDMScheduler().config)  # an SD 1.x checkpoint's default scheduler
+    built = 0
+    for sampler, (class_name, _) in SCHEDULERS.items():
+        params = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        assert ("use_karras_sigmas" in params) == (sampler not in NO_SIGMA_SCHEDULES), sampler
+        for schedule in SCHEDULE_TYPES:
+            name = canonical_scheduler(f"{sampler} {schedule}")
+            if name is None:
+                continue
+            assert split_schedule(name) == (split_schedule(sampler)[0], schedule)
+            scheduler = build_scheduler(name, base)
+            for key, value in SCHEDULE_TYPES[schedule].items():
+                assert scheduler.config[key] == value, (name, key)
+            scheduler.set_timesteps(8)
+            built += 1
+    assert built >= 30
+
+
+def test_null_a1111_fields_are_absent():
+    fields = ("restore_faces", "tiling", "styles", "script_args", "alwayson_scripts")
+    payload = {"prompt": "x", **dict.fromkeys(fields), "override_settings": None}
+    payload.update(denoising_strength=None, sampler_index=None, scheduler=None, enable_hr=None)
+    assert parse_job(payload).scheduler == parse_job({"prompt": "x"}).scheduler
+
+
 def test_unknown_scheduler_lists_the_names():
     error = error_of({"prompt": "x", "scheduler": "magic"})
     assert error.field == "scheduler" and all(name in error.accepted for name in SCHEDULER_NAMES)
@@ -159,7 +229,9 @@ def test_a_full_a1111_txt2img_payload_is_accepted():
     job = parse_job(payload)
     assert job.scheduler == "DPM++ 2M Karras" and job.steps == 20 and job.num_images == 2
     assert job.seed is None and job.hires is None
-    assert any("sampler_index ignored" in note for note in job._notes)
+    assert not job._notes  # A1111's own default sampler_index beside sampler_name is no news
+    other = parse_job({**payload, "sampler_index": "DDIM"})
+    assert any("sampler_index ignored" in note for note in other._notes)
     assert (
         parse_job({"prompt": "x", "scheduler": "Automatic"}).scheduler
         == parse_job({"prompt": "x"}).scheduler
