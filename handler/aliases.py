@@ -247,7 +247,14 @@ def _apply_hires_fields(data: dict[str, Any]) -> None:
     if given.get("hr_second_pass_steps"):
         hires["steps"] = given["hr_second_pass_steps"]
     if "denoising_strength" in data:
-        hires["strength"] = data.pop("denoising_strength")
+        strength = data.pop("denoising_strength")
+        if isinstance(strength, int | float) and not 0.05 <= strength <= 1:
+            raise InvalidInput(
+                f"with enable_hr, denoising_strength is the hires pass's strength: {strength}",
+                field="denoising_strength",
+                accepted="0.05 to 1.0 with enable_hr",
+            )
+        hires["strength"] = strength
     upscaler = str(given.get("hr_upscaler") or "Latent")
     hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
     data["hires"] = hires

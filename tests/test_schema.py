@@ -273,3 +273,8 @@ def test_type_errors_say_what_would_be_accepted(payload, field, accepted):
     with pytest.raises(InvalidInput) as info:
         parse_job(payload)
     assert info.value.field == field and accepted in str(info.value.accepted)
+
+
+def test_hires_denoising_strength_out_of_range_names_the_field_sent():
+    error = error_of({"prompt": "x", "enable_hr": True, "denoising_strength": 0})
+    assert error.field == "denoising_strength" and error.accepted == "0.05 to 1.0 with enable_hr"
