@@ -349,7 +349,7 @@ class Engine:
                 "a mask needs the image it masks", field="mask", accepted="image and mask together"
             )
         refiner = self._refiner_for(job, loaded, warnings)
-        job, loras, embeddings = self._additions_for(job, loaded)
+        job, loras, embeddings = self._additions_for(job, loaded, warnings)
         if refiner is not None:
             tokens = refiner.pipeline.tokenizer_2(job.prompt, add_special_tokens=False).input_ids
             if len(tokens) > 75:
@@ -553,13 +553,18 @@ class Engine:
         timings["encode"] = _ms(encode_wait)  # the encoding not hidden behind decoding
         return encoded
 
-    def _additions_for(self, job: Job, loaded: LoadedCheckpoint):
+    def _additions_for(self, job: Job, loaded: LoadedCheckpoint, warnings: list[str]):
         """Resolve the job's LoRA stack (list + inline tags) and the embeddings its prompts use.
 
         Everything is checked here, before the pipeline is touched.
         """
         prompt, inline = extract_inline_loras(job.prompt)
-        negative, _ = extract_inline_loras(job.negative_prompt)
+        negative, in_negative = extract_inline_loras(job.negative_prompt, "negative_prompt")
+        if in_negative:
+            warnings.append(
+                "LoRA tags in negative_prompt are removed and not applied: a LoRA changes the "
+                "model for the whole image (put it in prompt or loras)"
+            )
         requested = [(s.name, s.scale, f"loras[{i}].name") for i, s in enumerate(job.loras)]
         requested += [(name, scale, "prompt") for name, scale in inline]
         if len(requested) > MAX_LORAS:

@@ -31,8 +31,14 @@ from handler.registry import ModelFile, detect_lora
 
 log = logging.getLogger(__name__)
 
-# A1111's inline syntax: <lora:name:scale>, scale optional (1.0).
-INLINE_LORA = re.compile(r"<lora:([^:>]+)(?::(-?[0-9]*\.?[0-9]+))?>")
+# A1111's inline syntax: <lora:name>, <lora:name:scale>, and the text-encoder / UNet split
+# <lora:name:te:unet> or <lora:name:te=..:unet=..>; <lyco:...> the same; any case.
+INLINE_LORA = re.compile(r"<(?:lora|lyco):([^>]*)>", re.IGNORECASE)
+# The bound of a LoRA's scale, inline as in the `loras` list (schema.LoraSpec).
+MAX_LORA_SCALE = 4.0
+INLINE_ACCEPTED = (
+    f"<lora:name> or <lora:name:scale>, scale from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
+)
 # Which LoRA bases fit which checkpoint architectures.
 LORA_FAMILIES = {
     "sd15": "sd15",
@@ -45,14 +51,43 @@ LORA_FAMILIES = {
 }
 
 
-def extract_inline_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove `<lora:name:scale>` tags from a prompt; returns (clean prompt, [(name, scale)])."""
-    found = [
-        (m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0)
-        for m in INLINE_LORA.finditer(prompt)
-    ]
+def extract_inline_loras(prompt: str, field: str = "prompt") -> tuple[str, list[tuple[str, float]]]:
+    """Remove `<lora:...>` tags from a prompt; returns (clean prompt, [(name, scale)]).
+
+    A tag this worker cannot apply as written is refused, never left as prompt text: a scale
+    that is not a number or is out of bounds, or different text-encoder and UNet weights
+    (merged LoRAs take one scale).
+    """
+    found = [_inline_lora(m.group(0), m.group(1), field) for m in INLINE_LORA.finditer(prompt)]
     clean = INLINE_LORA.sub("", prompt)
     return re.sub(r"\s{2,}", " ", clean).strip(), found
+
+
+def _inline_lora(tag: str, body: str, field: str) -> tuple[str, float]:
+    name, *args = (part.strip() for part in body.split(":"))
+    named = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    positional = [arg for arg in args if "=" not in arg]
+    te = named.pop("te", positional[0] if positional else "1")
+    unet = named.pop("unet", positional[1] if len(positional) > 1 else te)
+    if not name or named or len(positional) > 2:
+        raise InvalidInput(
+            f"{tag} is not a LoRA tag this worker reads", field=field, accepted=INLINE_ACCEPTED
+        )
+    try:
+        te_scale, unet_scale = float(te), float(unet)
+    except ValueError:
+        raise InvalidInput(
+            f"{tag}: the scale is not a number", field=field, accepted=INLINE_ACCEPTED
+        ) from None
+    if te_scale != unet_scale:
+        raise InvalidInput(
+            f"{tag}: separate text-encoder and UNet weights are not supported",
+            field=field,
+            accepted=INLINE_ACCEPTED,
+        )
+    if abs(te_scale) > MAX_LORA_SCALE:
+        raise InvalidInput(f"{tag}: scale out of range", field=field, accepted=INLINE_ACCEPTED)
+    return name, te_scale
 
 
 class StateDictCache:

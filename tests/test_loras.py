@@ -49,6 +49,49 @@ def test_inline_tags_are_parsed_and_removed():
     assert prompt == "a cube , sharp" and loras == [("styles/ink", 0.6), ("demo", 1.0)]
 
 
+def test_inline_tag_forms_a1111_and_lycoris_write():
+    _, loras = extract_inline_loras(
+        "<LORA:a:0.5> <lyco:b> <lora:c:0.7:0.7> <lora:d:te=0.3:unet=0.3> <Lora:e:-1>"
+    )
+    assert loras == [("a", 0.5), ("b", 1.0), ("c", 0.7), ("d", 0.3), ("e", -1.0)]
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ("<lora:ink:abc>", "not a number"),
+        ("<lora:ink:1:0.5>", "separate text-encoder and UNet weights"),
+        ("<lora:ink:te=1:unet=0.2>", "separate text-encoder and UNet weights"),
+        ("<lora:ink:1:1:32>", "not a LoRA tag this worker reads"),
+        ("<lora:ink:dyn=32>", "not a LoRA tag this worker reads"),
+        ("<lora::1>", "not a LoRA tag this worker reads"),
+        ("<lora:ink:5>", "out of range"),
+    ],
+)
+def test_inline_tags_that_cannot_be_applied_as_written_are_refused(tag, message):
+    with pytest.raises(InvalidInput) as raised:
+        extract_inline_loras(f"a cube {tag}", "prompt")
+    assert message in str(raised.value) and raised.value.field == "prompt"
+    assert "<lora:name:scale>" in raised.value.accepted
+
+
+def test_inline_scale_bound_is_the_loras_list_bound():
+    from handler.loras import MAX_LORA_SCALE
+    from handler.schema import LoraSpec
+
+    rules = LoraSpec.model_fields["scale"].metadata
+    assert {getattr(r, "ge", None) for r in rules} >= {-MAX_LORA_SCALE}
+    assert {getattr(r, "le", None) for r in rules} >= {MAX_LORA_SCALE}
+
+
+def test_a_lora_tag_in_the_negative_prompt_is_removed_with_a_warning(engine):
+    job = {**SD15, "negative_prompt": "blurry <lora:demo_sd15_kohya:1>"}
+    result = engine.run(parse_job(job))
+    plain = engine.run(parse_job({**SD15, "negative_prompt": "blurry"}))
+    assert any("LoRA tags in negative_prompt" in w for w in result.warnings)
+    assert (pixels(result) == pixels(plain)).all()
+
+
 @pytest.mark.parametrize(
     ("base", "lora"),
     [
