@@ -23,6 +23,7 @@ from handler.errors import InputFetchFailed, InvalidInput
 from handler.settings import Settings
 
 MAX_REDIRECTS = 3
+IMAGE_FORMATS = "png, jpeg or webp (or another format Pillow reads: gif, bmp, tiff, ...)"
 
 
 def load_image(value: str, field: str, settings: Settings) -> Image.Image:
@@ -58,9 +59,7 @@ def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Exception:
-        raise InvalidInput(
-            "is not a readable image", field=field, accepted="png, jpeg or webp"
-        ) from None
+        raise InvalidInput("is not a readable image", field=field, accepted=IMAGE_FORMATS) from None
     if image.width * image.height > settings.max_input_pixels:
         raise InvalidInput(
             f"is {image.width}x{image.height} pixels, over the input cap",
@@ -72,14 +71,13 @@ def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:
         image.info.clear()  # an input's ICC profile or comments never reach an output file
         return image
     except Exception:
-        raise InvalidInput(
-            "could not be decoded", field=field, accepted="png, jpeg or webp"
-        ) from None
+        raise InvalidInput("could not be decoded", field=field, accepted=IMAGE_FORMATS) from None
 
 
 def _b64decode(payload: str, field: str) -> bytes:
     try:
-        return base64.b64decode(payload, validate=True)
+        # line breaks (MIME-style base64, 76 characters a line) and spaces are not data
+        return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(
             "is neither a URL nor valid base64",

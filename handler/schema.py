@@ -173,6 +173,13 @@ class Job(BaseModel):
             raise ValueError(f"unknown scheduler {value!r}")
         return name
 
+    @field_validator("image", "mask")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: send an image, or leave the field out")
+        return value
+
     def image_seeds(self) -> list[int]:
         """The seed of every image: seed + i, wrapping at 2**64."""
         assert self.seed is not None

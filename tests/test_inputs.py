@@ -86,6 +86,13 @@ def test_data_uri_and_raw_base64(settings):
     assert load_image(encoded, "image", settings).size == (16, 8)
 
 
+def test_base64_with_line_breaks_as_mime_writes_it(settings):
+    wrapped = base64.encodebytes(png_bytes() * 8).decode()  # a newline every 76 characters
+    assert "\n" in wrapped.strip()
+    assert load_image(wrapped, "image", settings).size == (16, 8)
+    assert load_image("data:image/png;base64," + wrapped, "image", settings).size == (16, 8)
+
+
 def test_fetches_from_a_local_server_when_allowed(image_server, local_fetch):
     assert load_image(f"{image_server}/img.png", "image", local_fetch).size == (16, 8)
     assert load_image(f"{image_server}/redirect", "image", local_fetch).size == (16, 8)

@@ -278,3 +278,9 @@ def test_type_errors_say_what_would_be_accepted(payload, field, accepted):
 def test_hires_denoising_strength_out_of_range_names_the_field_sent():
     error = error_of({"prompt": "x", "enable_hr": True, "denoising_strength": 0})
     assert error.field == "denoising_strength" and error.accepted == "0.05 to 1.0 with enable_hr"
+
+
+@pytest.mark.parametrize("field", ["image", "mask"])
+def test_an_empty_image_is_refused_not_ignored(field):
+    error = error_of({"prompt": "x", field: "  "})
+    assert error.field == field and "is empty" in str(error)
