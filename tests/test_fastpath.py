@@ -532,6 +532,19 @@ def test_graphed_unet_matches_eager_and_captures_once(cuda_engines, checkpoint):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_brownian_noise_follows_the_seed_on_the_gpu(cuda_engines):
+    # DPM++ SDE's Brownian tree draws its noise on the device, seeded from each image's seed
+    graphed, _ = cuda_engines
+    job = {**JOB, "checkpoint": "demo-sd15", "scheduler": "DPM++ SDE Karras"}
+    first = graphed.run(parse_job({**job, "seed": 11}))
+    again = graphed.run(parse_job({**job, "seed": 11}))
+    other = graphed.run(parse_job({**job, "seed": 12}))
+    assert (pixels(first) == pixels(again)).all()
+    assert np.abs(pixels(first) - pixels(other)).max() > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_first_capture_times_both_weight_layouts_and_keeps_the_faster(cuda_engines):
     graphed, eager = cuda_engines
     job = parse_job({**JOB, "checkpoint": "demo-sd15"})
