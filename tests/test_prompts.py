@@ -148,19 +148,8 @@ def test_a_non_finite_image_is_reported_in_the_warnings(engine, monkeypatch):
         return torch.full_like(original(self, latents), float("nan"))
 
     monkeypatch.setattr(LatentDecoder, "_decode", nan_decode)
-    result = engine.run(
-        parse_job(
-            {
-                "prompt": "x",
-                "width": 64,
-                "height": 64,
-                "steps": 1,
-                "seed": 3,
-                "checkpoint": "demo-sd15",
-                "num_images": 2,
-            }
-        )
-    )
+    job = dict(prompt="x", width=64, height=64, steps=1, seed=3, num_images=2)
+    result = engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
     assert len(result.images) == 2
     assert [w for w in result.warnings if "non-finite" in w] == [
         "image 0 (seed 3): the model produced non-finite values (NaN or inf); those pixels are "
