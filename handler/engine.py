@@ -226,7 +226,9 @@ class Engine:
         config_dir = self.registry.config_folder(model, detection)
 
         def load() -> LoadedCheckpoint:
-            loaded = load_checkpoint(model, detection, config_dir, self.device, self.dtype)
+            loaded = load_checkpoint(
+                model, detection, config_dir, self.device, self.dtype, self.settings.allow_pickle
+            )
             if self.settings.cuda_graphs:
                 loaded.graphs = fastpath.accelerate(
                     loaded.pipeline,
@@ -599,7 +601,11 @@ class Engine:
         if key not in self._vaes:
             try:
                 if model.path.is_dir():
-                    vae = AutoencoderKL.from_pretrained(str(model.path), torch_dtype=self.dtype)
+                    vae = AutoencoderKL.from_pretrained(
+                        str(model.path),
+                        torch_dtype=self.dtype,
+                        use_safetensors=not self.settings.allow_pickle,
+                    )
                 else:
                     detection = self.registry.detect(loaded.model)
                     config = self.registry.config_folder(loaded.model, detection)
@@ -681,9 +687,14 @@ class Engine:
             )
             from transformers import CLIPImageProcessor
 
+            self.registry.check_inside_a_root(folder, "safety_checker")
+            self.registry.check_not_pickled(folder, "safety_checker")
             try:
                 checker = StableDiffusionSafetyChecker.from_pretrained(
-                    str(folder), torch_dtype=self.dtype, local_files_only=True
+                    str(folder),
+                    torch_dtype=self.dtype,
+                    local_files_only=True,
+                    use_safetensors=not self.settings.allow_pickle,
                 )
                 processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
             except (OSError, ValueError, KeyError, RuntimeError) as error:

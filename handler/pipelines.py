@@ -103,15 +103,23 @@ def pipeline_for(loaded: LoadedCheckpoint, mode: str):
 
 
 def load_checkpoint(
-    model: ModelFile, detection: Detection, config_dir, device: torch.device, dtype: torch.dtype
+    model: ModelFile,
+    detection: Detection,
+    config_dir,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_pickle: bool = False,
 ) -> LoadedCheckpoint:
-    """Load a checkpoint into a diffusers pipeline on `device`, with no hub access."""
+    """Load a checkpoint into a diffusers pipeline on `device`, with no hub access (and, unless
+    `allow_pickle`, from safetensors weights only)."""
     import diffusers
 
     started = time.perf_counter()
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[detection.architecture])
     imported = time.perf_counter()
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    if model.is_folder and not allow_pickle:
+        kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:

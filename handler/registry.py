@@ -37,6 +37,9 @@ SAFE_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Longest model name, and longest folder or file name in it (most file systems' limit).
+MAX_NAME_CHARS = 1024
+MAX_NAME_PART_BYTES = 255
 
 # Architecture -> native image side in pixels.
 NATIVE_SIZE = {
@@ -104,15 +107,16 @@ class Registry:
                     ):
                         continue
                     _inside_root(candidate, root, field_name, name)
-                    self._check_extension(candidate, field_name)
+                    self.check_not_pickled(candidate, field_name)
                     return ModelFile(kind, _public_name(candidate, base), candidate, root)
         loose = self._loose_match(kind, relative.as_posix(), field_name)
         if loose is not None:
-            self._check_extension(loose.path, field_name)
+            self.check_not_pickled(loose.path, field_name)
             return loose
         for root in self.roots:
             for folder in FOLDERS[kind]:
-                if (root / folder / relative).is_file():
+                other = root / folder / relative
+                if other.is_file() and _is_inside(other, root):
                     raise InvalidInput(
                         f"{name!r} is not a weights file",
                         field=field_name,
@@ -148,13 +152,29 @@ class Registry:
             )
         return by_file_name[0] if by_file_name else None
 
-    def _check_extension(self, path: Path, field_name: str) -> None:
-        if path.suffix.lower() in PICKLE_EXTENSIONS and not self.settings.allow_pickle:
+    def check_inside_a_root(self, path: Path, field_name: str) -> None:
+        """Refuse `path` (a folder found on a root by its fixed name) if it, or anything in
+        it, resolves outside that root."""
+        root = next(r for r in self.roots if r in path.parents)
+        _inside_root(path, root, field_name, path.name)
+
+    def check_not_pickled(self, path: Path, field_name: str) -> None:
+        """Refuse a pickled weights file, or a folder with a part that has only pickled
+        weights (`unet/diffusion_pytorch_model.bin`), unless ALLOW_PICKLE=1."""
+        if self.settings.allow_pickle:
+            return
+        pickled = [path] if path.suffix.lower() in PICKLE_EXTENSIONS else []
+        if path.is_dir():
+            for folder, _, names in os.walk(path):
+                if not any(n.endswith(SAFE_EXTENSIONS) for n in names):
+                    pickled += [Path(folder, n) for n in names if n.endswith(PICKLE_EXTENSIONS)]
+        if pickled:
+            shown = pickled[0].relative_to(path) if pickled[0] != path else path.name
             raise InvalidInput(
-                f"{path.name} is a pickled file, which can run code when loaded; it is refused "
+                f"{shown} is a pickled file, which can run code when loaded; it is refused "
                 "unless the worker sets ALLOW_PICKLE=1",
                 field=field_name,
-                accepted=".safetensors files or diffusers folders",
+                accepted=".safetensors files or diffusers folders with .safetensors weights",
             )
 
     def files(self, kind: str, loadable_only: bool = False) -> list[ModelFile]:
@@ -340,6 +360,15 @@ def _checked_name(name: str, field_name: str) -> PurePosixPath:
             field=field_name,
             accepted="a name relative to its folder, e.g. 'sdxl/juggernaut'",
         )
+    if len(name) > MAX_NAME_CHARS or any(
+        len(part.encode()) > MAX_NAME_PART_BYTES for part in name.split("/")
+    ):
+        raise InvalidInput(
+            "is too long for a model name",
+            field=field_name,
+            accepted=f"names up to {MAX_NAME_CHARS} characters, "
+            f"{MAX_NAME_PART_BYTES} bytes per folder or file name",
+        )
     path = PurePosixPath(name)
     if path.is_absolute() or name.startswith("~"):
         raise InvalidInput(
@@ -357,15 +386,26 @@ def _checked_name(name: str, field_name: str) -> PurePosixPath:
 
 
 def _inside_root(path: Path, root: Path, field_name: str, name: str) -> None:
-    """Refuse a path whose real location (after symlinks) is outside its root."""
-    real = Path(os.path.realpath(path))
-    real_root = Path(os.path.realpath(root))
-    if real != real_root and real_root not in real.parents:
+    """Refuse a path whose real location (after symlinks) is outside its root; for a folder,
+    also one holding anything (a weights file, a part's folder) that resolves outside."""
+    inside = _is_inside(path, root)
+    if inside and path.is_dir():
+        for folder, folders, files in os.walk(path):  # symlinked folders: checked, not entered
+            if not all(_is_inside(Path(folder, n), root) for n in folders + files):
+                inside = False
+                break
+    if not inside:
         raise InvalidInput(
             f"{name!r} resolves outside the model root",
             field=field_name,
             accepted="models stored inside the model root",
         )
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    real_root = Path(os.path.realpath(root))
+    return real == real_root or real_root in real.parents
 
 
 def _candidates(base: Path, kind: str) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -148,6 +149,63 @@ def test_refuses_pickles_unless_allowed(settings, demo_volume):
         assert allowed.resolve("checkpoint", "old", "checkpoint").path == pickle
     finally:
         pickle.unlink()
+
+
+def test_refuses_a_diffusers_folder_with_a_file_that_points_outside(
+    registry, demo_volume, tmp_path
+):
+    folder = demo_volume / "checkpoints" / "linked-parts"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    outside = tmp_path / "weights.safetensors"
+    outside.write_bytes(b"x")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").symlink_to(outside)
+    try:
+        with pytest.raises(InvalidInput) as info:
+            registry.resolve("checkpoint", "linked-parts", "checkpoint")
+        assert "outside the model root" in info.value.message
+        assert "linked-parts" not in registry.names("checkpoint")
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_refuses_a_diffusers_folder_whose_part_has_only_pickled_weights(settings, demo_volume):
+    folder = demo_volume / "checkpoints" / "pickled-parts"
+    for part in ("unet", "vae"):
+        (folder / part).mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    (folder / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    try:
+        with pytest.raises(InvalidInput) as info:
+            Registry(settings).resolve("checkpoint", "pickled-parts", "checkpoint")
+        assert "unet/diffusion_pytorch_model.bin is a pickled file" in info.value.message
+        allowed = Registry(replace(settings, allow_pickle=True))
+        assert allowed.resolve("checkpoint", "pickled-parts", "checkpoint").path == folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_overlong_names_are_invalid_input_not_internal_errors(registry):
+    for name in ("a" * 5000, "a/" * 600, "x" * 300):
+        with pytest.raises(InvalidInput) as info:
+            registry.resolve("checkpoint", name, "checkpoint")
+        assert "too long" in info.value.message
+
+
+def test_a_file_outside_the_root_is_never_told_apart_from_a_missing_one(
+    registry, demo_volume, tmp_path
+):
+    (tmp_path / "secret.txt").write_text("x")
+    link = demo_volume / "checkpoints" / "outdir"
+    link.symlink_to(tmp_path)
+    try:
+        for name in ("outdir/secret.txt", "outdir/nothing.txt"):
+            with pytest.raises(ModelNotFound):
+                registry.resolve("checkpoint", name, "checkpoint")
+    finally:
+        link.unlink()
 
 
 def test_refuses_non_weight_extensions(registry, demo_volume):
