@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -276,11 +277,15 @@ class Engine:
         for model in self.registry.files("lora"):
             entry = {"name": model.name, "size_bytes": model.path.stat().st_size}
             try:
-                entry["base"] = (
-                    detect_lora(model.path)
-                    if model.path.suffix.lower() == ".safetensors"
-                    else "unknown"
-                )
+                if model.path.suffix.lower() == ".safetensors":
+                    entry["base"] = detect_lora(model.path)
+                elif self.settings.allow_pickle:
+                    entry["base"] = "unknown"
+                else:
+                    entry["base"] = "unsupported"
+                    entry["reason"] = (
+                        "a pickled file: not opened unless the worker sets ALLOW_PICKLE=1"
+                    )
             except UnsupportedModel:
                 entry["base"] = "unreadable"
             loras.append(entry)
@@ -988,14 +993,17 @@ def _quiet_libraries() -> None:
 
 
 def _public_inputs(job: Job) -> dict[str, Any]:
-    """The job's inputs for the sidecar: no image data and no URL query strings (signatures)."""
+    """The job's inputs for the sidecar: no image data, and URLs without their query strings
+    (signatures) or user:password."""
     inputs = job.model_dump(exclude_none=True)
     for name in ("image", "mask"):
         value = inputs.get(name)
         if not value:
             continue
         if value.startswith(("https://", "http://", "s3://")):
-            inputs[name] = value.split("?", 1)[0]
+            parts = urlsplit(value)
+            host = parts.netloc.rpartition("@")[2]  # without user:password@
+            inputs[name] = urlunsplit((parts.scheme, host, parts.path, "", ""))
         else:
             inputs[name] = f"<inline image, {len(value)} characters>"
     return inputs

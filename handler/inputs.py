@@ -97,6 +97,16 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
             field=field,
             accepted="https URLs or data URIs, or configure BUCKET_* on the worker",
         )
+    readable = [b for b in (settings.bucket_name, *settings.input_buckets) if b]
+    if bucket not in readable:
+        # the credentials may reach more buckets than a client should read through a job
+        raise InvalidInput(
+            f"s3:// inputs are read from the worker's own buckets, not {bucket!r}",
+            field=field,
+            accepted=", ".join(readable) + " (BUCKET_NAME, INPUT_BUCKETS)"
+            if readable
+            else "none: set BUCKET_NAME or INPUT_BUCKETS",
+        )
     from botocore.exceptions import BotoCoreError, ClientError
 
     from handler.outputs import s3_client
@@ -171,13 +181,32 @@ def _public_address(host: str, port: int | None, field: str, settings: Settings)
     if not settings.allow_private_inputs:
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
-            if not ip.is_global or ip.is_multicast:
+            if not all(a.is_global and not a.is_multicast for a in _with_embedded_ipv4(ip)):
                 raise InvalidInput(
                     f"{host} resolves to a non-public address ({ip})",
                     field=field,
                     accepted="URLs on public hosts",
                 )
     return addresses[0]
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address a gateway may route to: NAT64 (RFC 6052,
+# RFC 8215), IPv4-compatible (deprecated) and IPv4-translated (RFC 2765) forms.
+_EMBEDDING_IPV4 = tuple(
+    ipaddress.ip_network(prefix)
+    for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+
+
+def _with_embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """`ip`, and every IPv4 address that an IPv6 `ip` carries (mapped, 6to4, Teredo, NAT64,
+    compatible, translated): each must be public."""
+    if ip.version == 4:
+        return [ip]
+    embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if any(ip in network for network in _EMBEDDING_IPV4):
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [ip, *(a for a in embedded if a is not None)]
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):

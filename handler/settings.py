@@ -67,6 +67,7 @@ class Settings:
     bucket_presign_ttl: int = 3600
     bucket_public_url: str | None = None
     bucket_path_style: bool = False
+    input_buckets: tuple[str, ...] = ()  # buckets s3:// inputs may read, besides bucket_name
 
     @property
     def bucket_configured(self) -> bool:
@@ -116,6 +117,9 @@ class Settings:
             bucket_presign_ttl=_int("BUCKET_PRESIGN_TTL", 3600),
             bucket_public_url=_str("BUCKET_PUBLIC_URL"),
             bucket_path_style=_flag("BUCKET_PATH_STYLE"),
+            input_buckets=tuple(
+                b.strip() for b in (_str("INPUT_BUCKETS") or "").split(",") if b.strip()
+            ),
         )
 
     @property

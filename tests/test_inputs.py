@@ -115,6 +115,23 @@ def test_private_addresses_are_refused(image_server, settings):
             load_image(url, "image", settings)
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1",  # IPv4-compatible
+        "::ffff:0:127.0.0.1",  # IPv4-translated
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    ],
+)
+def test_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(settings, address):
+    with pytest.raises(InvalidInput) as info:
+        load_image(f"https://[{address}]/x.png", "image", settings)
+    assert "non-public address" in info.value.message
+
+
 def test_http_needs_a_setting(image_server, settings):
     with pytest.raises(InvalidInput) as info:
         load_image(f"{image_server}/img.png", "image", settings)

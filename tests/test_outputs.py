@@ -357,6 +357,21 @@ def test_s3_inputs_read_with_the_worker_credentials(moto, settings):
         load_image(f"s3://{BUCKET}/inputs/photo.png", "image", settings)  # no credentials
 
 
+def test_s3_inputs_read_only_the_worker_buckets(moto, settings):
+    from handler.inputs import load_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), (1, 2, 3)).save(buffer, format="PNG")
+    moto[1].create_bucket(Bucket="other-team")
+    moto[1].put_object(Bucket="other-team", Key="private.png", Body=buffer.getvalue())
+    configured = bucket_settings(settings, moto[0])  # the credentials reach both buckets
+    with pytest.raises(InvalidInput) as info:
+        load_image("s3://other-team/private.png", "image", configured)
+    assert "worker's own buckets" in info.value.message and BUCKET in info.value.accepted
+    allowed = replace(configured, input_buckets=("other-team",))
+    assert load_image("s3://other-team/private.png", "image", allowed).size == (20, 10)
+
+
 def _jpeg_with_private_metadata(color) -> bytes:
     """A 64x64 JPEG carrying an ICC profile and a comment that must never reach an output."""
     from PIL import ImageCms
@@ -429,3 +444,19 @@ def test_sidecar_holds_no_image_data_and_no_url_signatures(moto, settings):
     from handler.engine import _public_inputs
 
     assert _public_inputs(signed)["mask"] == mask_url.split("?", 1)[0]
+
+
+def test_sidecar_inputs_keep_no_url_credentials_signatures_or_image_data():
+    from handler.engine import _public_inputs
+    from handler.schema import parse_job
+
+    job = parse_job(
+        {
+            "prompt": "x",
+            "image": "https://user:PASSWORD@img.example.com:8443/a.png?X-Amz-Signature=SIG",
+            "mask": "data:image/png;base64,AAAA",
+        }
+    )
+    inputs = _public_inputs(job)
+    assert inputs["image"] == "https://img.example.com:8443/a.png"
+    assert inputs["mask"] == "<inline image, 26 characters>"

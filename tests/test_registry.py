@@ -324,3 +324,16 @@ def test_pickles_are_never_opened_without_allow_pickle(settings, demo_volume, tm
         evil.unlink()
         embedding.unlink()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_list_models_says_why_a_pickled_lora_is_not_loaded(settings, demo_volume):
+    from handler.engine import Engine
+
+    pickle = demo_volume / "loras" / "old-style.pt"
+    pickle.write_bytes(b"\x80\x02}q\x00.")
+    try:
+        loras = {e["name"]: e for e in Engine(settings).list_models()["loras"]}
+        assert loras["old-style"]["base"] == "unsupported"
+        assert "ALLOW_PICKLE" in loras["old-style"]["reason"]
+    finally:
+        pickle.unlink()
