@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # zlib level 1: see README "Encoding" for the measurement behind it.
 PNG_COMPRESS_LEVEL = 1
-UPLOAD_ATTEMPTS = 4  # boto3 "standard" retries with exponential backoff and jitter
+UPLOAD_ATTEMPTS = 4  # in all, the first included: boto3 "standard" retries, backoff with jitter
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def s3_client(settings: Settings):
         aws_secret_access_key=settings.bucket_secret_access_key,
         region_name=settings.bucket_region,
         config=Config(
-            retries={"max_attempts": UPLOAD_ATTEMPTS, "mode": "standard"},
+            retries={"total_max_attempts": UPLOAD_ATTEMPTS, "mode": "standard"},
             s3={"addressing_style": "path" if settings.bucket_path_style else "auto"},
             connect_timeout=5,
             read_timeout=30,
@@ -252,6 +252,16 @@ class Storage:
         if not encrypted and len(etag) == 32 and "-" not in etag and etag != digest.hex():
             raise UploadFailed(f"the bucket stored different bytes for {key}", field="destination")
 
+    def delete_quietly(self, keys: list[str]) -> None:
+        """Delete `keys`, logging (not raising) what fails: cleanup after a failed batch."""
+        for key in keys:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception as error:
+                log.warning(
+                    "could not delete %s after a failed upload (%s)", key, type(error).__name__
+                )
+
     def url(self, key: str) -> str:
         """A public URL when BUCKET_PUBLIC_URL is set, else a presigned GET."""
         if self.settings.bucket_public_url:
@@ -279,19 +289,39 @@ def deliver(
             field="destination",
             accepted="base64 or auto, or configure BUCKET_ENDPOINT_URL and BUCKET_NAME",
         )
+    unwritten = (
+        ["sidecar not written: job.json goes beside images in the bucket, and these are inline"]
+        if sidecar is not None
+        else []
+    )
     if destination == "base64" or storage is None:
-        return _inline(images, inline_limit), []
+        advice = NO_BUCKET_ADVICE if storage is None else "destination s3 or auto to get URLs"
+        return _inline(images, inline_limit, advice), unwritten
     try:
-        return _upload(images, storage, job_id, sidecar), []
+        return _upload(images, storage, job_id, sidecar)
     except UploadFailed as error:
         if destination == "s3":
             raise
         log.warning("job %s: upload failed, falling back to base64: %s", job_id, error.message)
+        try:
+            results = _inline(images, inline_limit, "")
+        except OutputTooLarge as too_large:
+            raise UploadFailed(
+                f"{error.message}, and inline the images are too large: {too_large.message}",
+                field="destination",
+                accepted="a reachable bucket with write access, or fewer or smaller images",
+            ) from None
         warning = f"upload to the bucket failed ({error.message}); images are inline base64 instead"
-        return _inline(images, inline_limit), [warning]
+        return results, [warning, *unwritten]
 
 
-def _inline(images: list[EncodedImage], inline_limit: int | None) -> list[ImageResult]:
+NO_BUCKET_ADVICE = (
+    "a bucket on the worker (BUCKET_ENDPOINT_URL, BUCKET_NAME, BUCKET_ACCESS_KEY_ID, "
+    "BUCKET_SECRET_ACCESS_KEY) to get URLs"
+)
+
+
+def _inline(images: list[EncodedImage], inline_limit: int | None, advice: str) -> list[ImageResult]:
     results = [
         _result(encoded) if encoded.withheld else _result(encoded, image=encoded.data_uri())
         for encoded in images
@@ -300,20 +330,23 @@ def _inline(images: list[EncodedImage], inline_limit: int | None) -> list[ImageR
     if inline_limit is not None and size > inline_limit:
         raise OutputTooLarge(
             f"the {len(results)} images are {size} bytes as base64, over the {inline_limit}-byte "
-            "reply limit; configure a bucket (BUCKET_ENDPOINT_URL, BUCKET_NAME, "
-            "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY) to receive URLs instead",
+            "reply limit",
             field="num_images",
-            accepted="fewer or smaller images, jpeg/webp output, or a configured bucket",
+            accepted="fewer or smaller images, jpeg/webp output"
+            + (f", or {advice}" if advice else ""),
         )
     return results
 
 
 def _upload(
     images: list[EncodedImage], storage: Storage, job_id: str, sidecar: dict[str, Any] | None
-) -> list[ImageResult]:
-    """Upload the batch in parallel; every image must be confirmed or the whole batch fails."""
+) -> tuple[list[ImageResult], list[str]]:
+    """Upload the batch in parallel; every image must be confirmed or the whole batch fails,
+    and then the images it did upload are deleted (best effort): a failed job leaves none.
+    A sidecar that cannot be written is a warning: the images are delivered."""
     delivered = [image for image in images if not image.withheld]
     keys = [storage.key(job_id, f"{i.index}-{i.seed}.{i.format}") for i in delivered]
+    uploaded: list[str] = []
 
     def put(pair: tuple[EncodedImage, str]) -> None:
         image, key = pair
@@ -321,21 +354,26 @@ def _upload(
             storage.put(key, image.data, image.mime_type)
         except UploadFailed:
             raise
-        except Exception as error:  # botocore errors after its own retries
+        except Exception as error:  # botocore's, after its retries of transient errors
             raise UploadFailed(
-                f"image {image.index} could not be uploaded after {UPLOAD_ATTEMPTS} attempts "
-                f"({type(error).__name__})",
+                f"image {image.index} could not be uploaded ({_describe(error)})",
                 field="destination",
                 accepted="a reachable bucket with write access",
             ) from None
+        uploaded.append(key)
 
-    with ThreadPoolExecutor(max_workers=min(8, len(delivered)) or 1) as pool:
-        list(pool.map(put, zip(delivered, keys, strict=True)))
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(delivered)) or 1) as pool:
+            list(pool.map(put, zip(delivered, keys, strict=True)))
+    except UploadFailed:
+        storage.delete_quietly(uploaded)
+        raise
     urls = {
         image.index: _result(image, url=storage.url(key), bucket=storage.bucket, key=key)
         for image, key in zip(delivered, keys, strict=True)
     }
     results = [urls.get(image.index) or _result(image) for image in images]
+    warnings = []
     if sidecar is not None:
         sidecar = {
             **sidecar,
@@ -345,12 +383,19 @@ def _upload(
         try:
             storage.put(storage.key(job_id, "job.json"), body, "application/json")
         except Exception as error:
-            raise UploadFailed(
-                f"the job sidecar could not be uploaded ({type(error).__name__})",
-                field="sidecar",
-                accepted="a reachable bucket",
-            ) from None
-    return results
+            log.warning("job %s: sidecar upload failed (%s)", job_id, _describe(error))
+            warnings.append(f"sidecar not written: its upload failed ({_describe(error)})")
+    return results, warnings
+
+
+def _describe(error: Exception) -> str:
+    """An upload error for a reply: its type, S3's error code and botocore's attempts, when
+    known (errors that cannot succeed, such as AccessDenied, are not retried)."""
+    response = getattr(error, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
+    text = f"{type(error).__name__}: {code}" if code else type(error).__name__
+    return text + (f", after {retries + 1} attempts" if retries else "")
 
 
 def _result(encoded: EncodedImage, **delivery: Any) -> ImageResult:

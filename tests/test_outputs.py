@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from handler.engine import Engine
-from handler.errors import InvalidInput, UploadFailed
+from handler.errors import InvalidInput, OutputTooLarge, UploadFailed
 from handler.outputs import Storage, deliver, encode_image, read_infotext
 from handler.schema import parse_job
 from tests.servers import Server, free_port
@@ -208,6 +208,89 @@ def test_auto_falls_back_to_base64_and_says_so(proxy, settings):
         r.image and r.image.startswith("data:image/png;base64,") and r.url is None for r in results
     )
     assert warnings and "inline base64" in warnings[0]
+
+
+def test_a_failed_batch_deletes_the_images_it_uploaded(moto, settings, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    storage = Storage(bucket_settings(settings, moto[0]))
+    put = storage.put
+
+    def refuse_image_1(key, data, content_type):
+        if "/1-" in key:
+            denied = {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"RetryAttempts": 0}}
+            raise ClientError(denied, "PutObject")
+        put(key, data, content_type)
+
+    monkeypatch.setattr(storage, "put", refuse_image_1)
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(3), destination="s3", job_id="part", storage=storage, inline_limit=None
+        )
+    assert info.value.message == "image 1 could not be uploaded (ClientError: AccessDenied)"
+    listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/part/")
+    assert listed.get("KeyCount", 0) == 0  # images 0 and 2 were uploaded, then deleted
+
+
+def test_auto_fallback_over_the_reply_limit_is_an_upload_failure(proxy, settings):
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.fail_puts = 100
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(3), destination="auto", job_id="big", storage=storage, inline_limit=10
+        )
+    assert (
+        info.value.field == "destination" and "over the 10-byte reply limit" in info.value.message
+    )
+    assert "could not be uploaded" in info.value.message
+
+
+def test_inline_over_the_limit_says_what_would_work(moto, settings):
+    storage = Storage(bucket_settings(settings, moto[0]))
+    with pytest.raises(OutputTooLarge) as info:
+        deliver(
+            encoded_batch(2), destination="base64", job_id="x", storage=storage, inline_limit=10
+        )
+    assert (
+        "destination s3 or auto" in info.value.accepted and "BUCKET_NAME" not in info.value.accepted
+    )
+    with pytest.raises(OutputTooLarge) as info:
+        deliver(encoded_batch(2), destination="auto", job_id="x", storage=None, inline_limit=10)
+    assert "BUCKET_NAME" in info.value.accepted
+
+
+def test_a_sidecar_that_is_not_written_is_a_warning(moto, settings, monkeypatch):
+    sidecar = {"job_id": "s"}
+    results, warnings = deliver(
+        encoded_batch(1),
+        destination="base64",
+        job_id="s",
+        storage=None,
+        inline_limit=None,
+        sidecar=sidecar,
+    )
+    assert results[0].image and warnings == [
+        "sidecar not written: job.json goes beside images in the bucket, and these are inline"
+    ]
+    storage = Storage(bucket_settings(settings, moto[0]))
+    put = storage.put
+
+    def refuse_sidecar(key, data, content_type):
+        if key.endswith("job.json"):
+            raise ConnectionError("bucket went away")
+        put(key, data, content_type)
+
+    monkeypatch.setattr(storage, "put", refuse_sidecar)
+    results, warnings = deliver(
+        encoded_batch(2),
+        destination="s3",
+        job_id="s",
+        storage=storage,
+        inline_limit=None,
+        sidecar=sidecar,
+    )
+    assert all(r.url for r in results)  # the images are delivered all the same
+    assert warnings == ["sidecar not written: its upload failed (ConnectionError)"]
 
 
 def test_s3_without_a_bucket_is_invalid_input():

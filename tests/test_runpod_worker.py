@@ -194,7 +194,7 @@ def test_output_over_the_reply_cap_fails_with_output_too_large(engine):
 
     with pytest.raises(OutputTooLarge) as info:
         engine.run(parse_job({**JOB, "num_images": 2}), inline_limit=1000)
-    assert "BUCKET_ENDPOINT_URL" in info.value.message
+    assert "BUCKET_ENDPOINT_URL" in info.value.accepted
 
 
 def test_fitness_checks(monkeypatch, tmp_path, demo_volume, engine):
