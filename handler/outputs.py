@@ -273,6 +273,12 @@ class Storage:
         )
 
 
+NO_BUCKET_ADVICE = (
+    "a bucket on the worker (BUCKET_ENDPOINT_URL, BUCKET_NAME, BUCKET_ACCESS_KEY_ID, "
+    "BUCKET_SECRET_ACCESS_KEY) to get URLs"
+)
+
+
 def deliver(
     images: list[EncodedImage],
     *,
@@ -313,12 +319,6 @@ def deliver(
             ) from None
         warning = f"upload to the bucket failed ({error.message}); images are inline base64 instead"
         return results, [warning, *unwritten]
-
-
-NO_BUCKET_ADVICE = (
-    "a bucket on the worker (BUCKET_ENDPOINT_URL, BUCKET_NAME, BUCKET_ACCESS_KEY_ID, "
-    "BUCKET_SECRET_ACCESS_KEY) to get URLs"
-)
 
 
 def _inline(images: list[EncodedImage], inline_limit: int | None, advice: str) -> list[ImageResult]:
