@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv at the repo root and install the project with its pinned requirements.
-# torch goes first, pinned exactly: on a machine without CUDA this takes the CPU build, while
-# any other spec would pull several GB of CUDA wheels.
+# torch goes first, pinned exactly: CI's pip configuration finds a local CPU wheel of this
+# version, while any other spec would pull several GB of CUDA wheels from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -60,6 +60,12 @@ def test_configs_ship_as_package_data():
 def test_dockerfile_installs_exactly_what_ci_installs():
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     setup = (REPO / "scripts" / "setup_venv.sh").read_text()
+    # the same order: pip upgraded, torch pinned, then the requirement set
+    order = ["pip install --upgrade pip", "pip install torch==2.13.0", "pip install -r"]
+    assert [dockerfile.index(step) for step in order] == sorted(
+        dockerfile.index(step) for step in order
+    )
+    assert "pip install -q --upgrade pip" in setup
     assert "COPY docker/requirements.txt /tmp/requirements.txt" in dockerfile
     assert "pip install torch==2.13.0" in dockerfile and "pip install -q torch==2.13.0" in setup
     assert "pip install -r /tmp/requirements.txt" in dockerfile
@@ -129,6 +135,12 @@ def test_the_images_compile_bytecode_that_is_used_whatever_the_mtimes(image, tmp
     (package / "broken.py").write_text("def f(:\n")  # like the test files that do not compile
     command = step.replace(folder, str(tmp_path / "lib")).replace("python ", f"{sys.executable} ")
     beside_sources = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    # pip (the Docker image) compiles at install, mtime-checked: the step must replace that
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(package / "__init__.py")],
+        check=True,
+        env=beside_sources,
+    )
     subprocess.run(command, shell=True, check=True, env=beside_sources)
     (compiled,) = (package / "__pycache__").glob("__init__.*.pyc")
     flags = int.from_bytes(compiled.read_bytes()[4:8], "little")
@@ -159,3 +171,38 @@ def test_every_environment_variable_the_worker_reads_is_in_the_readme():
     readme = (REPO / "README.md").read_text()
     assert len(names) > 30
     assert sorted(n for n in names if f"`{n}`" not in readme) == []
+
+
+def test_the_build_context_keeps_what_the_images_use_and_leaves_the_dev_tree_out():
+    import fnmatch
+    import re
+
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    copied = [
+        source
+        for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.MULTILINE)
+        for source in line.split()[:-1]
+    ]
+    needed = {*copied, "handler", "models", "cog.yaml", ".cog/openapi_schema.json"}
+    for path in needed:
+        parts = Path(path).parts
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        assert not any(fnmatch.fnmatch(p, pattern) for p in prefixes for pattern in patterns), path
+    assert {".venv", ".whl", "demo-volume", "tests", ".git"} <= set(patterns)
+
+
+def test_cog_installs_the_sdk_version_the_requirements_pin():
+    import yaml
+
+    build = yaml.safe_load((REPO / "cog.yaml").read_text())["build"]
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "docker" / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    assert build["sdk_version"] == pins["cog"] == pins["coglet"]
