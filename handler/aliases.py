@@ -49,10 +49,15 @@ A1111_NEUTRAL = {
     "alwayson_scripts": {},
     "styles": [],
     "eta": (None, 0, 0.0),
-    # img2img/inpainting: only the behaviour this worker has
-    "inpainting_fill": (1,),  # 1 = start from the original image
-    "inpaint_full_res": (False, 0),
+    # img2img/inpainting: only the behaviour this worker has (A1111's defaults for
+    # inpainting_fill and inpaint_full_res are read in _apply_inpaint_fields)
     "inpaint_full_res_padding": (0, 32),
+    "mask_round": (True,),
+    "include_init_images": (False,),
+    "image_cfg_scale": (None,),
+    "initial_noise_multiplier": (None, 1, 1.0),
+    "latent_mask": (None,),
+    "firstpass_image": (None,),
     "s_noise": (None, 1, 1.0),
     "s_min_uncond": (None, 0, 0.0),
     "s_churn": (None, 0, 0.0),
@@ -79,6 +84,11 @@ A1111_SCHEDULE_TYPES = {
 A1111_NULLABLE = (
     "override_settings",
     "sampler_index",
+    "mask_blur",
+    "mask_blur_x",
+    "mask_blur_y",
+    "inpainting_fill",
+    "inpaint_full_res",
     "scheduler",
     "enable_hr",
     "batch_size",
@@ -102,7 +112,8 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     for name in (*A1111_NULLABLE, *FIELD_ALIASES, *A1111_NEUTRAL, *A1111_HIRES_FIELDS):
         if name in data and data[name] is None:
             del data[name]
-    _apply_hires_fields(data)  # first: with enable_hr, denoising_strength belongs to hires
+    _apply_hires_fields(data, warnings)  # first: with enable_hr, denoising_strength is hires
+    _apply_inpaint_fields(data, warnings)
 
     # 0. Defaults other clients send explicitly: worker-sdxl's negative_prompt null, A1111's
     #    deprecated sampler_index (which A1111 itself ignores when sampler_name is given) and
@@ -227,7 +238,41 @@ A1111_HIRES_FIELDS = (
 )
 
 
-def _apply_hires_fields(data: dict[str, Any]) -> None:
+def _apply_inpaint_fields(data: dict[str, Any], warnings: list[str]) -> None:
+    """A1111's img2img inpainting options: its defaults (fill, only masked) are accepted with a
+    warning when there is a mask, since its clients send them unasked; other choices that this
+    worker does not have are refused. mask_blur_x / _y stand for mask_blur when it is absent."""
+    blur_x, blur_y = data.pop("mask_blur_x", None), data.pop("mask_blur_y", None)
+    if "mask_blur" not in data and (blur_x, blur_y) != (None, None):
+        if blur_x != blur_y and None not in (blur_x, blur_y):
+            raise InvalidInput(
+                "different horizontal and vertical mask blurs are not supported",
+                field="mask_blur_x",
+                accepted="mask_blur, or equal mask_blur_x and mask_blur_y",
+            )
+        data["mask_blur"] = blur_x if blur_x is not None else blur_y
+    fill = data.pop("inpainting_fill", 1)
+    if fill not in (0, 1):
+        raise InvalidInput(
+            f"inpainting_fill={fill!r} is not supported by this worker",
+            field="inpainting_fill",
+            accepted="1 (original; also what A1111's default 0 runs as here)",
+        )
+    whole = data.pop("inpaint_full_res", False) in (False, 0)
+    if data.get("mask"):
+        if fill == 0:
+            warnings.append(
+                "inpainting_fill 0 (fill) runs as 1 (original): the masked area starts from "
+                "the image"
+            )
+        if not whole:
+            warnings.append(
+                "inpaint_full_res (only masked) is not supported: the whole picture is "
+                "inpainted at its size"
+            )
+
+
+def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
     """A1111's enable_hr + hr_* fields -> `hires`; its denoising_strength is the hires strength."""
     enabled = data.pop("enable_hr", None)
     given = {name: data.pop(name) for name in A1111_HIRES_FIELDS if name in data}
@@ -257,6 +302,8 @@ def _apply_hires_fields(data: dict[str, Any]) -> None:
         hires["strength"] = strength
     upscaler = str(given.get("hr_upscaler") or "Latent")
     hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
+    if hires["upscaler"] == "image" and upscaler.lower() != "lanczos":
+        warnings.append(f"hr_upscaler {upscaler!r} is not available: the image upscaler is Lanczos")
     data["hires"] = hires
 
 

@@ -808,7 +808,7 @@ class Engine:
 
     def _mask_for(self, job: Job, width: int, height: int):
         """The job's mask as an L image of the output size: white repaints; blurred if asked."""
-        mask = load_image(job.mask, "mask", self.settings).convert("L")
+        mask = load_image(job.mask, "mask", self.settings, as_mask=True)
         mask = fit_image(mask, width, height, job.resize_mode, resample=Image.NEAREST)
         if job.invert_mask:
             mask = ImageOps.invert(mask)

@@ -17,7 +17,7 @@ import ssl
 import time
 from urllib.parse import urljoin, urlsplit
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from handler.errors import InputFetchFailed, InvalidInput
 from handler.settings import Settings
@@ -26,8 +26,9 @@ MAX_REDIRECTS = 3
 IMAGE_FORMATS = "png, jpeg or webp (or another format Pillow reads: gif, bmp, tiff, ...)"
 
 
-def load_image(value: str, field: str, settings: Settings) -> Image.Image:
-    """Decode an image given as a data URI, raw base64 or an https URL, as RGB."""
+def load_image(value: str, field: str, settings: Settings, as_mask: bool = False) -> Image.Image:
+    """Decode an image given as a data URI, raw base64 or an https URL, as RGB (or, with
+    `as_mask`, as the L mask it stands for)."""
     value = value.strip()
     if value.startswith(("https://", "http://")):
         data = fetch_url(value, field, settings)
@@ -51,11 +52,12 @@ def load_image(value: str, field: str, settings: Settings) -> Image.Image:
         )
     else:
         data = _b64decode(value, field)
-    return decode_image(data, field, settings)
+    return decode_image(data, field, settings, as_mask)
 
 
-def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:
-    """Open image bytes, refusing decompression bombs before any pixel is decoded."""
+def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = False) -> Image.Image:
+    """Open image bytes, refusing decompression bombs before any pixel is decoded; turned
+    upright by their EXIF orientation, as viewers show them."""
     try:
         image = Image.open(io.BytesIO(data))
     except Exception:
@@ -67,11 +69,25 @@ def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:
             accepted=f"images up to {settings.max_input_pixels} pixels",
         )
     try:
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        if as_mask:
+            image = _mask_channel(image)
+        else:
+            image = image.convert("RGB")
         image.info.clear()  # an input's ICC profile or comments never reach an output file
         return image
     except Exception:
         raise InvalidInput("could not be decoded", field=field, accepted=IMAGE_FORMATS) from None
+
+
+def _mask_channel(image: Image.Image) -> Image.Image:
+    """A mask as L: its alpha when it has transparency (as A1111 reads one drawn on a clear
+    layer), else its brightness."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha
+    return image.convert("L")
 
 
 def _b64decode(payload: str, field: str) -> bytes:
@@ -322,18 +338,22 @@ def fit_image(
     left, top = (width - scaled.width) // 2, (height - scaled.height) // 2
     canvas.paste(scaled, (left, top))
     if mode == "fill":
-        if left > 0:  # stretch the first and last columns into the side borders
+        # stretch the first and last columns (rows) into the side (top, bottom) borders;
+        # a border may be on one side only (an odd one-pixel difference)
+        right = width - left - scaled.width
+        bottom = height - top - scaled.height
+        if left > 0:
             canvas.paste(
                 scaled.crop((0, 0, 1, scaled.height)).resize((left, scaled.height)), (0, top)
             )
-            right = width - left - scaled.width
+        if right > 0:
             edge = scaled.crop((scaled.width - 1, 0, scaled.width, scaled.height))
             canvas.paste(edge.resize((right, scaled.height)), (left + scaled.width, top))
         if top > 0:
             canvas.paste(
                 scaled.crop((0, 0, scaled.width, 1)).resize((scaled.width, top)), (left, 0)
             )
-            bottom = height - top - scaled.height
+        if bottom > 0:
             edge = scaled.crop((0, scaled.height - 1, scaled.width, scaled.height))
             canvas.paste(edge.resize((scaled.width, bottom)), (left, top + scaled.height))
     return canvas

@@ -310,12 +310,13 @@ def _type_name(annotation: Any) -> str:
 def invalid_input_from(error: ValidationError) -> InvalidInput:
     """Turn pydantic's first error into our InvalidInput (code, field, accepted)."""
     errors = error.errors()
-    unknown = [field_path(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
-    if unknown:
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        unknown = [field_path(e["loc"]) for e in extra]
         return InvalidInput(
             f"unknown field(s): {', '.join(unknown)}",
             field=unknown[0],
-            accepted=_accepted(errors[0]),
+            accepted=_accepted(extra[0]),
         )
     first = errors[0]
     field = field_path(first["loc"])

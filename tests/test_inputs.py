@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -188,3 +189,38 @@ def test_hostnames_resolving_to_private_addresses_are_refused(settings, monkeypa
         with pytest.raises(InvalidInput, match="non-public address") as info:
             load_image("https://images.example.com/cat.png", "image", settings)
         assert info.value.field == "image"
+
+
+def test_fill_covers_a_one_pixel_border_on_one_side():
+    from handler.inputs import fit_image
+
+    source = Image.new("RGB", (64, 63), (200, 30, 30))
+    filled = np.asarray(fit_image(source, 64, 64, "fill"))
+    assert (filled == (200, 30, 30)).all()  # the last row is stretched, not left black
+    wide = np.asarray(fit_image(Image.new("RGB", (65, 64), (9, 9, 9)), 64, 64, "fill"))
+    assert (wide == 9).all()
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG", **save) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_mask_drawn_on_a_transparent_layer_is_read_from_its_alpha(settings):
+    drawn = Image.new("RGBA", (16, 16), (255, 255, 255, 0))  # white, clear everywhere
+    drawn.paste((255, 255, 255, 255), (4, 4, 12, 12))  # the area to repaint, opaque
+    mask = np.asarray(load_image(_encoded(drawn), "mask", settings, as_mask=True))
+    assert mask[8, 8] == 255 and mask[0, 0] == 0 and (mask > 0).sum() == 64
+    opaque = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    opaque.paste((255, 255, 255, 255), (0, 0, 8, 16))
+    mask = np.asarray(load_image(_encoded(opaque), "mask", settings, as_mask=True))
+    assert (mask[:, :8] == 255).all() and (mask[:, 8:] == 0).all()  # opaque: by brightness
+
+
+def test_images_are_turned_upright_by_their_exif_orientation(settings):
+    photo = Image.new("RGB", (96, 64), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    upright = load_image(_encoded(photo, "JPEG", exif=exif), "image", settings)
+    assert upright.size == (64, 96)

@@ -284,3 +284,50 @@ def test_hires_denoising_strength_out_of_range_names_the_field_sent():
 def test_an_empty_image_is_refused_not_ignored(field):
     error = error_of({"prompt": "x", field: "  "})
     assert error.field == field and "is empty" in str(error)
+
+
+def test_an_unknown_field_beside_another_error_lists_the_fields():
+    error = error_of({"prompt": "x", "steps": "many", "frobnicate": 1})
+    assert error.field == "frobnicate" and error.accepted.startswith("fields: prompt")
+
+
+def test_a_full_a1111_img2img_inpainting_payload_is_accepted_with_warnings():
+    """The fields A1111's /sdapi/v1/img2img model adds, at the values its clients default to."""
+    payload = {
+        "prompt": "a castle",
+        "init_images": ["aGVsbG8="],
+        "mask": "aGVsbG8=",
+        "denoising_strength": 0.75,
+        "resize_mode": 0,
+        "mask_blur": None,
+        "mask_blur_x": 4,
+        "mask_blur_y": 4,
+        "mask_round": True,
+        "inpainting_fill": 0,
+        "inpaint_full_res": True,
+        "inpaint_full_res_padding": 0,
+        "inpainting_mask_invert": 0,
+        "initial_noise_multiplier": None,
+        "latent_mask": None,
+        "image_cfg_scale": None,
+        "include_init_images": False,
+        "firstpass_image": None,
+        "sampler_index": "Euler",
+        "sampler_name": "Euler a",
+        "script_args": [],
+        "alwayson_scripts": {},
+    }
+    job = parse_job(payload)
+    assert job.mask_blur == 4 and job.strength == 0.75 and job.scheduler == "Euler a"
+    assert any("inpainting_fill 0 (fill) runs as 1" in note for note in job._notes)
+    assert any("inpaint_full_res" in note for note in job._notes)
+    assert error_of({**payload, "inpainting_fill": 2}).field == "inpainting_fill"
+    assert error_of({**payload, "mask_blur_x": 8}).field == "mask_blur_x"
+    assert error_of({**payload, "include_init_images": True}).field == "include_init_images"
+
+
+def test_an_unavailable_hires_upscaler_is_named_in_the_warnings():
+    job = parse_job({"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert job.hires.upscaler == "image"
+    assert any("'R-ESRGAN 4x+' is not available" in note for note in job._notes)
+    assert not parse_job({"prompt": "x", "enable_hr": True, "hr_upscaler": "Lanczos"})._notes
