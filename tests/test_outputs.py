@@ -3,6 +3,7 @@ through a fault-injecting proxy; encoding and infotext."""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import json
@@ -260,15 +261,8 @@ def test_inline_over_the_limit_says_what_would_work(moto, settings):
 
 
 def test_a_sidecar_that_is_not_written_is_a_warning(moto, settings, monkeypatch):
-    sidecar = {"job_id": "s"}
-    results, warnings = deliver(
-        encoded_batch(1),
-        destination="base64",
-        job_id="s",
-        storage=None,
-        inline_limit=None,
-        sidecar=sidecar,
-    )
+    send = functools.partial(deliver, job_id="s", inline_limit=None, sidecar={"job_id": "s"})
+    results, warnings = send(encoded_batch(1), destination="base64", storage=None)
     assert results[0].image and warnings == [
         "sidecar not written: job.json goes beside images in the bucket, and these are inline"
     ]
@@ -281,14 +275,7 @@ def test_a_sidecar_that_is_not_written_is_a_warning(moto, settings, monkeypatch)
         put(key, data, content_type)
 
     monkeypatch.setattr(storage, "put", refuse_sidecar)
-    results, warnings = deliver(
-        encoded_batch(2),
-        destination="s3",
-        job_id="s",
-        storage=storage,
-        inline_limit=None,
-        sidecar=sidecar,
-    )
+    results, warnings = send(encoded_batch(2), destination="s3", storage=storage)
     assert all(r.url for r in results)  # the images are delivered all the same
     assert warnings == ["sidecar not written: its upload failed (ConnectionError)"]
 
