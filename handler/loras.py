@@ -2,7 +2,7 @@
 
 LoRAs load through diffusers/peft (which reads kohya and diffusers/peft files) as named
 adapters that stay loaded but disabled between jobs. For a job, each layer's delta (peft's
-`get_delta_weight`, times the job's scale) is added into the base weight in place, as A1111
+`up @ down x scaling`, times the job's scale) is added into the base weight in place, as A1111
 does; the touched weights are copied first and copied back after the job, so the checkpoint
 returns bit for bit. Merged weights cost nothing per denoising step, and because the weights
 change in place (same storage), captured CUDA graphs of the UNet stay valid.
@@ -275,11 +275,12 @@ class MergedWeights:
 def merge_adapters(layers: list[Any], scales: dict[str, float]) -> MergedWeights:
     """Add `scale x delta` of each named adapter into its base layers' weights, in place.
 
-    Each delta is peft's own (`get_delta_weight`). The copies and additions are batched
-    (`torch._foreach_*`): a few kernel launches per chunk of layers (`MERGE_CHUNK_BYTES`)
-    instead of a few per layer, since a swap is bound by the host CPU. Returns the touched
-    weights with their original values for an exact `restore()`; on an error the weights are
-    restored here.
+    A swap is bound by the host CPU (SDXL has about 850 LoRA layers), so the work is batched:
+    the copies and additions are `torch._foreach_*` calls per chunk of layers
+    (`MERGE_CHUNK_BYTES`), and the deltas of plain linear layers are one `bmm` per group of
+    same-shaped layers (`_linear_deltas`). Other layers (convolutions) take peft's own
+    `get_delta_weight`. Returns the touched weights with their original values for an exact
+    `restore()`; on an error the weights are restored here.
     """
     for module in layers:
         if any(module.use_dora.get(n) for n in scales if n in module.lora_A):
@@ -296,17 +297,46 @@ def merge_adapters(layers: list[Any], scales: dict[str, float]) -> MergedWeights
         try:
             for chunk in _chunks(list(zip(layers, weights, strict=True)), MERGE_CHUNK_BYTES):
                 for name, scale in scales.items():
-                    targets = [(w, m.get_delta_weight(name)) for m, w in chunk if name in m.lora_A]
-                    if targets:
-                        torch._foreach_add_(
-                            [w for w, _ in targets],
-                            [delta.to(w.dtype) for w, delta in targets],
-                            alpha=scale,
-                        )
+                    for targets, deltas, alpha in _deltas(chunk, name):
+                        torch._foreach_add_(targets, deltas, alpha=alpha * scale)
         except BaseException:
             merged.restore()
             raise
     return merged
+
+
+def _deltas(
+    chunk: list[tuple[Any, torch.Tensor]], name: str
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor], float]]:
+    """Adapter `name`'s deltas for the layers of `chunk` that hold it, in groups of
+    (base weights, deltas, factor): each weight gets `factor x delta` added."""
+    from peft.tuners.lora.layer import Linear
+
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for module, weight in chunk:
+        if name not in module.lora_A:
+            continue
+        if type(module) is Linear and not module.fan_in_fan_out:
+            down, up = module.lora_A[name].weight, module.lora_B[name].weight
+            key = (down.shape, up.shape, down.dtype, down.device, module.scaling[name])
+            groups.setdefault(key, []).append((weight, down, up))
+        else:
+            yield [weight], [module.get_delta_weight(name).to(weight.dtype)], 1.0
+    for (*_, scaling), members in groups.items():
+        weights, downs, ups = zip(*members, strict=True)
+        yield list(weights), _linear_deltas(list(downs), list(ups), weights[0].dtype), scaling
+
+
+def _linear_deltas(
+    downs: list[torch.Tensor], ups: list[torch.Tensor], dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """`up @ down` for same-shaped linear LoRA pairs, in one batched product (peft's
+    `get_delta_weight` without its scaling, which the caller applies). Half precision on the
+    CPU is computed in fp32, as peft does, since CPUs multiply it slowly."""
+    down, up = torch.stack(downs), torch.stack(ups)
+    if down.device.type == "cpu" and down.dtype in (torch.float16, torch.bfloat16):
+        down, up = down.float(), up.float()
+    return list(torch.bmm(up, down).to(dtype).unbind(0))
 
 
 def _chunks(pairs: list[tuple[Any, torch.Tensor]], max_bytes: int) -> Iterator[list]:

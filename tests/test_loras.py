@@ -383,12 +383,56 @@ def test_batched_merge_equals_per_layer_merge_and_restores_exactly(monkeypatch):
 
     applied = loras.merge_adapters(layers, scales)
     after_merge = [m.get_base_layer().weight for m in layers]
-    assert all(torch.equal(a, e) for a, e in zip(after_merge, expected, strict=True))
+    # the same sums, rounded once instead of twice (peft's scaling is folded into the addition)
+    for merged, wanted in zip(after_merge, expected, strict=True):
+        torch.testing.assert_close(merged, wanted, rtol=1e-6, atol=1e-6)
     assert not any(torch.equal(a, b) for a, b in zip(after_merge, before, strict=True))
     assert layers[0].get_base_layer().weight.is_contiguous(memory_format=torch.channels_last)
     applied.restore()
     restored = [m.get_base_layer().weight for m in layers]
     assert all(torch.equal(r, b) for r, b in zip(restored, before, strict=True))
+
+
+def test_batched_deltas_group_layers_by_shape_and_scaling_like_peft():
+    """Linear deltas are batched per group of same-shaped layers with the same scaling: layers of
+    three shapes, two ranks and per-layer alphas (as kohya files carry) must each get peft's
+    own delta, in fp32 and in fp16 (computed in fp32 on the CPU, as peft does)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    from handler import loras
+
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        shapes = [(6, 6), (6, 10), (10, 6), (6, 6), (6, 10), (6, 6)]
+        model = torch.nn.ModuleDict(
+            {f"l{i}": torch.nn.Linear(i_, o_) for i, (i_, o_) in enumerate(shapes)}
+        )
+        config = LoraConfig(
+            r=2,
+            lora_alpha=2,
+            target_modules=list(model.keys()),
+            rank_pattern={"l3": 3},
+            alpha_pattern={"l5": 7, "l1": 5},
+        )
+        inject_adapter_in_model(config, model, "a")
+        model.to(dtype)
+        with torch.no_grad():
+            for parameter in (p for n, p in model.named_parameters() if "lora_" in n):
+                parameter.normal_()
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert len({m.scaling["a"] for m in layers}) == 4  # 1, 2.5, 2/3, 3.5
+        expected = [
+            m.get_base_layer().weight + 0.6 * m.get_delta_weight("a").float() for m in layers
+        ]
+        loras.merge_adapters(layers, {"a": 0.6})
+        for module, wanted in zip(layers, expected, strict=True):
+            weight = module.get_base_layer().weight
+            assert weight.dtype == dtype
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(
+                weight.float(), wanted.float(), rtol=tolerance, atol=tolerance
+            )
 
 
 def test_a_merge_that_fails_midway_restores_every_weight(monkeypatch):
@@ -401,7 +445,9 @@ def test_a_merge_that_fails_midway_restores_every_weight(monkeypatch):
     def broken(adapter):
         raise RuntimeError("delta failed")
 
-    monkeypatch.setattr(layers[5], "get_delta_weight", broken)  # after two chunks were merged
+    # a convolution's delta is peft's own; l6 is in the fourth chunk, after three were merged
+    assert isinstance(layers[6].get_base_layer(), torch.nn.Conv2d)
+    monkeypatch.setattr(layers[6], "get_delta_weight", broken)
     with pytest.raises(RuntimeError, match="delta failed"):
         loras.merge_adapters(layers, {"a": 1.0, "b": 1.0})
     restored = [m.get_base_layer().weight for m in layers]
