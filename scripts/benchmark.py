@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -599,6 +600,8 @@ def run_benchmark(
             report.save()
 
     cache = workdir / "compile-cache"
+    # the first compiled worker must find it empty, also when --workdir held an earlier run
+    shutil.rmtree(cache, ignore_errors=True)
     compiled_env = {"COMPILE": "1", "COMPILE_CACHE_DIR": str(cache)}
     names = list(CONFIGS)[::-1]  # SDXL first: it is the default checkpoint
     runs = {}
