@@ -1,7 +1,9 @@
 """LoRA stacks and textual-inversion embeddings, applied per job and always removed after.
 
 LoRAs load through diffusers/peft (which reads kohya and diffusers/peft files) as named
-adapters that stay loaded but disabled between jobs. For a job, each layer's delta (peft's
+adapters that stay loaded between jobs, but out of the forward path: right after loading, peft's
+wrapper layers are taken out of the model again (the plain layers go back in their place) and
+kept aside, so no job pays for them at run time. For a job, each layer's delta (peft's
 `up @ down x scaling`, times the job's scale) is added into the base weight in place, as A1111
 does; the touched weights are copied first and copied back after the job, so the checkpoint
 returns bit for bit. Merged weights cost nothing per denoising step, and because the weights
@@ -162,7 +164,7 @@ class ResidentAdapters:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.names: OrderedDict[tuple, str] = OrderedDict()
-        self.layers: dict[str, list[Any]] = {}  # adapter name -> the peft layers it has
+        self.layers: dict[str, list[Any]] = {}  # adapter name -> its peft layers, kept aside
         self._counter = 0
 
     def key(self, lora: AppliedLora) -> tuple:
@@ -172,6 +174,16 @@ class ResidentAdapters:
     def new_name(self) -> str:
         self._counter += 1
         return f"lora_{self._counter}"
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        """The modules that hold the resident adapters' own weights (not the base layers), for
+        moving them with their checkpoint between the GPU and the RAM tier."""
+        return [
+            weights
+            for layers in self.layers.values()
+            for layer in layers
+            for weights in (layer.lora_A, layer.lora_B)
+        ]
 
 
 @contextlib.contextmanager
@@ -193,7 +205,6 @@ def job_additions(
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
         names = []
-        loaded_any = False
         for index, lora in enumerate(loras):
             key = resident.key(lora)
             if key in resident.names:
@@ -210,11 +221,9 @@ def job_additions(
                     ) from None
                 resident.names[key] = name
                 resident.layers[name] = adapter_layers(pipeline, name)
-                loaded_any = True
+                take_out_of_forward(pipeline)  # their deltas are merged instead
             names.append(resident.names[key])
         _evict(pipeline, resident, keep=set(names))
-        if loaded_any:
-            pipeline.disable_lora()  # adapters never run in forward: their deltas are merged
         # 2. Merge the stack into the weights, keeping the originals
         if names:
             scales: dict[str, float] = {}
@@ -239,18 +248,39 @@ def job_additions(
             resident.layers.clear()
 
 
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
 def adapter_layers(pipeline: Any, name: str) -> list[Any]:
     """The peft LoRA layers of the UNet and text encoders that hold adapter `name`."""
     from peft.tuners.lora import LoraLayer
 
-    components = ("unet", "text_encoder", "text_encoder_2")
     return [
         module
-        for component in (getattr(pipeline, c, None) for c in components)
+        for component in (getattr(pipeline, c, None) for c in LORA_COMPONENTS)
         if component is not None
         for module in component.modules()
         if isinstance(module, LoraLayer) and name in module.lora_A
     ]
+
+
+def take_out_of_forward(pipeline: Any) -> None:
+    """Put each peft-wrapped layer's base layer back in its place, unmerged (as diffusers'
+    `unload_lora_weights` does, but keeping the adapters: their layers stay in
+    `ResidentAdapters`, their configs registered, so diffusers still lists and deletes them).
+
+    Even disabled, peft's wrappers would cost every later job their Python overhead in the
+    eager text encoders (SDXL has 264), and they change the UNet's structure, which a saved
+    compiled UNet is specialised on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in (getattr(pipeline, c, None) for c in LORA_COMPONENTS):
+        if component is None:
+            continue
+        for parent in list(component.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, BaseTunerLayer):
+                    setattr(parent, child_name, child.get_base_layer())
 
 
 # Deltas held at once while merging: bounds the extra memory (SDXL's attention layers are

@@ -207,7 +207,7 @@ class CheckpointCache:
             entry = self._entries[key]
             if key not in self._on_device:
                 self._make_room(keep=key)
-                move_to_device(_modules(entry.pipeline), self.device)
+                move_to_device(_modules(entry), self.device)
                 self.host.give_back(entry.host_chunks)
                 entry.host_chunks = []
                 self._on_device.add(key)
@@ -232,7 +232,7 @@ class CheckpointCache:
                 log.info("offloading checkpoint %s to CPU RAM", entry.name)
                 if entry.graphs is not None:
                     entry.graphs.clear()  # the graphs point at the weights' device memory
-                entry.host_chunks = move_to_host(_modules(entry.pipeline), self.host)
+                entry.host_chunks = move_to_host(_modules(entry), self.host)
         offloaded = [k for k in self._entries if k not in self._on_device and k != keep]
         while len(offloaded) > self.ram_slots:
             evicted = self._entries.pop(offloaded.pop(0))
@@ -240,7 +240,7 @@ class CheckpointCache:
             if evicted.graphs is not None:
                 evicted.graphs.uninstall()
             # Its chunks are reused once nothing holds its modules any more.
-            self.host.retire(evicted.host_chunks, _modules(evicted.pipeline))
+            self.host.retire(evicted.host_chunks, _modules(evicted))
             del evicted
             _free_memory()
 
@@ -411,8 +411,11 @@ def pack_into_chunks(
         tensor.data = host_tensor
 
 
-def _modules(pipeline: Any) -> list[torch.nn.Module]:
-    return [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
+def _modules(entry: LoadedCheckpoint) -> list[torch.nn.Module]:
+    """The checkpoint's modules, and its resident LoRAs' weights, which move with it."""
+    components = entry.pipeline.components.values()
+    adapters = entry.adapters.weight_modules() if entry.adapters is not None else []
+    return [c for c in components if isinstance(c, torch.nn.Module)] + adapters
 
 
 def _free_memory() -> None:

@@ -610,11 +610,11 @@ def test_a_later_compiled_worker_loads_the_precompiled_unet(cuda_engines, settin
     )
     assert np.abs(pixels(lora) - pixels(later_image)).max() > 0  # merged weights are read
     assert (pixels(later.run(job)) == pixels(later_image)).all()
-    # A new shape while the LoRA's layers stay resident: the UNet is compiled the usual way and
-    # not saved (other workers lack those layers); the decoder, which holds none, is saved.
+    # A new shape while the LoRA stays resident: its layers are kept outside the UNet, so the
+    # UNet is compiled ahead and saved like any shape, and so is the decoder.
     tall = parse_job({**JOB, "checkpoint": "demo-sd15", "height": 96})
     tall_image = later.run(tall)
-    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 2
+    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 3
     assert len(list(tmp_path.glob("*/precompiled/vae-decoder-*.bin"))) == 3
     assert not list(tmp_path.glob("*/precompiled/*.failed"))
     assert np.abs(pixels(tall_image) - pixels(eager.run(tall))).max() <= 4
@@ -643,17 +643,22 @@ def test_lora_swap_keeps_the_graph_and_leaves_no_trace(cuda_engines):
 def test_offloaded_checkpoint_is_pinned_drops_its_graphs_and_recaptures(cuda_engines):
     graphed, _ = cuda_engines
     job = {**JOB, "checkpoint": "demo-sd15"}
+    lora_job = {**job, "loras": [{"name": "demo_sd15_kohya", "scale": 0.7}]}
+    with_lora = graphed.run(parse_job(lora_job))
     before = graphed.run(parse_job(job))
     graphed.run(parse_job({**job, "checkpoint": "demo-sdxl"}))  # pushes SD 1.5 to CPU RAM
     offloaded = [e for k, e in graphed.cache._entries.items() if not graphed.cache.on_device(k)]
     assert [e.name for e in offloaded] == ["demo-sd15"]
     weights = list(offloaded[0].pipeline.unet.parameters())
+    # its resident LoRA's weights, kept outside the UNet, went along
+    weights += [w for m in offloaded[0].adapters.weight_modules() for w in m.parameters()]
     assert all(w.device.type == "cpu" and w.is_pinned() for w in weights)  # page-locked
     loaded, _ = graphed.checkpoint("demo-sd15")
     assert len(loaded.graphs) == 0
     again = graphed.run(parse_job(job))
     assert len(loaded.graphs) == 1
     assert (pixels(again) == pixels(before)).all()
+    assert (pixels(graphed.run(parse_job(lora_job))) == pixels(with_lora)).all()
 
 
 @pytest.mark.gpu

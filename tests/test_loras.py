@@ -193,6 +193,39 @@ def test_lora_adapters_stay_resident_and_are_reused(engine):
     assert np.abs(pixels(other_scale) - pixels(first)).max() > 0
 
 
+def test_resident_adapters_stay_out_of_the_forward_path(settings):
+    """After loading, peft's wrappers are taken out again: the models keep the structure they
+    had before any LoRA (no wrapper overhead per job, and saved compiled code still fits), while
+    the adapters stay registered and merge from the layers kept aside."""
+    from dataclasses import replace
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from handler.engine import Engine
+
+    own = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    plain = own.run(parse_job(SDXL))
+    loaded, _ = own.checkpoint("demo-sdxl")
+    parts = [loaded.pipeline.unet, loaded.pipeline.text_encoder, loaded.pipeline.text_encoder_2]
+
+    def structure():
+        return [[(n, type(m)) for n, m in part.named_modules()] for part in parts]
+
+    before = structure()
+    kohya = {**SDXL, "loras": [{"name": "demo_sdxl_kohya", "scale": 1.0}]}
+    with_lora = own.run(parse_job(kohya))
+    with_other = own.run(parse_job({**SDXL, "loras": [{"name": "demo_sdxl_peft", "scale": -0.5}]}))
+    assert structure() == before
+    assert not any(isinstance(m, BaseTunerLayer) for part in parts for m in part.modules())
+    adapters = loaded.pipeline.get_list_adapters()
+    assert len(adapters["unet"]) == len(adapters["text_encoder"]) == 2
+    assert len(loaded.adapters.layers) == 2
+    assert np.abs(pixels(with_lora) - pixels(plain)).max() > 0
+    assert np.abs(pixels(with_other) - pixels(with_lora)).max() > 0
+    assert (pixels(own.run(parse_job(kohya))) == pixels(with_lora)).all()  # merged again
+    assert (pixels(own.run(parse_job(SDXL))) == pixels(plain)).all()
+
+
 def test_resident_adapters_are_bounded(settings):
     from dataclasses import replace
 
