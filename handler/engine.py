@@ -778,11 +778,10 @@ class Engine:
         Plain prompts that fit one 77-token window go to diffusers as text (its own encoding);
         A1111 weights, BREAK and longer prompts are encoded here, chunked, never truncated.
         """
-        tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
         # Clip skip is encoded here too: diffusers applies it to the prompt but not to the
         # negative prompt, while A1111 applies it to both.
         if job.clip_skip == 1 and not needs_own_encoding(
-            [job.prompt, job.negative_prompt], tokenizer
+            pipeline, [job.prompt, job.negative_prompt]
         ):
             return {
                 "prompt": [job.prompt] * count,

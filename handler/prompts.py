@@ -27,7 +27,7 @@ _SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """Split a prompt into (text, weight) runs; adjacent runs of equal weight are merged.
 
-    A weight of -1 marks a BREAK.
+    A BREAK is the run ("BREAK", -1), as in A1111 (`is_break`).
     """
     runs: list[list[Any]] = []
     round_open: list[int] = []
@@ -39,8 +39,9 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
     for match in _TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
-        if token.startswith("\\") and len(token) == 2:
-            runs.append([token[1], 1.0])
+        if token.startswith("\\"):  # an escaped character; a lone backslash is dropped
+            if token[1:]:
+                runs.append([token[1:], 1.0])
         elif token == "(":
             round_open.append(len(runs))
         elif token == "[":
@@ -65,19 +66,26 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
     merged: list[list[Any]] = []
     for text_run, weight in runs:
-        if merged and merged[-1][1] == weight and weight != -1.0:
+        if merged and merged[-1][1] == weight and not is_break(text_run, weight):
             merged[-1][0] += text_run
         else:
             merged.append([text_run, weight])
     return [(t, w) for t, w in merged] or [("", 1.0)]
 
 
-def needs_own_encoding(prompts: list[str], tokenizer) -> bool:
-    """True when a prompt uses A1111 syntax or is longer than one 77-token window."""
+def is_break(text: str, weight: float) -> bool:
+    return text == "BREAK" and weight == -1.0
+
+
+def needs_own_encoding(pipeline, prompts: list[str]) -> bool:
+    """True when a prompt uses A1111 syntax or is longer than one 77-token window, counted
+    with its multi-vector embeddings spelled out (diffusers would cut what goes past)."""
+    tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
     for prompt in prompts:
         if _SYNTAX.search(prompt):
             return True
-        if len(tokenizer(prompt, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
+        spelled_out = _multi_vector(pipeline, prompt, tokenizer)
+        if len(tokenizer(spelled_out, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
             return True
     return False
 
@@ -107,7 +115,7 @@ def tokenize_chunks(text: str, tokenizer) -> Chunks:
         current_weights.clear()
 
     for run, weight in parse_attention(text):
-        if weight == -1.0:
+        if is_break(run, weight):
             close()
             continue
         for token in tokenizer(run, add_special_tokens=False).input_ids:
@@ -121,9 +129,11 @@ def tokenize_chunks(text: str, tokenizer) -> Chunks:
 
 
 def _encode_windows(
-    encoder, chunks: Chunks, layer: int | None, device
+    encoder, chunks: Chunks, layer: int | None, device, final_norm=None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states [1, 77 * n, dim] of the chosen layer, weighted; and the first window's pooled output."""
+    """Hidden states [1, 77 * n, dim] of the chosen layer, passed through `final_norm` if given,
+    then weighted (after the norm, which would undo the weights, as in A1111); and the first
+    window's pooled output."""
     outputs = []
     pooled = None
     for ids, weights in zip(chunks.ids, chunks.weights, strict=True):
@@ -132,6 +142,8 @@ def _encode_windows(
             hidden = result[0]  # the last layer, after the final layer norm
         else:
             hidden = result.hidden_states[layer]
+        if final_norm is not None:
+            hidden = final_norm(hidden)
         if pooled is None and hasattr(result, "text_embeds"):
             pooled = result.text_embeds
         weight = torch.tensor(weights, device=device, dtype=hidden.dtype)
@@ -175,12 +187,9 @@ def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str,
     def encode(chunks: Chunks) -> torch.Tensor:
         if clip_skip <= 1:
             return _encode_windows(encoder, chunks, None, device)[0]
-        hidden = _encode_windows(encoder, chunks, -clip_skip, device)[0]
-        return (
-            encoder.final_layer_norm(hidden)
-            if hasattr(encoder, "final_layer_norm")
-            else (encoder.text_model.final_layer_norm(hidden))
-        )
+        # an earlier layer, through the final layer norm as A1111 and diffusers do
+        norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+        return _encode_windows(encoder, chunks, -clip_skip, device, norm)[0]
 
     return {"prompt_embeds": encode(positive), "negative_prompt_embeds": encode(negatives)}
 

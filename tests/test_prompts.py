@@ -44,6 +44,17 @@ def test_parser_matches_a1111_examples(text, expected):
     assert [w for _, w in parsed] == pytest.approx([w for _, w in expected])
 
 
+def test_a_weight_of_minus_one_is_text_not_a_break_and_a_lone_backslash_is_dropped(engine):
+    # as A1111: a BREAK is the word BREAK at weight -1, not any run at weight -1
+    assert parse_attention("(cat:-1) dog") == [("cat", -1.0), (" dog", 1.0)]
+    assert parse_attention("a \\ b") == [("a  b", 1.0)]
+    loaded, _ = engine.checkpoint("demo-sd15")
+    chunks = tokenize_chunks("(cat:-1) dog", loaded.pipeline.tokenizer)
+    cat = loaded.pipeline.tokenizer("cat", add_special_tokens=False).input_ids
+    assert len(chunks.ids) == 1 and chunks.ids[0][1 : 1 + len(cat)] == cat
+    assert chunks.weights[0][1] == -1.0
+
+
 def test_break_starts_a_new_window(engine):
     loaded, _ = engine.checkpoint("demo-sd15")
     chunks = tokenize_chunks("a cat BREAK a dog", loaded.pipeline.tokenizer)
@@ -105,6 +116,37 @@ def test_clip_skip_2_is_diffusers_clip_skip_1(engine, checkpoint):
         hidden = pipeline.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         reference = pipeline.text_encoder.final_layer_norm(hidden)
     torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sd2-768-v"])
+def test_weights_still_apply_with_clip_skip_2(engine, checkpoint):
+    """The weights are applied after the final layer norm, as A1111 does; before it, the norm
+    undid them (the embeddings differed by 5e-5 instead of about 20)."""
+    import torch
+
+    from handler.prompts import encode_sd
+
+    loaded, _ = engine.checkpoint(checkpoint)
+    weighted, plain = (
+        encode_sd(loaded.pipeline, text, "", clip_skip=2)["prompt_embeds"]
+        for text in ("(cat:1.5) dog", "cat dog")
+    )
+    assert (weighted - plain).abs().max() > 0.1
+    with torch.no_grad():  # unweighted tokens are the reference's, up to the mean restore
+        reference = encode_sd(loaded.pipeline, "(cat:1.0) dog", "", clip_skip=2)["prompt_embeds"]
+    torch.testing.assert_close(reference, plain)
+    image = run(engine, checkpoint, "a (cube:1.5)", clip_skip=2)
+    assert np.abs(image - run(engine, checkpoint, "a cube", clip_skip=2)).max() > 8
+
+
+def test_a_multi_vector_embedding_counts_its_vectors_toward_the_window(engine):
+    """A negative prompt that fits 75 tokens only before its two-vector embedding is spelled
+    out must be encoded here, chunked: diffusers cut its last word off (the images were equal)."""
+    # with the embedding loaded its name is one token: 75 with the last word, 76 spelled out
+    filler = "demo-sd15-embedding " + "a " * 73
+    red = run(engine, "demo-sd15", "x", negative_prompt=filler + "red")
+    big = run(engine, "demo-sd15", "x", negative_prompt=filler + "big")
+    assert np.abs(red - big).max() > 0  # the last word reaches the image
 
 
 @pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
