@@ -46,7 +46,7 @@ from handler.pipelines import (
     load_checkpoint,
     pipeline_for,
 )
-from handler.prompts import encode_sd, encode_sdxl, needs_own_encoding
+from handler.prompts import check_syntax, encode_sd, encode_sdxl, needs_own_encoding
 from handler.registry import NATIVE_SIZE, Registry, detect_lora
 from handler.schedulers import build_scheduler
 from handler.schema import Job, Result
@@ -572,6 +572,9 @@ class Engine:
                 "LoRA tags in negative_prompt are removed and not applied: a LoRA changes the "
                 "model for the whole image (put it in prompt or loras)"
             )
+        prompt, prompt_warnings = check_syntax(prompt, "prompt")
+        negative, negative_warnings = check_syntax(negative, "negative_prompt")
+        warnings += prompt_warnings + negative_warnings
         requested = [(s.name, s.scale, f"loras[{i}].name") for i, s in enumerate(job.loras)]
         requested += [(name, scale, "prompt") for name, scale in inline]
         if len(requested) > MAX_LORAS:

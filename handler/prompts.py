@@ -5,6 +5,10 @@ by 1.3, `\\(` is a literal parenthesis, unclosed brackets run to the end, and `B
 new 75-token chunk. Long prompts are split into chunks of 75 tokens, each encoded as its own
 77-token window (BOS + 75 + EOS) and concatenated, as A1111 does, so nothing is truncated.
 Weighted token embeddings are rescaled to keep the chunk's mean (A1111's "original" emphasis).
+
+A1111 syntax that changes the prompt during sampling (`[from:to:when]`, `[a|b]`) is refused,
+other extra networks' tags (`<hypernet:...>`) are removed, and `AND` is encoded as text, each
+with a clear error or warning (`check_syntax`), rather than read as literal text silently.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 
 import torch
 
+from handler.errors import InvalidInput
+
 CHUNK_TOKENS = 75  # 77 minus BOS and EOS
 ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
 _TOKEN = re.compile(
@@ -22,6 +28,60 @@ _TOKEN = re.compile(
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")
+# A1111's extra-network tags; <lora:...> and <lyco:...> are read before (handler.loras)
+EXTRA_NETWORK = re.compile(r"<(\w+):[^>]+>")
+_AND = re.compile(r"\bAND\b")
+SUPPORTED_SYNTAX = (
+    "A1111 attention syntax: (word), (word:1.2), [word], BREAK, <lora:name:scale>; "
+    "\\[ and \\] for literal brackets"
+)
+
+
+def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
+    """Refuse A1111 syntax that this worker does not run, and remove other extra networks'
+    tags; returns the text and warnings. Read as plain text, `[cat:dog:0.5]` would have given a
+    weighted "cat:dog:0.5" with no sign that anything was wrong."""
+    scheduled = _scheduled_syntax(text)
+    if scheduled:
+        raise InvalidInput(
+            f"{scheduled} is not supported (the prompt cannot change during sampling here)",
+            field=field,
+            accepted=SUPPORTED_SYNTAX,
+        )
+    warnings = []
+    tags = [match.group(0) for match in EXTRA_NETWORK.finditer(text)]
+    if tags:
+        text = re.sub(r"\s{2,}", " ", EXTRA_NETWORK.sub("", text)).strip()
+        warnings.append(
+            f"{field}: {', '.join(tags)} removed: only LoRA extra networks are supported"
+        )
+    if _AND.search(text):
+        warnings.append(
+            f"{field}: AND (A1111's composable diffusion) is not supported: the prompt was "
+            "encoded as one text, AND included"
+        )
+    return text, warnings
+
+
+def _scheduled_syntax(text: str) -> str | None:
+    """The name of A1111's prompt editing or alternation if `text` uses them: a `:` or `|`
+    directly inside a closed `[...]` (inside `(...)` a colon is a weight)."""
+    stack: list[list] = []  # [bracket, what a ":" or "|" directly inside it made it]
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "([":
+            stack.append([char, None])
+        elif char in ")]" and stack and stack[-1][0] == ("(" if char == ")" else "["):
+            _, found = stack.pop()
+            if found:
+                return found
+        elif char in ":|" and stack and stack[-1][0] == "[":
+            stack[-1][1] = "prompt editing [from:to:when]" if char == ":" else "alternation [a|b]"
+    return None
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:

@@ -199,3 +199,42 @@ def test_a_non_finite_image_is_reported_in_the_warnings(engine, monkeypatch):
         "image 1 (seed 4): the model produced non-finite values (NaN or inf); those pixels are "
         "black",
     ]
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "named"),
+    [
+        ("prompt", "a [cat:dog:0.5]", "prompt editing"),
+        ("prompt", "a [cat:3]", "prompt editing"),
+        ("negative_prompt", "[blurry::0.2]", "prompt editing"),
+        ("prompt", "a [cat|dog]", "alternation"),
+        ("prompt", "((a [cat|dog]))", "alternation"),
+    ],
+)
+def test_prompt_editing_and_alternation_are_refused_not_read_as_text(engine, field, text, named):
+    from handler.errors import InvalidInput
+
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "checkpoint": "demo-sd15"}
+    with pytest.raises(InvalidInput) as info:
+        engine.run(parse_job({**job, field: text}))
+    assert info.value.field == field and named in str(info.value)
+    assert "(word:1.2)" in info.value.accepted
+
+
+def test_brackets_that_are_not_prompt_editing_still_run(engine):
+    # a weight inside square brackets, and escaped brackets, are not prompt editing
+    weighted = run(engine, "demo-sd15", "a [(cube:1.2)]")
+    assert np.abs(weighted - run(engine, "demo-sd15", "a (cube:1.2)")).max() > 0
+    run(engine, "demo-sd15", "a \\[cube:red\\]")
+
+
+def test_other_extra_network_tags_are_removed_with_a_warning_and_and_is_named(engine):
+    job = {"width": 64, "height": 64, "steps": 2, "seed": 3, "checkpoint": "demo-sd15"}
+    tagged = engine.run(parse_job({**job, "prompt": "a cube <hypernet:anime:0.8>"}))
+    plain = engine.run(parse_job({**job, "prompt": "a cube"}))
+    assert (pixels(tagged) == pixels(plain)).all()
+    assert tagged.warnings == [
+        "prompt: <hypernet:anime:0.8> removed: only LoRA extra networks are supported"
+    ]
+    composed = engine.run(parse_job({**job, "prompt": "a cube AND a sphere"}))
+    assert any("AND (A1111's composable diffusion)" in w for w in composed.warnings)
