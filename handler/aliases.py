@@ -71,14 +71,22 @@ A1111_NEUTRAL = {
     "force_task_id": (None, ""),
     "infotext": (None, ""),
 }
-# A1111 >= 1.9 names the noise schedule separately from the sampler. "Automatic" is the
-# sampler's own; "Uniform" and "Normal" are the model's timesteps evenly spaced, as diffusers'
-# default spacing does.
+# A1111 >= 1.9 names the noise schedule separately from the sampler. "Uniform" and "Normal"
+# are the model's timesteps evenly spaced, as diffusers' default spacing does. Keys are
+# lowercase with spaces: A1111's API also takes its internal names ("sgm_uniform").
 A1111_SCHEDULE_TYPES = {
-    "automatic": "",
     "uniform": "",
     "normal": "",
     **{name.lower(): name for name in SCHEDULE_TYPES},
+}
+# "Automatic" (or no schedule type) is the sampler's own default in A1111 >= 1.9
+# (modules/sd_samplers_kdiffusion.py); the samplers not named here use the plain schedule.
+A1111_AUTOMATIC_SCHEDULES = {
+    "DPM++ 2M": "Karras",
+    "DPM++ SDE": "Karras",
+    "DPM2": "Karras",
+    "DPM2 a": "Karras",
+    "DPM++ 2M SDE": "Exponential",
 }
 # Other A1111 fields its clients send as null for "not set", besides the aliases and extras.
 A1111_NULLABLE = (
@@ -123,13 +131,13 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     if "sampler_index" in data:
         index = data.pop("sampler_index")
         if "sampler_name" not in data and (
-            "scheduler" not in data or _is_schedule_type(data["scheduler"])
+            "scheduler" not in data or _is_schedule_type(data["scheduler"], automatic=True)
         ):
             data["sampler_name"] = index
         elif index not in (data.get("sampler_name"), A1111_DEFAULT_SAMPLER_INDEX):
             warnings.append("sampler_index ignored: the sampler is given (as A1111 does)")
-    if "sampler_name" not in data and _is_schedule_type(data.get("scheduler")):
-        if data["scheduler"].lower() != "automatic":
+    if "sampler_name" not in data and _is_schedule_type(data.get("scheduler"), automatic=True):
+        if _schedule_key(data["scheduler"]) != "automatic":
             raise InvalidInput(
                 f"schedule type {data['scheduler']!r} needs a sampler_name",
                 field="scheduler",
@@ -151,9 +159,9 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         if alias not in data:
             continue
         value = data.pop(alias)
-        if alias == "sampler_name" and native in data and not _is_sampler(data[native]):
+        if alias == "sampler_name" and (native not in data or not _is_sampler(data[native])):
             # beside sampler_name, A1111's `scheduler` is the schedule type
-            value = _with_schedule_type(value, data.pop(native))
+            value = _with_schedule_type(value, data.pop(native, "Automatic"))
         elif native in data:
             raise InvalidInput(
                 f"both {alias!r} and {native!r} are given; they name the same field",
@@ -163,8 +171,10 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         data[native] = value
 
     # 2. A1111: seed -1 means random, batch_size x n_iter images, model in override_settings.
-    if data.get("seed") == -1:
+    if data.get("seed") in (-1, "-1"):
         data["seed"] = None
+    if data.get("subseed_strength", 0) == 0:
+        data.pop("subseed", None)  # A1111 ignores the subseed at strength 0
     if "batch_size" in data or "n_iter" in data:
         if "num_images" in data:
             raise InvalidInput(
@@ -212,7 +222,7 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 raise InvalidInput(
                     f"{name}={value!r} is not supported by this worker",
                     field=name,
-                    accepted=f"{name} omitted, or {allowed[0]!r}",
+                    accepted=f"{name} omitted, or " + " or ".join(repr(v) for v in allowed),
                 )
 
     # 4. worker-sdxl refiner fields (the engine decides whether a refiner runs).
@@ -288,6 +298,7 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
             field="hr_resize_x",
             accepted="hr_scale from 1 to 4",
         )
+    _check_hires_same_as_first_pass(data, given)
     hires: dict[str, Any] = {"scale": given.get("hr_scale", 2.0)}
     if given.get("hr_second_pass_steps"):
         hires["steps"] = given["hr_second_pass_steps"]
@@ -307,8 +318,41 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
     data["hires"] = hires
 
 
-def _is_schedule_type(value: Any) -> bool:
-    return isinstance(value, str) and value.lower() in A1111_SCHEDULE_TYPES
+# A1111's hires-pass choices that this worker does not have (its hires pass reuses the first
+# pass's sampler, prompts and checkpoint): accepted only as "the same".
+HIRES_SAME_AS_FIRST_PASS = {
+    "hr_sampler_name": ("sampler_name", ("", "Use same sampler")),
+    "hr_scheduler": ("scheduler", ("", "Use same scheduler")),
+    "hr_prompt": ("prompt", ("",)),
+    "hr_negative_prompt": ("negative_prompt", ("",)),
+    "hr_checkpoint_name": ("checkpoint", ("", "Use same checkpoint")),
+    "hr_additional_modules": (None, ([], ["Use same choices"])),
+}
+
+
+def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any]) -> None:
+    for name, (first_pass, same) in HIRES_SAME_AS_FIRST_PASS.items():
+        if name not in given or given[name] in same:
+            continue
+        if first_pass is not None and given[name] == data.get(first_pass):
+            continue
+        raise InvalidInput(
+            f"{name}={given[name]!r}: a different hires pass is not supported",
+            field=name,
+            accepted=f"{name} omitted, or {same[-1]!r} (the hires pass reuses the first pass's "
+            "sampler, prompts and checkpoint)",
+        )
+
+
+def _schedule_key(value: str) -> str:
+    return value.lower().replace("_", " ")
+
+
+def _is_schedule_type(value: Any, automatic: bool = False) -> bool:
+    if not isinstance(value, str):
+        return False
+    key = _schedule_key(value)
+    return key in A1111_SCHEDULE_TYPES or (automatic and key == "automatic")
 
 
 def _is_sampler(value: Any) -> bool:
@@ -316,18 +360,22 @@ def _is_sampler(value: Any) -> bool:
 
 
 def _with_schedule_type(sampler: Any, schedule: Any) -> Any:
-    """'DPM++ 2M' + 'Karras' -> 'DPM++ 2M Karras'; a schedule type the sampler does not have,
-    or one diffusers does not have, is refused rather than run as something else."""
-    if not _is_schedule_type(schedule):
+    """'DPM++ 2M' + 'Karras' -> 'DPM++ 2M Karras'; 'Automatic' is the sampler's A1111 default;
+    a schedule type the sampler does not have, or one diffusers does not have, is refused
+    rather than run as something else."""
+    if not _is_schedule_type(schedule, automatic=True):
         raise InvalidInput(
             f"schedule type {schedule!r} is not supported",
             field="scheduler",
             accepted="Automatic, Uniform, Normal, " + ", ".join(SCHEDULE_TYPES),
         )
-    suffix = A1111_SCHEDULE_TYPES[schedule.lower()]
     base = canonical_scheduler(sampler) if isinstance(sampler, str) else None
+    if _schedule_key(schedule) == "automatic":
+        suffix = A1111_AUTOMATIC_SCHEDULES.get(base or "", "")
+    else:
+        suffix = A1111_SCHEDULE_TYPES[_schedule_key(schedule)]
     if not suffix or base is None:
-        return sampler  # the sampler's own schedule; an unknown sampler is the schema's error
+        return sampler  # the plain schedule; an unknown sampler is the schema's error
     if split_schedule(base)[1] == suffix:
         return base  # "DPM++ 2M Karras" with "Karras"
     if split_schedule(base)[1] is None and takes_schedule(base, suffix):

@@ -69,6 +69,16 @@ _EXTRA_ALIASES = {
     "K_DPMPP_SDE": "DPM++ SDE",
     "K_DPMPP_SDE_KARRAS": "DPM++ SDE Karras",
     "KarrasDPM": "DPM++ 2M Karras",
+    # A1111's own aliases (its API takes them as sampler names)
+    "k_euler_a": "Euler a",
+    "k_dpm_2_a": "DPM2 a",
+    "k_dpmpp_2m_ka": "DPM++ 2M Karras",
+    "k_dpmpp_sde_ka": "DPM++ SDE Karras",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
+    "k_lms_ka": "LMS Karras",
+    "k_dpm_2_ka": "DPM2 Karras",
+    "k_dpm_2_a_ka": "DPM2 a Karras",
     "PLMS": "PNDM",
     # diffusers class names (the plain class means its default configuration)
     "EulerDiscreteScheduler": "Euler",

@@ -104,6 +104,18 @@ def test_scheduler_aliases(alias, name):
         ("DPM++ 2M Karras", "Karras", "DPM++ 2M Karras"),
         ("Heun", "Automatic", "Heun"),
         ("LMS", None, "LMS"),
+        ("Euler", "sgm_uniform", "Euler SGM Uniform"),  # A1111's internal name
+        # "Automatic" or none: the sampler's own default in A1111 >= 1.9
+        ("DPM++ 2M", "Automatic", "DPM++ 2M Karras"),
+        ("DPM++ 2M", None, "DPM++ 2M Karras"),
+        ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"),
+        ("DPM2", None, "DPM2 Karras"),
+        ("DPM2 a", "Automatic", "DPM2 a Karras"),
+        ("DPM++ 2M SDE", None, "DPM++ 2M SDE Exponential"),
+        ("Euler a", "Automatic", "Euler a"),
+        ("DPM++ 2M", "Uniform", "DPM++ 2M"),
+        ("k_euler_a", None, "Euler a"),
+        ("k_dpmpp_2m_ka", None, "DPM++ 2M Karras"),
     ],
 )
 def test_a1111_sampler_and_schedule_type(sampler_name, schedule, name):
@@ -123,6 +135,47 @@ def test_a1111_sampler_and_schedule_type(sampler_name, schedule, name):
 def test_a_schedule_type_the_sampler_lacks_is_refused(payload, message, accepted):
     error = error_of({"prompt": "x", **payload})
     assert error.field == "scheduler" and message in str(error) and accepted in error.accepted
+
+
+def test_the_native_scheduler_field_is_taken_as_written():
+    # only A1111's sampler_name gets A1111's automatic schedule; ours names it exactly
+    assert parse_job({"prompt": "x", "scheduler": "DPM++ 2M"}).scheduler == "DPM++ 2M"
+    assert parse_job({"prompt": "x", "sampler_index": "DPM++ 2M"}).scheduler == "DPM++ 2M Karras"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hr_prompt", "a dog"),
+        ("hr_negative_prompt", "blurry"),
+        ("hr_sampler_name", "DDIM"),
+        ("hr_scheduler", "Karras"),
+        ("hr_checkpoint_name", "other"),
+        ("hr_additional_modules", ["Use no module"]),
+    ],
+)
+def test_a_different_hires_pass_is_refused_not_dropped(field, value):
+    payload = {"prompt": "a cat", "enable_hr": True, "sampler_name": "Euler"}
+    error = error_of({**payload, field: value})
+    assert error.field == field and "reuses the first pass" in error.accepted
+    same = {
+        "hr_prompt": "a cat",
+        "hr_negative_prompt": "",
+        "hr_sampler_name": "Use same sampler",
+        "hr_scheduler": "Use same scheduler",
+        "hr_checkpoint_name": "Use same checkpoint",
+        "hr_additional_modules": ["Use same choices"],
+    }
+    assert parse_job({**payload, **same}).hires is not None
+    assert parse_job({**payload, "hr_sampler_name": "Euler"}).hires is not None
+
+
+def test_a1111_subseed_at_strength_zero_string_seed_and_neutral_hints():
+    assert parse_job({"prompt": "x", "subseed": 12345, "subseed_strength": 0}).seed is None
+    assert parse_job({"prompt": "x", "subseed": 12345}).seed is None
+    assert error_of({"prompt": "x", "subseed": 5, "subseed_strength": 0.5}).field == "subseed"
+    assert parse_job({"prompt": "x", "seed": "-1"}).seed is None
+    assert "1.0" in error_of({"prompt": "x", "s_noise": 0.9}).accepted
 
 
 def test_every_sampler_and_schedule_type_builds_and_steps():
