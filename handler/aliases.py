@@ -110,6 +110,14 @@ A1111_DEFAULT_SAMPLER_INDEX = "Euler"
 REFINER_FIELDS = ("refiner_inference_steps", "high_noise_frac")
 # A1111 model titles carry a hash suffix: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,12}\]$")
+# Fields that name a model, where A1111 clients send its titles.
+MODEL_NAME_FIELDS = ("checkpoint", "refiner_checkpoint", "vae")
+
+
+def model_title_to_name(title: str) -> str:
+    """An A1111 model title as a name here: the hash suffix dropped, and a Windows host's
+    backslashes ("SDXL\\base.safetensors [31e35c80fc]") as slashes."""
+    return _TITLE_HASH.sub("", title).replace("\\", "/")
 
 
 def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -225,7 +233,12 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                     accepted=f"{name} omitted, or " + " or ".join(repr(v) for v in allowed),
                 )
 
-    # 4. worker-sdxl refiner fields (the engine decides whether a refiner runs).
+    # 4. A1111 model titles in the fields that name models.
+    for name in MODEL_NAME_FIELDS:
+        if isinstance(data.get(name), str):
+            data[name] = model_title_to_name(data[name])
+
+    # 5. worker-sdxl refiner fields (the engine decides whether a refiner runs).
     for name in REFINER_FIELDS:
         if name in data and data[name] is None:
             data.pop(name)
@@ -405,8 +418,7 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
                 field="override_settings.sd_model_checkpoint",
                 accepted="one of them",
             )
-        title = str(overrides.pop("sd_model_checkpoint"))
-        data["checkpoint"] = _TITLE_HASH.sub("", title)
+        data["checkpoint"] = model_title_to_name(str(overrides.pop("sd_model_checkpoint")))
     if "CLIP_stop_at_last_layers" in overrides:
         if "clip_skip" in data:
             raise InvalidInput(
@@ -418,7 +430,7 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
     if "sd_vae" in overrides:
         vae = overrides.pop("sd_vae")
         if vae not in ("Automatic", "None", None, ""):
-            data["vae"] = _TITLE_HASH.sub("", str(vae))
+            data["vae"] = model_title_to_name(str(vae))
     if overrides:
         unknown = ", ".join(sorted(overrides))
         raise InvalidInput(

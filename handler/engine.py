@@ -34,7 +34,7 @@ from handler.loras import (
     ResidentAdapters,
     StateDictCache,
     check_compatible,
-    embeddings_in,
+    embeddings_for,
     extract_inline_loras,
     job_additions,
 )
@@ -44,10 +44,17 @@ from handler.pipelines import (
     LatentDecoder,
     LoadedCheckpoint,
     load_checkpoint,
+    lowercase_suffix,
     pipeline_for,
 )
 from handler.prompts import check_syntax, encode_sd, encode_sdxl, needs_own_encoding
-from handler.registry import NATIVE_SIZE, Registry, detect_lora
+from handler.registry import (
+    NATIVE_SIZE,
+    Registry,
+    detect_lora,
+    file_key,
+    read_safetensors_header,
+)
 from handler.schedulers import build_scheduler
 from handler.schema import Job, Result
 from handler.settings import Settings
@@ -160,11 +167,17 @@ class Engine:
             # DEFAULT_CHECKPOINT, or the only checkpoint there is (a Cog image's baked model)
             default = self.settings.default_checkpoint
             if not default:
-                names = self.registry.names("checkpoint")
+                names = self._generators()
                 default = names[0] if len(names) == 1 else None
             if default:
                 started = time.perf_counter()
                 loaded, _ = self.checkpoint(default, "DEFAULT_CHECKPOINT")
+                if loaded.architecture == "sdxl-refiner":
+                    raise InvalidInput(
+                        f"{default} is an SDXL refiner, which cannot start a generation",
+                        field="DEFAULT_CHECKPOINT",
+                        accepted="a base checkpoint; set the refiner as REFINER_CHECKPOINT",
+                    )
                 self.startup_ms["load"] = loaded.load_ms
                 self.startup_ms["pipeline_import"] = loaded.import_ms
                 self.startup_ms["resolve_and_load"] = _ms(started)
@@ -207,23 +220,36 @@ class Engine:
         """DEFAULT_CHECKPOINT, else the first checkpoint by name (as A1111 does), with a warning."""
         if self.settings.default_checkpoint:
             return self.settings.default_checkpoint, None
-        names = self.registry.names("checkpoint")
+        names = self._generators()
         if not names:
             raise InvalidInput(
-                "no checkpoint named, no DEFAULT_CHECKPOINT set, and the model roots hold none",
+                "no checkpoint named, no DEFAULT_CHECKPOINT set, and the model roots hold no "
+                "checkpoint that can start a generation",
                 field="checkpoint",
-                accepted=f"a checkpoint under checkpoints/ in one of {self.settings.model_roots}",
+                accepted="a checkpoint under checkpoints/ on a model root (see list_models)",
             )
         if len(names) == 1:
             return names[0], None
         return names[0], f"no checkpoint named and no DEFAULT_CHECKPOINT set; used {names[0]!r}"
 
+    def _generators(self) -> list[str]:
+        """Checkpoints that can start a txt2img job: loadable, of a base architecture."""
+        from handler.errors import UnsupportedModel
+
+        names = []
+        for model in self.registry.files("checkpoint", loadable_only=True):
+            try:
+                if self.registry.detect(model).architecture in GENERATOR_ARCHITECTURES:
+                    names.append(model.name)
+            except (UnsupportedModel, OSError):
+                continue
+        return names
+
     def checkpoint(self, name: str, field: str = "checkpoint") -> tuple[LoadedCheckpoint, bool]:
         """The loaded checkpoint `name` (from the cache when possible), and whether it was cached."""
         model = self.registry.resolve("checkpoint", name, field)
         detection = self.registry.detect(model)
-        stat = model.path.stat()
-        key = (str(model.path), stat.st_mtime, stat.st_size)
+        key = file_key(model.path)
         config_dir = self.registry.config_folder(model, detection)
 
         def load() -> LoadedCheckpoint:
@@ -275,7 +301,11 @@ class Engine:
             checkpoints.append(entry)
         loras = []
         for model in self.registry.files("lora"):
-            entry = {"name": model.name, "size_bytes": model.path.stat().st_size}
+            entry = {
+                "name": model.name,
+                "size_bytes": model.path.stat().st_size,
+                "hash": self.registry.cached_hash(model),
+            }
             try:
                 if model.path.suffix.lower() == ".safetensors":
                     entry["base"] = detect_lora(model.path)
@@ -286,14 +316,12 @@ class Engine:
                     entry["reason"] = (
                         "a pickled file: not opened unless the worker sets ALLOW_PICKLE=1"
                     )
-            except UnsupportedModel:
+            except UnsupportedModel as error:
                 entry["base"] = "unreadable"
+                entry["reason"] = error.message
             loras.append(entry)
         others = {
-            kind: [
-                {"name": m.name, "size_bytes": m.path.stat().st_size}
-                for m in self.registry.files(kind)
-            ]
+            kind: [self._file_entry(m) for m in self.registry.files(kind)]
             for kind in ("embedding", "vae")
         }
         return {
@@ -302,6 +330,23 @@ class Engine:
             "embeddings": others["embedding"],
             "vaes": others["vae"],
         }
+
+    def _file_entry(self, model) -> dict[str, Any]:
+        """A VAE or embedding for list_models, with the reason it cannot be used, if any."""
+        from handler.errors import UnsupportedModel
+
+        if model.is_folder:
+            return {"name": model.name, "format": "diffusers"}
+        entry: dict[str, Any] = {"name": model.name, "size_bytes": model.path.stat().st_size}
+        if model.path.suffix.lower() != ".safetensors":
+            if not self.settings.allow_pickle:
+                entry["reason"] = "a pickled file: not opened unless the worker sets ALLOW_PICKLE=1"
+            return entry
+        try:
+            read_safetensors_header(model.path, model.kind)
+        except UnsupportedModel as error:
+            entry["reason"] = error.message
+        return entry
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -588,9 +633,14 @@ class Engine:
             model = self.registry.resolve("lora", name, field)
             check_compatible(model, loaded.architecture, field)
             loras.append(AppliedLora(model.name, scale, model))
-        embeddings = embeddings_in(
-            [prompt, negative], self.registry.files("embedding", loadable_only=True)
+        embeddings, embedding_warnings = embeddings_for(
+            [prompt, negative],
+            self.registry.files("embedding"),
+            loaded.pipeline,
+            self.state_dicts,
+            self.settings.allow_pickle,
         )
+        warnings += embedding_warnings
         update = {"prompt": prompt, "negative_prompt": negative}
         return job.model_copy(update=update), loras, embeddings
 
@@ -604,8 +654,7 @@ class Engine:
         from diffusers import AutoencoderKL
 
         model = self.registry.resolve("vae", job.vae, "vae")
-        stat = model.path.stat()
-        key = (str(model.path), stat.st_mtime, stat.st_size, loaded.architecture)
+        key = (*file_key(model.path), loaded.architecture)
         if key not in self._vaes:
             try:
                 if model.path.is_dir():
@@ -617,14 +666,15 @@ class Engine:
                 else:
                     detection = self.registry.detect(loaded.model)
                     config = self.registry.config_folder(loaded.model, detection)
-                    vae = AutoencoderKL.from_single_file(
-                        str(model.path),
-                        config=str(config),
-                        subfolder="vae",
-                        torch_dtype=self.dtype,
-                        local_files_only=True,
-                    )
-            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                    with lowercase_suffix(model.path) as path:
+                        vae = AutoencoderKL.from_single_file(
+                            str(path),
+                            config=str(config),
+                            subfolder="vae",
+                            torch_dtype=self.dtype,
+                            local_files_only=True,
+                        )
+            except Exception as error:  # a file that is no VAE fails in diffusers' own ways
                 raise InvalidInput(
                     f"{model.name} could not be loaded as a VAE for {loaded.architecture} "
                     f"({type(error).__name__})",

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from handler.errors import InvalidInput, LoraIncompatible
-from handler.registry import ModelFile, detect_lora
+from handler.registry import ModelFile, detect_lora, file_key
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class StateDictCache:
         return sum(size for _, size in self._entries.values())
 
     def get(self, path: Path) -> dict[str, torch.Tensor]:
-        stat = path.stat()
-        key = (str(path), stat.st_mtime, stat.st_size)
+        key = file_key(path)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -147,7 +146,8 @@ class AppliedLora:
 
 def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
     """Refuse a LoRA made for another architecture, before the pipeline is touched."""
-    base = detect_lora(model.path) if model.path.suffix.lower() == ".safetensors" else "unknown"
+    is_safetensors = model.path.suffix.lower() == ".safetensors"
+    base = detect_lora(model.path, field) if is_safetensors else "unknown"
     family = LORA_FAMILIES[architecture]
     if base != "unknown" and base != family:
         raise LoraIncompatible(
@@ -158,8 +158,8 @@ def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
 
 
 class ResidentAdapters:
-    """LoRA adapters kept loaded (but disabled) in one pipeline between jobs, least recently
-    used first out. Re-using one costs a merge instead of a multi-second load."""
+    """LoRA adapters kept loaded in one pipeline between jobs (their layers aside, out of the
+    forward path), least recently used first out. Re-using one costs a merge instead of a multi-second load."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -168,8 +168,7 @@ class ResidentAdapters:
         self._counter = 0
 
     def key(self, lora: AppliedLora) -> tuple:
-        stat = lora.model.path.stat()
-        return (str(lora.model.path), stat.st_mtime, stat.st_size)
+        return file_key(lora.model.path)
 
     def new_name(self) -> str:
         self._counter += 1
@@ -467,6 +466,62 @@ def _unload_tokens(pipeline: Any, tokens: list[str]) -> None:
             pipeline.unload_textual_inversion(
                 mine, tokenizer=pipeline.tokenizer_2, text_encoder=pipeline.text_encoder_2
             )
+
+
+def embeddings_for(
+    prompts: list[str],
+    available: list[ModelFile],
+    pipeline: Any,
+    cache: StateDictCache,
+    allow_pickle: bool,
+) -> tuple[list[ModelFile], list[str]]:
+    """The embeddings the prompts name that this pipeline can take, and a warning for each named
+    one it cannot, whose word then stays plain text (A1111 skips embeddings that do not fit the
+    model). Two files with one word: the first is used."""
+    chosen: dict[str, ModelFile] = {}
+    warnings = []
+    for embedding in embeddings_in(prompts, available):
+        token = Path(embedding.name).name
+        if token in chosen:
+            warnings.append(
+                f"embeddings {chosen[token].name} and {embedding.name} share the word "
+                f"{token!r}: {chosen[token].name} was used"
+            )
+            continue
+        why = _why_unusable(embedding, pipeline, cache, allow_pickle)
+        if why:
+            warnings.append(f"embedding {embedding.name} not applied ({why}): its word is text")
+        else:
+            chosen[token] = embedding
+    return list(chosen.values()), warnings
+
+
+def _why_unusable(
+    embedding: ModelFile, pipeline: Any, cache: StateDictCache, allow_pickle: bool
+) -> str | None:
+    if embedding.path.suffix.lower() != ".safetensors" and not allow_pickle:
+        return "a pickled file, loaded only if the worker sets ALLOW_PICKLE=1"
+    try:
+        state = cache.get(embedding.path)
+    except Exception as error:  # safetensors and torch raise their own types
+        return f"unreadable: {type(error).__name__}"
+    if Path(embedding.name).name in pipeline.tokenizer.get_vocab():
+        # diffusers refuses a token the tokenizer already has ("style"): rename the file
+        return "its name is already in the tokenizer's vocabulary"
+    is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    if "clip_l" in state and "clip_g" in state:
+        return None if is_sdxl else "made for SDXL"
+    vectors = state.get("emb_params")
+    if vectors is None and "string_to_param" in state:
+        vectors = next(iter(state["string_to_param"].values()), None)
+    if not isinstance(vectors, torch.Tensor):
+        return "no vectors"
+    if is_sdxl:
+        return "made for SD 1.x/2.x"
+    width = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
+    if vectors.shape[-1] != width:
+        return f"{vectors.shape[-1]}-wide vectors; this model's text encoder takes {width}"
+    return None
 
 
 def embeddings_in(prompts: list[str], available: list[ModelFile]) -> list[ModelFile]:

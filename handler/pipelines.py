@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +89,20 @@ class LoadedCheckpoint:
     host_chunks: list[torch.Tensor] = field(default_factory=list)  # its weights, while offloaded
 
 
+@contextlib.contextmanager
+def lowercase_suffix(path: Path):
+    """`path`, or a temporary link to it ending in `.safetensors` when its extension has other
+    case (`.SAFETENSORS`): diffusers picks its loader by the exact extension, and would try
+    torch.load on anything else."""
+    if path.suffix == path.suffix.lower():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="sd-worker-") as folder:
+        link = Path(folder) / (path.stem + path.suffix.lower())
+        link.symlink_to(path)
+        yield link
+
+
 def pipeline_for(loaded: LoadedCheckpoint, mode: str):
     """The pipeline for `mode` (txt2img, img2img, inpaint), sharing the loaded weights (`from_pipe`)."""
     import diffusers
@@ -128,14 +144,17 @@ def load_checkpoint(
                 pipeline = pipeline_class.from_pretrained(str(model.path), **kwargs)
             else:
                 kwargs.update(_tokenizers(detection.architecture))
-                pipeline = pipeline_class.from_single_file(
-                    str(model.path), config=str(config_dir), **kwargs
-                )
+                with lowercase_suffix(model.path) as path:
+                    pipeline = pipeline_class.from_single_file(
+                        str(path), config=str(config_dir), **kwargs
+                    )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         log.warning("loading %s failed: %s", model.name, error)
+        # the client sees the model's name, not the host's paths
+        detail = str(error).replace(str(model.path), model.name).replace(str(model.root), "")
         raise UnsupportedModel(
             f"{model.name} was detected as {detection.architecture} but could not be loaded "
-            f"({type(error).__name__}: {str(error)[:300]})",
+            f"({type(error).__name__}: {detail[:300]})",
             field="checkpoint",
             accepted="complete SD 1.x, 2.x or XL checkpoints",
         ) from None

@@ -15,8 +15,10 @@ import os
 import struct
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from handler.errors import InvalidInput, ModelNotFound, UnsupportedModel
 from handler.settings import Settings
@@ -103,10 +105,14 @@ class Registry:
                     if not (
                         candidate.is_file()
                         and candidate.suffix.lower() in WEIGHT_EXTENSIONS
-                        or _is_diffusers_folder(candidate)
+                        or _is_model_folder(candidate, kind)
                     ):
                         continue
-                    _inside_root(candidate, root, field_name, name)
+                    if not _is_inside(candidate, root):
+                        # not found, as a missing file: no probing of what exists outside
+                        log.warning("a %s name resolves outside its model root; refused", kind)
+                        continue
+                    _inside_root(candidate, root, field_name, name)  # a folder's contents
                     self.check_not_pickled(candidate, field_name)
                     return ModelFile(kind, _public_name(candidate, base), candidate, root)
         loose = self._loose_match(kind, relative.as_posix(), field_name)
@@ -133,17 +139,22 @@ class Registry:
 
     def _loose_match(self, kind: str, name: str, field_name: str) -> ModelFile | None:
         """A1111-style lookups: extensions in any case, and a bare file name that is in a
-        subfolder (`ink` for `styles/ink.safetensors`), when exactly one file matches."""
-        wanted = name.lower()
+        subfolder (`ink` for `styles/ink.safetensors`), when exactly one file matches. Names
+        compare in one Unicode form (a macOS-made "é" is two code points, a typed one one)."""
+
+        def folded(text: str) -> str:
+            return unicodedata.normalize("NFC", text).lower()
+
+        wanted = folded(name)
         for extension in WEIGHT_EXTENSIONS:
             wanted = wanted.removesuffix(extension)
         files = self.files(kind)
-        same = [f for f in files if f.name.lower() == wanted]
+        same = [f for f in files if folded(f.name) == wanted]
         if len(same) == 1:
             return same[0]
         if "/" in wanted:
             return None
-        by_file_name = [f for f in files if f.name.rsplit("/", 1)[-1].lower() == wanted]
+        by_file_name = [f for f in files if folded(f.name.rsplit("/", 1)[-1]) == wanted]
         if len(by_file_name) > 1:
             raise InvalidInput(
                 f"{name!r} matches several {kind}s",
@@ -182,18 +193,16 @@ class Registry:
 
         `loadable_only` leaves out pickled files unless ALLOW_PICKLE=1.
         """
-        found: dict[str, ModelFile] = {}
-        for root in self.roots:
-            for folder in FOLDERS[kind]:
+        found: dict[str, tuple[tuple, ModelFile]] = {}
+        for root_index, root in enumerate(self.roots):
+            for folder_index, folder in enumerate(FOLDERS[kind]):
                 base = root / folder
                 if not base.is_dir():
                     continue
                 for path in sorted(base.rglob("*")):
-                    if path.name.endswith(".config") or any(
-                        p.endswith(".config") for p in path.parts
-                    ):
+                    if any(p.endswith(".config") for p in path.relative_to(base).parts):
                         continue  # sidecar config folders
-                    if kind == "checkpoint" and _is_diffusers_folder(path):
+                    if _is_model_folder(path, kind):
                         pass
                     elif not (path.is_file() and path.suffix.lower() in WEIGHT_EXTENSIONS):
                         continue
@@ -204,7 +213,7 @@ class Registry:
                     ):
                         continue
                     if any(
-                        _is_diffusers_folder(p)
+                        _is_model_folder(p, kind)
                         for p in path.parents
                         if p != base and base in p.parents
                     ):
@@ -214,8 +223,14 @@ class Registry:
                     except InvalidInput:
                         continue
                     name = _public_name(path, base)
-                    found.setdefault(name, ModelFile(kind, name, path, root))
-        return [found[n] for n in sorted(found)]
+                    # one name, several files: the one `resolve` picks (first root, then
+                    # folder, then .safetensors before pickled extensions, files before folders)
+                    suffix = path.suffix.lower()
+                    rank = WEIGHT_EXTENSIONS.index(suffix) if path.is_file() else 99
+                    order = (root_index, folder_index, rank)
+                    if name not in found or order < found[name][0]:
+                        found[name] = (order, ModelFile(kind, name, path, root))
+        return [found[n][1] for n in sorted(found)]
 
     def names(self, kind: str) -> list[str]:
         """Public names of every model of `kind`."""
@@ -231,8 +246,7 @@ class Registry:
                 field="checkpoint",
                 accepted=".safetensors files or diffusers folders",
             )
-        stat = model.path.stat()
-        key = (str(model.path), stat.st_mtime, stat.st_size)
+        key = file_key(model.path)
         if key not in self._detections:
             if model.is_folder:
                 self._detections[key] = detect_diffusers_folder(model.path)
@@ -248,18 +262,23 @@ class Registry:
         """The AutoV2 hash (first 10 hex digits of sha256) if known; never reads the weights."""
         if model.is_folder:
             return None
-        key = _file_key(model.path)
+        key = file_key(model.path)
         if key in self._hashes:
             return self._hashes[key]
         entry = self._read_hash_cache(model.root).get(_relative(model))
-        if entry and entry.get("size") == key[2] and entry.get("mtime") == key[1]:
+        if (
+            entry
+            and entry.get("size") == key[2]
+            and entry.get("mtime") == key[1]
+            and entry.get("ctime_ns", key[4]) == key[4]
+        ):
             self._hashes[key] = entry["sha256"][:10]
             return self._hashes[key]
         return None
 
     def compute_hash(self, model: ModelFile) -> str:
         """Hash the file, remember it, and record it in the root's sidecar (when writable)."""
-        key = _file_key(model.path)
+        key = file_key(model.path)
         digest = hashlib.sha256()
         with open(model.path, "rb") as handle:
             while chunk := handle.read(16 * 1024 * 1024):
@@ -268,7 +287,12 @@ class Registry:
         self._hashes[key] = sha256[:10]
         with self._hash_lock:
             cache = self._read_hash_cache(model.root)
-            cache[_relative(model)] = {"size": key[2], "mtime": key[1], "sha256": sha256}
+            cache[_relative(model)] = {
+                "size": key[2],
+                "mtime": key[1],
+                "ctime_ns": key[4],
+                "sha256": sha256,
+            }
             target = model.root / HASH_CACHE_FILE
             try:
                 temporary = target.with_suffix(".tmp")
@@ -298,9 +322,12 @@ class Registry:
         return CONFIG_ROOT / detection.architecture
 
 
-def _file_key(path: Path) -> tuple[str, float, int]:
+def file_key(path: Path) -> tuple[str, float, int, int, int]:
+    """What identifies a file's contents for the caches: path, mtime, size, inode and ctime.
+    A file replaced by one of the same size with its old mtime restored (`cp -p`, `rsync -a`)
+    still gets a new ctime, and usually a new inode."""
     stat = path.stat()
-    return (str(path), stat.st_mtime, stat.st_size)
+    return (str(path), stat.st_mtime, stat.st_size, stat.st_ino, stat.st_ctime_ns)
 
 
 def _relative(model: ModelFile) -> str:
@@ -413,9 +440,22 @@ def _candidates(base: Path, kind: str) -> list[Path]:
     if base.suffix.lower() in WEIGHT_EXTENSIONS:
         return [base]
     candidates = [base.with_name(base.name + ext) for ext in WEIGHT_EXTENSIONS]
-    if kind == "checkpoint":
+    if kind in ("checkpoint", "vae"):
         candidates.append(base)  # a diffusers folder
     return candidates
+
+
+def _is_model_folder(path: Path, kind: str) -> bool:
+    """A diffusers-format model of `kind`: a pipeline folder for checkpoints, a model folder
+    (config.json and its weights) for VAEs."""
+    if kind == "checkpoint":
+        return _is_diffusers_folder(path)
+    return (
+        kind == "vae"
+        and path.is_dir()
+        and (path / "config.json").is_file()
+        and any(path.glob("diffusion_pytorch_model.*"))
+    )
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -435,49 +475,61 @@ def _public_name(path: Path, base: Path) -> str:
 # -- architecture detection ----------------------------------------------------------------
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """Tensor entries and metadata of a safetensors file, reading only its header."""
+def read_safetensors_header(
+    path: Path, field: str = "checkpoint"
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Tensor entries and metadata of a safetensors file, reading only its header; a file
+    that is not a well-formed one is UnsupportedModel naming `field`."""
+
+    def refuse(why: str, accepted: str = ".safetensors files") -> UnsupportedModel:
+        return UnsupportedModel(f"{path.name} {why}", field=field, accepted=accepted)
+
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise UnsupportedModel(
-                f"{path.name} is {size} bytes: too short to be a safetensors file",
-                field="checkpoint",
-                accepted=".safetensors checkpoints",
-            )
+            raise refuse(f"is {size} bytes: too short to be a safetensors file")
         (length,) = struct.unpack("<Q", prefix)
         if length < 2 or length > MAX_HEADER_BYTES or length > size - 8:
-            raise UnsupportedModel(
-                f"{path.name} is not a safetensors file (bad header length)",
-                field="checkpoint",
-                accepted=".safetensors checkpoints",
-            )
+            raise refuse("is not a safetensors file (bad header length)")
         raw = handle.read(length)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UnsupportedModel(
-            f"{path.name} is not a safetensors file (unreadable header)",
-            field="checkpoint",
-            accepted=".safetensors checkpoints",
-        ) from None
+        raise refuse("is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
-        raise UnsupportedModel(
-            f"{path.name} has a malformed safetensors header",
-            field="checkpoint",
-            accepted=".safetensors checkpoints",
-        )
+        raise refuse("has a malformed safetensors header")
     metadata = header.pop("__metadata__", None) or {}
-    data_end = max((entry.get("data_offsets", [0, 0])[1] for entry in header.values()), default=0)
+    if not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        and all(_is_tensor_entry(entry) for entry in header.values())
+    ):
+        raise refuse("has a malformed safetensors header")
+    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if 8 + length + data_end > size:
-        raise UnsupportedModel(
-            f"{path.name} is truncated: its header describes {8 + length + data_end} bytes, "
-            f"the file has {size}",
-            field="checkpoint",
-            accepted="a complete .safetensors file",
+        raise refuse(
+            f"is truncated: its header describes {8 + length + data_end} bytes, the file has "
+            f"{size}",
+            "a complete .safetensors file",
         )
     return header, metadata
+
+
+def _is_tensor_entry(entry: Any) -> bool:
+    def integers(value: Any, count: int | None = None) -> bool:
+        return (
+            isinstance(value, list)
+            and (count is None or len(value) == count)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        )
+
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and integers(entry.get("shape"))
+        and integers(entry.get("data_offsets"), 2)
+    )
 
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -542,7 +594,10 @@ def detect_from_tensors(
         sample = ", ".join(sorted(keys)[:3])
         raise found(f"something else (no SD UNet; first keys: {sample or 'none'})")
 
-    in_channels = tensors[UNET_IN]["shape"][1]
+    shape = tensors[UNET_IN]["shape"]
+    if len(shape) != 4:
+        raise found(f"something else (its first UNet convolution has shape {shape})")
+    in_channels = shape[1]
     if in_channels not in (4, 9):
         raise found(f"a UNet with {in_channels} input channels (e.g. InstructPix2Pix)")
     inpaint = in_channels == 9
@@ -587,29 +642,50 @@ def _recorded_prediction_type(tensors: dict, metadata: dict[str, str], path: Pat
         return "v_prediction"
     sidecar = path.with_suffix(".yaml")
     if sidecar.is_file():
-        for line in sidecar.read_text(errors="replace").splitlines():
+        text = sidecar.read_text(errors="replace")
+        for line in text.splitlines():
             if line.strip().startswith("parameterization:"):
-                value = line.split(":", 1)[1].strip().strip("\"'")
+                value = line.split(":", 1)[1].split("#", 1)[0].strip().strip("\"'")
                 return "v_prediction" if value == "v" else "epsilon"
+        if "target:" in text:
+            # an LDM config with no parameterization line is epsilon (v2-inference.yaml)
+            return "epsilon"
     return None
 
 
 def detect_diffusers_folder(path: Path) -> Detection:
     """Architecture of a diffusers-format folder, from its model_index and UNet config."""
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-        unet = json.loads((path / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UnsupportedModel(
-            f"{path.name}: unreadable diffusers folder ({error})",
-            field="checkpoint",
-            accepted="a diffusers folder with model_index.json and unet/config.json",
-        ) from None
-    scheduler = {}
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        scheduler = json.loads(scheduler_file.read_text())
-    prediction = scheduler.get("prediction_type", "epsilon")
+    accepted = "a diffusers folder with model_index.json and unet/config.json"
+    configs = {}
+    for part in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        file = path / part
+        if part.startswith("scheduler/") and not file.is_file():
+            configs[part] = {}  # optional: the prediction type defaults to epsilon
+            continue
+        try:
+            configs[part] = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            why = error.strerror if isinstance(error, OSError) else "not valid JSON"
+            raise UnsupportedModel(
+                f"{path.name}: unreadable diffusers folder ({part}: {why})",
+                field="checkpoint",
+                accepted=accepted,
+            ) from None
+        if not isinstance(configs[part], dict):
+            raise UnsupportedModel(
+                f"{path.name}: unreadable diffusers folder ({part} is not a JSON object)",
+                field="checkpoint",
+                accepted=accepted,
+            )
+    index, unet = configs["model_index.json"], configs["unet/config.json"]
+    for part in ("tokenizer", "text_encoder") if index.get("text_encoder") else ():
+        if not (path / part).is_dir():
+            raise UnsupportedModel(
+                f"{path.name}: its model_index.json names a {part} the folder lacks",
+                field="checkpoint",
+                accepted=accepted + ", and every part it names",
+            )
+    prediction = configs["scheduler/scheduler_config.json"].get("prediction_type", "epsilon")
     pipeline = index.get("_class_name", "")
     inpaint = unet.get("in_channels") == 9
     if "XL" in pipeline:
@@ -618,6 +694,12 @@ def detect_diffusers_folder(path: Path) -> Detection:
         else:
             arch = "sdxl-inpaint" if inpaint else "sdxl"
     elif unet.get("cross_attention_dim") == 1024 or "text_encoder" in index and _is_open_clip(path):
+        if inpaint:
+            raise UnsupportedModel(
+                f"{path.name} is SD 2.x inpainting, which is not supported yet",
+                field="checkpoint",
+                accepted="Stable Diffusion 1.x, 2.x and XL diffusers folders",
+            )
         arch = "sd2-768-v" if prediction == "v_prediction" else "sd2-512"
     elif pipeline.startswith("StableDiffusion"):
         arch = "sd15-inpaint" if inpaint else "sd15"
@@ -631,24 +713,29 @@ def detect_diffusers_folder(path: Path) -> Detection:
 
 
 def _is_open_clip(path: Path) -> bool:
-    config = path / "text_encoder" / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("hidden_act") == "gelu"
+    try:
+        config = json.loads((path / "text_encoder" / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("hidden_act") == "gelu"
 
 
-def detect_lora(path: Path) -> str:
+def detect_lora(path: Path, field: str = "loras") -> str:
     """The base architecture a LoRA was trained for, from its key names and shapes.
 
-    Returns sd15, sd2, sdxl, sdxl-refiner or "unknown".
+    Returns sd15, sd2, sdxl, sdxl-refiner or "unknown"; an unreadable file is UnsupportedModel
+    naming `field`.
     """
-    tensors, metadata = read_safetensors_header(path)
+    tensors, metadata = read_safetensors_header(path, field)
     keys = list(tensors)
     if any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
         return "sdxl"
     # The width of the cross-attention key projection tells the text encoder it was made for.
     widths = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
     for key in keys:
+        shape = tensors[key]["shape"]
         if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key):
-            found = widths.get(tensors[key]["shape"][1])
+            found = widths.get(shape[1]) if len(shape) >= 2 else None
             if found:
                 return found
     if any(k.startswith(("lora_te_", "text_encoder.")) for k in keys):

@@ -44,6 +44,11 @@ def test_sd2_without_a_recorded_prediction_type_defaults_to_v_with_a_note(tmp_pa
     assert detection.architecture == "sd2-768-v" and detection.notes
     (tmp_path / "plain.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
     assert detect_checkpoint(tmp_path / "plain.safetensors").architecture == "sd2-512"
+    # A1111's v2-inference.yaml has no parameterization line: an epsilon (512) model
+    (tmp_path / "plain.yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm\n")
+    assert detect_checkpoint(tmp_path / "plain.safetensors").architecture == "sd2-512"
+    (tmp_path / "plain.yaml").write_text('model:\n  params:\n    parameterization: "v"  # 768\n')
+    assert detect_checkpoint(tmp_path / "plain.safetensors").architecture == "sd2-768-v"
 
 
 @pytest.mark.parametrize(
@@ -130,9 +135,8 @@ def test_refuses_symlinks_pointing_outside_the_root(registry, demo_volume, tmp_p
     link = demo_volume / "checkpoints" / "escape.safetensors"
     os.symlink(outside, link)
     try:
-        with pytest.raises(InvalidInput) as info:
+        with pytest.raises(ModelNotFound):  # as a missing file: nothing outside is probed
             registry.resolve("checkpoint", "escape", "checkpoint")
-        assert "outside the model root" in info.value.message
         assert "escape" not in registry.names("checkpoint")
     finally:
         link.unlink()
@@ -201,7 +205,8 @@ def test_a_file_outside_the_root_is_never_told_apart_from_a_missing_one(
     link = demo_volume / "checkpoints" / "outdir"
     link.symlink_to(tmp_path)
     try:
-        for name in ("outdir/secret.txt", "outdir/nothing.txt"):
+        (tmp_path / "secret.safetensors").write_bytes(b"x")
+        for name in ("outdir/secret.txt", "outdir/nothing.txt", "outdir/secret", "outdir/none"):
             with pytest.raises(ModelNotFound):
                 registry.resolve("checkpoint", name, "checkpoint")
     finally:
@@ -320,6 +325,7 @@ def test_pickles_are_never_opened_without_allow_pickle(settings, demo_volume, tm
         plain = Engine(settings).run(parse_job(job))
         with_pickles = Engine(replace(settings, allow_pickle=True)).run(parse_job(job))
         assert plain.images[0].image != with_pickles.images[0].image  # the embedding applied
+        assert any("oldstyle not applied (a pickled file" in w for w in plain.warnings)
     finally:
         evil.unlink()
         embedding.unlink()
@@ -337,3 +343,209 @@ def test_list_models_says_why_a_pickled_lora_is_not_loaded(settings, demo_volume
         assert "ALLOW_PICKLE" in loras["old-style"]["reason"]
     finally:
         pickle.unlink()
+
+
+def _root_with(tmp_path: Path, demo_volume: Path, files: dict[str, str]) -> Path:
+    """A model root holding copies of demo files (with their sidecar configs), as named."""
+    root = tmp_path / "root"
+    for target, source in files.items():
+        destination = root / target
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_volume / source, destination)
+        config = (demo_volume / source).with_suffix(".config")
+        if config.is_dir():
+            stem = destination.name[: -len(destination.suffix)]
+            shutil.copytree(config, destination.with_name(stem + ".config"))
+    return root
+
+
+def _engine(settings, root: Path, **changes):
+    from handler.engine import Engine
+
+    return Engine(replace(settings, models_dir=str(root), extra_roots=(), **changes))
+
+
+def _job(**fields):
+    from handler.schema import parse_job
+
+    return parse_job({"prompt": "a cube", "width": 64, "height": 64, "steps": 1, **fields})
+
+
+def test_uppercase_extensions_load_as_they_are_listed(settings, demo_volume, tmp_path):
+    """diffusers picks its loader by the exact extension: `.SAFETENSORS` fell back to
+    torch.load and failed, while the registry listed the file."""
+    root = _root_with(
+        tmp_path,
+        demo_volume,
+        {
+            "checkpoints/Upper.SAFETENSORS": "checkpoints/demo-sd15.safetensors",
+            "vae/UPVAE.SAFETENSORS": "vae/demo-vae-sd15.safetensors",
+        },
+    )
+    engine = _engine(settings, root)
+    assert engine.run(_job(checkpoint="Upper")).images
+    assert engine.run(_job(checkpoint="Upper", vae="UPVAE")).images
+
+
+def test_default_checkpoint_skips_files_that_cannot_start_a_generation(
+    settings, demo_volume, tmp_path
+):
+    root = _root_with(
+        tmp_path,
+        demo_volume,
+        {
+            "checkpoints/a-lora.safetensors": "loras/demo_sd15_kohya.safetensors",
+            "checkpoints/b-refiner.safetensors": "checkpoints/demo-sdxl-refiner.safetensors",
+            "checkpoints/c-model.safetensors": "checkpoints/demo-sd15.safetensors",
+        },
+    )
+    (root / "checkpoints" / "0-legacy.ckpt").write_bytes(b"not opened")
+    engine = _engine(settings, root)
+    assert engine.default_checkpoint_name() == ("c-model", None)
+    engine.setup()  # the only usable one is preloaded
+    assert [entry.name for entry in engine.cache._entries.values()] == ["c-model"]
+    refiner = _engine(settings, root, default_checkpoint="b-refiner")
+    with pytest.raises(InvalidInput) as info:
+        refiner.setup()
+    assert info.value.field == "DEFAULT_CHECKPOINT" and "REFINER_CHECKPOINT" in info.value.accepted
+
+
+def test_one_name_for_two_files_lists_the_file_jobs_load(settings, demo_volume, tmp_path):
+    root = _root_with(
+        tmp_path, demo_volume, {"checkpoints/foo.safetensors": "checkpoints/demo-sd15.safetensors"}
+    )
+    (root / "checkpoints" / "foo.ckpt").write_bytes(b"not opened")
+    registry = Registry(replace(settings, models_dir=str(root), extra_roots=()))
+    [listed] = registry.files("checkpoint")
+    assert listed.path == registry.resolve("checkpoint", "foo", "checkpoint").path
+    assert listed.path.suffix == ".safetensors"
+
+
+def test_a_model_root_under_a_dot_config_folder_is_listed(settings, demo_volume, tmp_path):
+    root = _root_with(
+        tmp_path / "home" / ".config",
+        demo_volume,
+        {"checkpoints/m.safetensors": "checkpoints/demo-sd15.safetensors"},
+    )
+    registry = Registry(replace(settings, models_dir=str(root), extra_roots=()))
+    assert registry.names("checkpoint") == ["m"]  # only NAME.config sidecars are skipped
+
+
+def test_list_models_survives_malformed_files_and_says_why(settings, demo_volume, tmp_path):
+    import json
+    import struct
+
+    root = _root_with(
+        tmp_path, demo_volume, {"checkpoints/good.safetensors": "checkpoints/demo-sd15.safetensors"}
+    )
+    broken = root / "checkpoints" / "broken-index"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("[]")
+    bad_scheduler = root / "checkpoints" / "bad-scheduler"
+    (bad_scheduler / "unet").mkdir(parents=True)
+    (bad_scheduler / "scheduler").mkdir()
+    (bad_scheduler / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (bad_scheduler / "unet" / "config.json").write_text("{}")
+    (bad_scheduler / "scheduler" / "scheduler_config.json").write_text("{not json")
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": "nope"}}).encode()
+    (root / "checkpoints" / "bad-entry.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header
+    )
+    _tiny(
+        root / "checkpoints" / "flat-conv.safetensors",
+        ["model.diffusion_model.input_blocks.0.0.weight"],
+    )
+    (root / "vae").mkdir()
+    (root / "vae" / "empty.safetensors").write_bytes(b"")
+    (root / "vae" / "old.pt").write_bytes(b"not opened")
+    (root / "loras").mkdir()
+    (root / "loras" / "cut.safetensors").write_bytes(b"\x10\x00")
+    listing = _engine(settings, root).list_models()
+    checkpoints = {c["name"]: c for c in listing["checkpoints"]}
+    assert checkpoints["good"]["architecture"] == "sd15"
+    for name in ("broken-index", "bad-scheduler", "bad-entry", "flat-conv"):
+        assert checkpoints[name]["architecture"] == "unsupported" and checkpoints[name]["reason"]
+        assert str(root) not in checkpoints[name]["reason"]
+    vaes = {v["name"]: v for v in listing["vaes"]}
+    assert "too short" in vaes["empty"]["reason"] and "ALLOW_PICKLE" in vaes["old"]["reason"]
+    [lora] = listing["loras"]
+    assert lora["base"] == "unreadable" and lora["reason"]
+
+
+def test_embeddings_that_cannot_apply_are_skipped_with_a_warning(settings, demo_volume, tmp_path):
+    """As A1111 skips embeddings that do not fit the model: an SDXL embedding's word in an SD 1.5
+    job, an unreadable file, and a second file with the same word."""
+    root = _root_with(
+        tmp_path,
+        demo_volume,
+        {
+            "checkpoints/m.safetensors": "checkpoints/demo-sd15.safetensors",
+            "embeddings/a/dupe-style.safetensors": "embeddings/demo-sd15-embedding.safetensors",
+            "embeddings/b/dupe-style.safetensors": "embeddings/demo-sd15-embedding.safetensors",
+            "embeddings/style.safetensors": "embeddings/demo-sd15-embedding.safetensors",
+            "embeddings/xl-only.safetensors": "embeddings/demo-sdxl-embedding.safetensors",
+        },
+    )
+    (root / "embeddings" / "empty.safetensors").write_bytes(b"")
+    engine = _engine(settings, root)
+    plain = engine.run(_job(checkpoint="m", prompt="a cube, xl-only, empty", seed=1))
+    assert any("xl-only not applied (made for SDXL)" in w for w in plain.warnings)
+    assert any("empty not applied (unreadable" in w for w in plain.warnings)
+    styled = engine.run(_job(checkpoint="m", prompt="a cube, dupe-style", seed=1))
+    assert any("share the word 'dupe-style': a/dupe-style was used" in w for w in styled.warnings)
+    # diffusers refuses a token its tokenizer has: that embedding stays a word, with a warning
+    worded = engine.run(_job(checkpoint="m", prompt="a cube in style", seed=1))
+    assert any("style not applied (its name is already" in w for w in worded.warnings)
+
+
+def test_a_diffusers_vae_folder_is_named_by_its_folder(settings, demo_volume, tmp_path, engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    root = _root_with(
+        tmp_path, demo_volume, {"checkpoints/m.safetensors": "checkpoints/demo-sd15.safetensors"}
+    )
+    loaded.pipeline.vae.save_pretrained(root / "vae" / "my-vae")
+    own = _engine(settings, root)
+    assert [v["name"] for v in own.list_models()["vaes"]] == ["my-vae"]
+    assert own.run(_job(checkpoint="m", vae="my-vae")).images
+
+
+def test_a_replaced_file_with_its_old_mtime_is_not_served_from_cache(tmp_path):
+    from handler.registry import file_key
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"a" * 64)
+    before = file_key(path)
+    stat = path.stat()
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"b" * 64)
+    replacement.replace(path)  # as rsync does
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # `cp -p` / `rsync -a`
+    after = file_key(path)
+    assert after[1:3] == before[1:3] and after != before
+
+
+def test_a1111_titles_name_models_in_every_model_field():
+    from handler.schema import parse_job
+
+    job = parse_job(
+        {
+            "prompt": "x",
+            "checkpoint": "SDXL\\base.safetensors [31e35c80fc]",
+            "refiner_checkpoint": "SDXL/refiner.safetensors [0123456789]",
+            "vae": "sdxl_vae.safetensors [abcdef0123]",
+        }
+    )
+    assert job.checkpoint == "SDXL/base.safetensors"
+    assert job.refiner_checkpoint == "SDXL/refiner.safetensors"
+    assert job.vae == "sdxl_vae.safetensors"
+
+
+def test_load_errors_name_the_model_not_the_host_path(settings, demo_volume, tmp_path, engine):
+    loaded, _ = engine.checkpoint("demo-sd15")
+    root = tmp_path / "root"
+    folder = root / "checkpoints" / "no-vae"
+    loaded.pipeline.save_pretrained(folder)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(UnsupportedModel) as info:
+        _engine(settings, root).run(_job(checkpoint="no-vae"))
+    assert "no-vae" in info.value.message and str(root) not in info.value.message
