@@ -295,7 +295,9 @@ class Engine:
                 entry["hash"] = self.registry.cached_hash(model)
             try:
                 entry["architecture"] = self.registry.detect(model).architecture
-            except UnsupportedModel as error:
+                if model.is_folder:
+                    self.registry.check_not_pickled(model.path, "checkpoint")
+            except (UnsupportedModel, InvalidInput) as error:
                 entry["architecture"] = "unsupported"
                 entry["reason"] = error.message
             checkpoints.append(entry)

@@ -678,8 +678,9 @@ def detect_diffusers_folder(path: Path) -> Detection:
                 accepted=accepted,
             )
     index, unet = configs["model_index.json"], configs["unet/config.json"]
-    for part in ("tokenizer", "text_encoder") if index.get("text_encoder") else ():
-        if not (path / part).is_dir():
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        named = isinstance(index.get(part), list) and index[part][:1] != [None]
+        if named and not (path / part).is_dir():
             raise UnsupportedModel(
                 f"{path.name}: its model_index.json names a {part} the folder lacks",
                 field="checkpoint",

@@ -543,9 +543,19 @@ def test_a1111_titles_name_models_in_every_model_field():
 def test_load_errors_name_the_model_not_the_host_path(settings, demo_volume, tmp_path, engine):
     loaded, _ = engine.checkpoint("demo-sd15")
     root = tmp_path / "root"
-    folder = root / "checkpoints" / "no-vae"
+    folder = root / "checkpoints" / "no-vae-config"
     loaded.pipeline.save_pretrained(folder)
-    shutil.rmtree(folder / "vae")
+    (folder / "vae" / "config.json").unlink()  # detected, then fails to load
     with pytest.raises(UnsupportedModel) as info:
-        _engine(settings, root).run(_job(checkpoint="no-vae"))
-    assert "no-vae" in info.value.message and str(root) not in info.value.message
+        _engine(settings, root).run(_job(checkpoint="no-vae-config"))
+    assert "could not be loaded" in info.value.message
+    assert "no-vae-config" in info.value.message and str(root) not in info.value.message
+    shutil.rmtree(folder / "vae")  # a part that model_index.json names is missing
+    pickled = root / "checkpoints" / "pickled-unet"
+    loaded.pipeline.save_pretrained(pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not opened")
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    listed = {c["name"]: c for c in _engine(settings, root).list_models()["checkpoints"]}
+    assert "names a vae the folder lacks" in listed["no-vae-config"]["reason"]
+    assert "ALLOW_PICKLE" in listed["pickled-unet"]["reason"]
+    assert {c["architecture"] for c in listed.values()} == {"unsupported"}
