@@ -25,6 +25,7 @@ from handler.errors import (
     Cancelled,
     InternalError,
     InvalidInput,
+    ModelNotFound,
     OutOfMemory,
     WorkerError,
 )
@@ -222,9 +223,10 @@ class Engine:
             return self.settings.default_checkpoint, None
         names = self._generators()
         if not names:
-            raise InvalidInput(
-                "no checkpoint named, no DEFAULT_CHECKPOINT set, and the model roots hold no "
-                "checkpoint that can start a generation",
+            roots = ", ".join(str(r) for r in self.registry.roots) or "none found"
+            raise ModelNotFound(
+                "no checkpoint named, no DEFAULT_CHECKPOINT set, and the model roots "
+                f"({roots}) hold no checkpoint that can start a generation",
                 field="checkpoint",
                 accepted="a checkpoint under checkpoints/ on a model root (see list_models)",
             )

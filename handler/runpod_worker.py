@@ -175,7 +175,7 @@ def fitness_checks(engine_factory=get_engine) -> list:
             engine.registry.detect(model)
         elif not engine.registry.names("checkpoint"):
             # Not fatal: list_models still answers (the RunPod Hub's test runs the bare image),
-            # and each job fails with model_not_found, naming the roots.
+            # and each job fails with model_not_found, naming the roots searched.
             log.warning(
                 "no checkpoint on the model roots %s and no DEFAULT_CHECKPOINT: generation jobs "
                 "will fail until one is there (is the network volume attached?)",

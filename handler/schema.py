@@ -170,6 +170,12 @@ class Job(BaseModel):
     def _known_scheduler(cls, value: str) -> str:
         name = canonical_scheduler(value)
         if name is None:
+            for schedule in SCHEDULE_TYPES:  # "Euler a Karras": a sampler, a type it lacks
+                base = value[: -len(schedule)].strip()
+                if value.lower().endswith(schedule.lower()) and canonical_scheduler(base or "?"):
+                    raise ValueError(
+                        f"sampler {canonical_scheduler(base)!r} has no {schedule!r} schedule type"
+                    )
             raise ValueError(f"unknown scheduler {value!r}")
         return name
 

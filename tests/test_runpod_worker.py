@@ -235,6 +235,12 @@ def test_fitness_warns_of_an_empty_volume_and_refuses_a_bad_safety_setup(
     with caplog.at_level("WARNING"):
         checks["default_checkpoint_resolves"]()  # the bare image: list_models still answers
     assert "no checkpoint on the model roots" in caplog.text
+    from handler.errors import ModelNotFound
+    from handler.schema import parse_job
+
+    with pytest.raises(ModelNotFound) as info:  # and a job says where it looked
+        bare.run(parse_job({"prompt": "x"}))
+    assert str(empty) in info.value.message
     monkeypatch.setenv("SAFETY_POLICY", "Delete")
     with pytest.raises(RuntimeError, match="SAFETY_POLICY"):
         checks["safety_checker_is_usable"]()

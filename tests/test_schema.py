@@ -137,6 +137,11 @@ def test_a_schedule_type_the_sampler_lacks_is_refused(payload, message, accepted
     assert error.field == "scheduler" and message in str(error) and accepted in error.accepted
 
 
+def test_a_native_name_with_a_schedule_type_its_sampler_lacks_says_so():
+    error = error_of({"prompt": "x", "scheduler": "Euler a Karras"})
+    assert error.field == "scheduler" and "'Euler a' has no 'Karras' schedule type" in str(error)
+
+
 def test_the_native_scheduler_field_is_taken_as_written():
     # only A1111's sampler_name gets A1111's automatic schedule; ours names it exactly
     assert parse_job({"prompt": "x", "scheduler": "DPM++ 2M"}).scheduler == "DPM++ 2M"
@@ -176,6 +181,9 @@ def test_a1111_subseed_at_strength_zero_string_seed_and_neutral_hints():
     assert error_of({"prompt": "x", "subseed": 5, "subseed_strength": 0.5}).field == "subseed"
     assert parse_job({"prompt": "x", "seed": "-1"}).seed is None
     assert "1.0" in error_of({"prompt": "x", "s_noise": 0.9}).accepted
+    # empty values that A1111's own /docs example and its clients send
+    empty = {"firstpass_image": "", "comments": "", "image_cfg_scale": 0}
+    assert parse_job({"prompt": "x", **empty}).prompt == "x"
 
 
 def test_every_sampler_and_schedule_type_builds_and_steps():
