@@ -75,7 +75,7 @@ class _LogProgress:
 
     def __call__(self, progress) -> None:
         now = time.monotonic()
-        if progress.phase in ("denoising", "refining") and (
+        if progress.phase in ("denoising", "hires", "refining") and (
             now - self._last >= 0.5 or progress.step == progress.total
         ):
             self._last = now
@@ -116,13 +116,15 @@ class Predictor(BaseRunner):
             default=None,
             ge=64,
             le=2048,
-            description="Width in pixels, a multiple of 8. Empty uses the checkpoint's native size.",
+            description="Width in pixels, a multiple of 8. Empty uses the init image's size "
+            "(rounded down to a multiple of 8), else the checkpoint's native size.",
         ),
         height: int | None = Input(
             default=None,
             ge=64,
             le=2048,
-            description="Height in pixels, a multiple of 8. Empty uses the checkpoint's native size.",
+            description="Height in pixels, a multiple of 8. Empty uses the init image's size "
+            "(rounded down to a multiple of 8), else the checkpoint's native size.",
         ),
         steps: int = Input(default=30, ge=1, le=150, description="Denoising steps."),
         guidance_scale: float = Input(
@@ -178,7 +180,8 @@ class Predictor(BaseRunner):
             default=0.75,
             ge=0.0,
             le=1.0,
-            description="img2img: how much of the init image is repainted (1.0 ignores it).",
+            description="img2img and inpainting: how much of the image is repainted (1.0 "
+            "ignores it). It runs steps x strength steps, which must be at least 1.",
         ),
         resize_mode: str = Input(
             default="just_resize",
@@ -193,7 +196,10 @@ class Predictor(BaseRunner):
             description="Hires fix: upscale factor of a second img2img pass. Empty means one pass.",
         ),
         hires_strength: float = Input(
-            default=0.55, ge=0.05, le=1.0, description="Hires fix: second-pass denoising strength."
+            default=0.55,
+            ge=0.05,
+            le=1.0,
+            description="Hires fix (needs hires_scale): second-pass denoising strength.",
         ),
         vae: str | None = Input(
             default=None, description="VAE name under vae/ to use instead of the checkpoint's."
@@ -205,7 +211,9 @@ class Predictor(BaseRunner):
             description="A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before.",
         ),
         refiner_checkpoint: str | None = Input(
-            default=None, description="SDXL refiner checkpoint (used with high_noise_frac)."
+            default=None,
+            description="SDXL refiner checkpoint: with high_noise_frac it runs the last steps "
+            "(ensemble); without, it refines the finished image.",
         ),
         high_noise_frac: float | None = Input(
             default=None,

@@ -625,7 +625,7 @@ class Engine:
         negative, negative_warnings = check_syntax(negative, "negative_prompt")
         warnings += prompt_warnings + negative_warnings
         requested = [(s.name, s.scale, f"loras[{i}].name") for i, s in enumerate(job.loras)]
-        requested += [(name, scale, "prompt") for name, scale in inline]
+        requested += [(name, scale, f"LoRA tag {n}") for n, (name, scale) in enumerate(inline, 1)]
         if len(requested) > MAX_LORAS:
             raise InvalidInput(
                 f"{len(requested)} LoRAs requested",
@@ -634,7 +634,11 @@ class Engine:
             )
         loras = []
         for name, scale, field in requested:
-            model = self.registry.resolve("lora", name, field)
+            if field.startswith("LoRA tag"):
+                model = self._inline_lora_file(name, field)
+                field = "prompt"
+            else:
+                model = self.registry.resolve("lora", name, field)
             check_compatible(model, loaded.architecture, field)
             loras.append(AppliedLora(model.name, scale, model))
         embeddings, embedding_warnings = embeddings_for(
@@ -647,6 +651,24 @@ class Engine:
         warnings += embedding_warnings
         update = {"prompt": prompt, "negative_prompt": negative}
         return job.model_copy(update=update), loras, embeddings
+
+    def _inline_lora_file(self, name: str, tag: str):
+        """The file a prompt's LoRA tag names; errors say which tag, without quoting its name
+        (a tag missing its `>` runs on into the prompt, whose text stays out of logs)."""
+        try:
+            return self.registry.resolve("lora", name, "prompt")
+        except ModelNotFound as error:
+            raise ModelNotFound(
+                f"{tag} of prompt names no LoRA on the model roots",
+                field="prompt",
+                accepted=error.accepted,
+            ) from None
+        except InvalidInput as error:
+            raise InvalidInput(
+                f"{tag} of prompt does not name a usable LoRA",
+                field="prompt",
+                accepted=error.accepted,
+            ) from None
 
     def _lora_hash(self, lora: AppliedLora) -> str | None:
         return self.registry.cached_hash(lora.model) or self.registry.compute_hash(lora.model)
@@ -1039,13 +1061,21 @@ def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _quiet_libraries() -> None:
-    """diffusers' progress bars and load chatter would drown the one log line per job."""
+    """The libraries' progress bars and load chatter would drown the one log line per job
+    (and reach a Replicate user's prediction logs): their loggers, their tqdm bars, and the
+    warnings that are about their own APIs, not about the job."""
+    import warnings
+
     import diffusers
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+    # peft, when a second adapter loads into a model: adapters are what this worker keeps
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
 
 
 def _public_inputs(job: Job) -> dict[str, Any]:

@@ -58,14 +58,19 @@ def extract_inline_loras(prompt: str, field: str = "prompt") -> tuple[str, list[
 
     A tag this worker cannot apply as written is refused, never left as prompt text: a scale
     that is not a number or is out of bounds, or different text-encoder and UNet weights
-    (merged LoRAs take one scale).
+    (merged LoRAs take one scale). Errors name the tag by its number, never quote it: a tag
+    missing its `>` runs on into the prompt, whose text must stay out of logs.
     """
-    found = [_inline_lora(m.group(0), m.group(1), field) for m in INLINE_LORA.finditer(prompt)]
+    found = [
+        _inline_lora(f"LoRA tag {number} of {field}", match.group(1), field)
+        for number, match in enumerate(INLINE_LORA.finditer(prompt), 1)
+    ]
     clean = INLINE_LORA.sub("", prompt)
     return re.sub(r"\s{2,}", " ", clean).strip(), found
 
 
 def _inline_lora(tag: str, body: str, field: str) -> tuple[str, float]:
+    """(name, scale) of one tag's body; `tag` is how errors name the tag."""
     name, *args = (part.strip() for part in body.split(":"))
     named = dict(arg.split("=", 1) for arg in args if "=" in arg)
     positional = [arg for arg in args if "=" not in arg]

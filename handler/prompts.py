@@ -49,12 +49,12 @@ def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
             accepted=SUPPORTED_SYNTAX,
         )
     warnings = []
-    tags = [match.group(0) for match in EXTRA_NETWORK.finditer(text)]
-    if tags:
+    kinds = sorted({match.group(1) for match in EXTRA_NETWORK.finditer(text)})
+    if kinds:
+        # the tags' kinds only: their text is prompt text, which stays out of logs
         text = re.sub(r"\s{2,}", " ", EXTRA_NETWORK.sub("", text)).strip()
-        warnings.append(
-            f"{field}: {', '.join(tags)} removed: only LoRA extra networks are supported"
-        )
+        shown = ", ".join(f"<{kind}:...>" for kind in kinds)
+        warnings.append(f"{field}: {shown} tags removed: only LoRA extra networks are supported")
     if _AND.search(text):
         warnings.append(
             f"{field}: AND (A1111's composable diffusion) is not supported: the prompt was "

@@ -186,3 +186,34 @@ def test_an_unknown_attention_backend_stops_the_worker_at_start(settings, monkey
     assert info.value.field == "ATTENTION_BACKEND" and "cudnn" in info.value.accepted
     monkeypatch.setenv("ATTENTION_BACKEND", " cuDNN ")
     assert Settings.from_env().attention == "cudnn"  # read case-insensitively
+
+
+def test_jobs_leave_no_library_chatter_on_stderr(demo_volume):
+    """What a Replicate user sees in prediction logs: no progress bars or library deprecation
+    warnings from loading LoRAs (two adapters) and an img2img view, in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import base64, io
+from PIL import Image
+from handler.engine import Engine
+from handler.schema import parse_job
+from handler.settings import Settings
+
+engine = Engine(Settings(models_dir={str(demo_volume)!r}, extra_roots=(), device="cpu"))
+buffer = io.BytesIO()
+Image.new("RGB", (64, 64)).save(buffer, "PNG")
+image = base64.b64encode(buffer.getvalue()).decode()
+job = {{"checkpoint": "demo-sd15", "width": 64, "height": 64, "steps": 2}}
+engine.run(parse_job({{**job, "prompt": "x <lora:demo_sd15_kohya:0.5>", "loras": [{{"name": "demo_sd15_peft"}}]}}))
+engine.run(parse_job({{**job, "prompt": "x", "image": image, "strength": 0.5, "steps": 4}}))
+"""
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for noise in ("Loading weights", "Warning", "it/s]"):
+        assert noise not in done.stderr, done.stderr[-2000:]

@@ -234,7 +234,29 @@ def test_other_extra_network_tags_are_removed_with_a_warning_and_and_is_named(en
     plain = engine.run(parse_job({**job, "prompt": "a cube"}))
     assert (pixels(tagged) == pixels(plain)).all()
     assert tagged.warnings == [
-        "prompt: <hypernet:anime:0.8> removed: only LoRA extra networks are supported"
+        "prompt: <hypernet:...> tags removed: only LoRA extra networks are supported"
     ]
     composed = engine.run(parse_job({**job, "prompt": "a cube AND a sphere"}))
     assert any("AND (A1111's composable diffusion)" in w for w in composed.warnings)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "MARKER a castle <hypernet:style MARKER2 at night, detailed> end",
+        "MARKER <lora:demo_sd15_kohya:0.8 a castle MARKER2 at night> end",
+        "MARKER <lora:MARKER2 a red car>",
+    ],
+)
+def test_errors_and_warnings_never_quote_prompt_text(engine, prompt):
+    """A tag missing its `>` runs on into the prompt: messages name the tag by number and kind,
+    since the Cog server logs them (prompts stay out of logs)."""
+    from handler.errors import WorkerError
+
+    job = {"width": 64, "height": 64, "steps": 1, "checkpoint": "demo-sd15", "prompt": prompt}
+    try:
+        result = engine.run(parse_job(job))
+        texts = result.warnings
+    except WorkerError as error:
+        texts = [str(error)]
+    assert texts and not any("MARKER" in text for text in texts)
