@@ -240,16 +240,19 @@ def keep_sdk_log_at_info() -> None:
     """The SDK logs whole jobs and handler outputs (prompts, base64 images, presigned URLs) at
     DEBUG. Whatever RUNPOD_LOG_LEVEL, RUNPOD_DEBUG_LEVEL or --rp_log_level say, its logger never
     goes below INFO."""
-    from runpod.serverless.modules.rp_logger import LOG_LEVELS, RunPodLogger
+    from runpod.serverless.modules.rp_logger import LOG_LEVELS, RunPodLogger, _validate_log_level
 
     set_level = RunPodLogger.set_level
     if getattr(set_level, "clamped", False):
         return
 
     def at_least_info(self, new_level) -> None:
-        set_level(self, new_level)
-        if LOG_LEVELS.index(self.level) < LOG_LEVELS.index("INFO"):
-            self.level = "INFO"
+        # clamped before the SDK's own "Log level set to ..." line, which would otherwise
+        # announce a DEBUG level that never applies
+        level = _validate_log_level(new_level)
+        if LOG_LEVELS.index(level) < LOG_LEVELS.index("INFO"):
+            level = "INFO"
+        set_level(self, level)
 
     at_least_info.clamped = True  # type: ignore[attr-defined]
     RunPodLogger.set_level = at_least_info

@@ -290,3 +290,18 @@ print(json.dumps({"started": started, "processor": rp_debugger.PROCESSOR,
     assert not [args for args in report["started"] if "cpuinfo" in " ".join(args)]
     assert report["processor"] == report["from_proc"] and report["processor"] != "unknown CPU"
     assert report["restored"]  # py-cpuinfo is left as it was for anyone else
+
+
+def test_the_sdk_log_level_is_held_at_info_and_says_so(capsys):
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    runpod_worker.keep_sdk_log_at_info()
+    logger = RunPodLogger()
+    for asked in ("DEBUG", "trace", 2):  # 2: DEBUG by its index
+        logger.set_level(asked)
+        assert logger.level == "INFO"
+    logger.set_level("ERROR")
+    assert logger.level == "ERROR"
+    logger.set_level("INFO")
+    printed = capsys.readouterr().out
+    assert "Log level set to INFO" in printed and "DEBUG" not in printed
