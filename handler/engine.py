@@ -27,6 +27,7 @@ from handler.errors import (
     InvalidInput,
     ModelNotFound,
     OutOfMemory,
+    UnsupportedModel,
     WorkerError,
 )
 from handler.inputs import fit_image, load_image
@@ -236,8 +237,6 @@ class Engine:
 
     def _generators(self) -> list[str]:
         """Checkpoints that can start a txt2img job: loadable, of a base architecture."""
-        from handler.errors import UnsupportedModel
-
         names = []
         for model in self.registry.files("checkpoint", loadable_only=True):
             try:
@@ -284,8 +283,6 @@ class Engine:
 
     def list_models(self) -> dict[str, list[dict[str, Any]]]:
         """What the model roots hold: checkpoints with architecture, LoRAs with base, etc."""
-        from handler.errors import UnsupportedModel
-
         checkpoints = []
         for model in self.registry.files("checkpoint"):
             entry: dict[str, Any] = {
@@ -337,8 +334,6 @@ class Engine:
 
     def _file_entry(self, model) -> dict[str, Any]:
         """A VAE or embedding for list_models, with the reason it cannot be used, if any."""
-        from handler.errors import UnsupportedModel
-
         if model.is_folder:
             return {"name": model.name, "format": "diffusers"}
         entry: dict[str, Any] = {"name": model.name, "size_bytes": model.path.stat().st_size}
@@ -624,8 +619,10 @@ class Engine:
         prompt, prompt_warnings = check_syntax(prompt, "prompt")
         negative, negative_warnings = check_syntax(negative, "negative_prompt")
         warnings += prompt_warnings + negative_warnings
-        requested = [(s.name, s.scale, f"loras[{i}].name") for i, s in enumerate(job.loras)]
-        requested += [(name, scale, f"LoRA tag {n}") for n, (name, scale) in enumerate(inline, 1)]
+        requested = [(s.name, s.scale, f"loras[{i}].name", None) for i, s in enumerate(job.loras)]
+        requested += [
+            (name, scale, "prompt", f"LoRA tag {n}") for n, (name, scale) in enumerate(inline, 1)
+        ]
         if len(requested) > MAX_LORAS:
             raise InvalidInput(
                 f"{len(requested)} LoRAs requested",
@@ -633,10 +630,9 @@ class Engine:
                 accepted=f"at most {MAX_LORAS} LoRAs per job",
             )
         loras = []
-        for name, scale, field in requested:
-            if field.startswith("LoRA tag"):
-                model = self._inline_lora_file(name, field)
-                field = "prompt"
+        for name, scale, field, tag in requested:
+            if tag:
+                model = self._inline_lora_file(name, tag)
             else:
                 model = self.registry.resolve("lora", name, field)
             check_compatible(model, loaded.architecture, field)

@@ -164,7 +164,8 @@ def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
 
 class ResidentAdapters:
     """LoRA adapters kept loaded in one pipeline between jobs (their layers aside, out of the
-    forward path), least recently used first out. Re-using one costs a merge instead of a multi-second load."""
+    forward path), least recently used first out. Re-using one costs a merge instead of a
+    multi-second load."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
