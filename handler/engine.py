@@ -806,7 +806,7 @@ class Engine:
                 field="hires",
                 accepted="hires without mask",
             )
-        final_w, final_h = (_round_to_8(side * job.hires.scale) for side in (width, height))
+        final_w, final_h = (_hires_side(side * job.hires.scale) for side in (width, height))
         if max(final_w, final_h) > 2048 or final_w * final_h > self.settings.max_pixels:
             raise InvalidInput(
                 f"the second pass would be {final_w}x{final_h}",
@@ -1048,8 +1048,9 @@ def _done(value):
     return future
 
 
-def _round_to_8(value: float) -> int:
-    return max(64, int(round(value / 8)) * 8)
+def _hires_side(value: float) -> int:
+    """An upscaled side as A1111 sizes it: truncated to pixels, then to whole latents (8)."""
+    return max(64, int(value) // 8 * 8)
 
 
 def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:

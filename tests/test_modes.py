@@ -350,3 +350,10 @@ def test_refiner_fields_without_a_refiner_are_ignored_with_a_warning(engine):
         parse_job({**REFINE, "checkpoint": "demo-sd15", "refiner_checkpoint": "demo-sdxl-refiner"})
     )
     assert any("the refiner is for SDXL" in w for w in sd15.warnings)
+
+
+def test_hires_sizes_truncate_to_whole_latents_as_a1111_does(engine):
+    # 64 x 1.37 = 87.7 px: A1111 truncates to 87 px, then to whole latents, 80 (not 88)
+    job = {"prompt": "x", "width": 64, "height": 72, "steps": 2, "seed": 4}
+    result = engine.run(parse_job({**job, "checkpoint": "demo-sd15", "hires": {"scale": 1.37}}))
+    assert (result.width, result.height) == (80, 96)  # 72 x 1.37 = 98.6 -> 96
