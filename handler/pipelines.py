@@ -453,7 +453,9 @@ class LatentDecoder:
     which is how fp16 overflow shows) is the image decoded again in a dtype with fp32's range:
     bf16 on GPUs that have it (as fast as fp16), else fp32. A VAE that overflowed once goes
     straight to the wider dtype from then on. An fp16-safe VAE (SD 1.x's, or the SDXL fp16 fix)
-    never pays for it. The VAE is cast back when the decoder closes, whatever happens.
+    never pays for it. When the decoder closes, the VAE goes back to fp16 with its exact
+    original weights: a cast to bf16 and back would round them (bf16 keeps 8 mantissa bits,
+    fp16 10), and its encoder (img2img, inpainting) would then differ from a fresh worker's.
     """
 
     def __init__(self, pipeline: Any) -> None:
@@ -463,6 +465,7 @@ class LatentDecoder:
             self.vae.config, "force_upcast", False
         )
         self.upcast = False
+        self._fp16_weights: list[torch.Tensor] = []  # the originals, while upcast
         self.last_was_finite = True  # whether the last decoded image had only finite pixels
         on_cuda = self.vae.device.type == "cuda"
         self.wide_dtype = (
@@ -477,8 +480,12 @@ class LatentDecoder:
     def __exit__(self, *exc_info) -> None:
         if self.upcast:
             self.vae.to(dtype=torch.float16)
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.vae.parameters()), self._fp16_weights)
+            self._fp16_weights = []
 
     def _upcast(self) -> None:
+        self._fp16_weights = [p.detach().clone() for p in self.vae.parameters()]
         self.vae.to(dtype=self.wide_dtype)
         self.upcast = True
 
@@ -498,8 +505,9 @@ class LatentDecoder:
         return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        vae = self.vae
+        config = vae.config
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:
             channels = latents.shape[1]
@@ -508,4 +516,4 @@ class LatentDecoder:
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        return self.vae.decode(latents, return_dict=False)[0]
+        return vae.decode(latents, return_dict=False)[0]
