@@ -676,7 +676,10 @@ class Engine:
         from diffusers import AutoencoderKL
 
         model = self.registry.resolve("vae", job.vae, "vae")
-        key = (*file_key(model.path), loaded.architecture)
+        # A single-file VAE takes its config from the checkpoint's config folder, which a
+        # sidecar `NAME.config/` may change (its scaling factor): part of what the VAE is.
+        config = self.registry.config_folder(loaded.model, self.registry.detect(loaded.model))
+        key = (*file_key(model.path), loaded.architecture, None if model.is_folder else config)
         if key not in self._vaes:
             try:
                 if model.path.is_dir():
@@ -686,8 +689,6 @@ class Engine:
                         use_safetensors=not self.settings.allow_pickle,
                     )
                 else:
-                    detection = self.registry.detect(loaded.model)
-                    config = self.registry.config_folder(loaded.model, detection)
                     with lowercase_suffix(model.path) as path:
                         vae = AutoencoderKL.from_single_file(
                             str(path),

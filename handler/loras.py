@@ -207,6 +207,7 @@ def job_additions(
     added_tokens: list[str] = []
     merged: MergedWeights | None = None
     clean_exit = False
+    loading = False  # a LoRA load that fails half-way leaves its first layers in the model
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
         names = []
@@ -216,6 +217,7 @@ def job_additions(
                 resident.names.move_to_end(key)
             else:
                 name = resident.new_name()
+                loading = True
                 try:
                     pipeline.load_lora_weights(dict(cache.get(lora.model.path)), adapter_name=name)
                 except Exception as error:
@@ -227,6 +229,7 @@ def job_additions(
                 resident.names[key] = name
                 resident.layers[name] = adapter_layers(pipeline, name)
                 take_out_of_forward(pipeline)  # their deltas are merged instead
+                loading = False
             names.append(resident.names[key])
         _evict(pipeline, resident, keep=set(names))
         # 2. Merge the stack into the weights, keeping the originals
@@ -246,7 +249,7 @@ def job_additions(
             merged.restore()
         if added_tokens:
             _unload_embeddings(pipeline, added_tokens)
-        if resident.names and not clean_exit:
+        if not clean_exit and (resident.names or loading):
             # a failed or cancelled job: drop every adapter, trust nothing half-applied
             pipeline.unload_lora_weights()
             resident.names.clear()
@@ -404,7 +407,27 @@ def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) 
     """Add one A1111 embedding's token(s) to the text encoder(s) it was made for."""
     state = cache.get(embedding.path)
     token = Path(embedding.name).name
-    added = []
+    vectors = state["clip_l"] if "clip_l" in state else _vectors(state)
+    count = vectors.shape[0] if vectors is not None and vectors.ndim == 2 else 1
+    # A multi-vector embedding becomes the tokens "name", "name_1", ... "name_{n-1}".
+    tokens = [token] + [f"{token}_{i}" for i in range(1, count)]
+    try:
+        _add_embedding_tokens(pipeline, state, token)
+    except BaseException:
+        _unload_embeddings(pipeline, tokens)  # all or nothing: no token of it stays behind
+        raise
+    return tokens
+
+
+def _vectors(state: dict[str, Any]) -> torch.Tensor | None:
+    """An SD 1.x/2.x embedding's vectors, in diffusers' or A1111's layout."""
+    vectors = state.get("emb_params")
+    if vectors is None and "string_to_param" in state:
+        vectors = next(iter(state["string_to_param"].values()), None)
+    return vectors if isinstance(vectors, torch.Tensor) else None
+
+
+def _add_embedding_tokens(pipeline: Any, state: dict[str, Any], token: str) -> None:
     if "clip_l" in state and "clip_g" in state:  # SDXL embeddings carry one tensor per encoder
         if getattr(pipeline, "text_encoder_2", None) is None:
             raise InvalidInput(
@@ -425,9 +448,7 @@ def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) 
             tokenizer=pipeline.tokenizer_2,
         )
     else:
-        vectors = state.get("emb_params")
-        if vectors is None and "string_to_param" in state:
-            vectors = next(iter(state["string_to_param"].values()))
+        vectors = _vectors(state)
         if vectors is None:
             raise InvalidInput(
                 f"embedding {token} has no vectors",
@@ -446,11 +467,6 @@ def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) 
             text_encoder=pipeline.text_encoder,
             tokenizer=pipeline.tokenizer,
         )
-    # A multi-vector embedding becomes the tokens "name", "name_1", ... "name_{n-1}".
-    added.append(token)
-    vectors = state["clip_l"] if "clip_l" in state else vectors
-    added += [f"{token}_{i}" for i in range(1, vectors.shape[0] if vectors.ndim == 2 else 1)]
-    return added
 
 
 def _unload_embeddings(pipeline: Any, tokens: list[str]) -> None:
@@ -516,17 +532,29 @@ def _why_unusable(
         return "its name is already in the tokenizer's vocabulary"
     is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
     if "clip_l" in state and "clip_g" in state:
-        return None if is_sdxl else "made for SDXL"
-    vectors = state.get("emb_params")
-    if vectors is None and "string_to_param" in state:
-        vectors = next(iter(state["string_to_param"].values()), None)
-    if not isinstance(vectors, torch.Tensor):
-        return "no vectors"
-    if is_sdxl:
-        return "made for SD 1.x/2.x"
-    width = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
-    if vectors.shape[-1] != width:
-        return f"{vectors.shape[-1]}-wide vectors; this model's text encoder takes {width}"
+        if not is_sdxl:
+            return "made for SDXL"
+        parts = [
+            (state["clip_l"], pipeline.text_encoder),
+            (state["clip_g"], pipeline.text_encoder_2),
+        ]
+    else:
+        vectors = _vectors(state)
+        if vectors is None:
+            return "no vectors"
+        if is_sdxl:
+            return "made for SD 1.x/2.x"
+        parts = [(vectors, pipeline.text_encoder)]
+    shapes = []
+    for vectors, encoder in parts:
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
+            return "its vectors are not a list of vectors"
+        if vectors.shape[-1] != width:
+            return f"{vectors.shape[-1]}-wide vectors; this model's text encoder takes {width}"
+        shapes.append(vectors.shape[0] if vectors.ndim == 2 else 1)
+    if len(set(shapes)) > 1:
+        return "its clip_l and clip_g parts hold different numbers of vectors"
     return None
 
 

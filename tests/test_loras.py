@@ -499,3 +499,76 @@ def test_a_lora_job_reports_its_merge_time_and_a_plain_job_does_not(settings):
     assert with_lora.timings_ms["loras"] >= 0
     assert with_lora.timings_ms["total"] >= with_lora.timings_ms["loras"]
     assert "loras" not in plain.timings_ms
+
+
+def test_a_lora_that_fails_half_way_through_loading_leaves_nothing(settings, demo_volume):
+    """diffusers loads a LoRA's UNet part before its text-encoder part: one whose text-encoder
+    tensor has the wrong shape fails after the UNet's layers went in. The next job must not
+    run with them (it did, at scale 1, when no adapter had been resident before)."""
+    from dataclasses import replace
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file, save_file
+
+    from handler.engine import Engine
+
+    state = load_file(demo_volume / "loras" / "demo_sd15_kohya.safetensors")
+    key = next(k for k in sorted(state) if k.startswith("lora_te_") and "lora_up" in k)
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1], dtype=state[key].dtype)
+    broken = demo_volume / "loras" / "half_broken.safetensors"
+    save_file(state, str(broken))
+    try:
+        own = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+        plain = own.run(parse_job(SD15))
+        with pytest.raises(LoraIncompatible):
+            own.run(parse_job({**SD15, "loras": [{"name": "half_broken", "scale": 0.5}]}))
+        loaded, _ = own.checkpoint("demo-sd15")
+        parts = (loaded.pipeline.unet, loaded.pipeline.text_encoder)
+        assert not any(isinstance(m, BaseTunerLayer) for part in parts for m in part.modules())
+        assert (pixels(own.run(parse_job(SD15))) == pixels(plain)).all()
+    finally:
+        broken.unlink()
+
+
+def test_an_embedding_that_fails_half_way_leaves_no_token(engine, monkeypatch):
+    """An SDXL embedding goes into one text encoder, then the other: when the second fails, the
+    first one's tokens must go too (they stayed, and the next job saw them)."""
+    loaded, _ = engine.checkpoint("demo-sdxl")
+    pipeline = loaded.pipeline
+    sizes = (len(pipeline.tokenizer), len(pipeline.tokenizer_2))
+    original = type(pipeline).load_textual_inversion
+    calls = []
+
+    def second_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected: the clip_g part failed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "load_textual_inversion", second_fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.run(parse_job({**SDXL, "prompt": "a cube, demo-sdxl-embedding"}))
+    assert len(calls) == 2
+    assert (len(pipeline.tokenizer), len(pipeline.tokenizer_2)) == sizes
+
+
+def test_sdxl_embeddings_with_mismatched_parts_are_skipped(engine, demo_volume):
+    from safetensors.torch import save_file
+
+    path = demo_volume / "embeddings" / "uneven-parts.safetensors"
+    cases = {
+        (1, 32, 3, 64): "different numbers of vectors",
+        (2, 32, 2, 65): "65-wide vectors",
+    }
+    loaded, _ = engine.checkpoint("demo-sdxl")
+    sizes = (len(loaded.pipeline.tokenizer), len(loaded.pipeline.tokenizer_2))
+    try:
+        for (l_rows, l_width, g_rows, g_width), why in cases.items():
+            parts = {"clip_l": torch.randn(l_rows, l_width), "clip_g": torch.randn(g_rows, g_width)}
+            save_file(parts, str(path))
+            result = engine.run(parse_job({**SDXL, "prompt": "a cube, uneven-parts"}))
+            assert any("uneven-parts not applied" in w and why in w for w in result.warnings)
+            tokenizers = (loaded.pipeline.tokenizer, loaded.pipeline.tokenizer_2)
+            assert tuple(len(t) for t in tokenizers) == sizes
+    finally:
+        path.unlink()

@@ -559,3 +559,23 @@ def test_load_errors_name_the_model_not_the_host_path(settings, demo_volume, tmp
     assert "names a vae the folder lacks" in listed["no-vae-config"]["reason"]
     assert "ALLOW_PICKLE" in listed["pickled-unet"]["reason"]
     assert {c["architecture"] for c in listed.values()} == {"unsupported"}
+
+
+def test_a_vae_override_takes_each_checkpoints_own_config(settings, demo_volume, tmp_path):
+    """A single-file VAE's config comes from the checkpoint's config folder: the same VAE on two
+    checkpoints with different sidecar configs must not reuse the first one's."""
+    import json
+
+    files = {
+        "checkpoints/a.safetensors": "checkpoints/demo-sd15.safetensors",
+        "checkpoints/b.safetensors": "checkpoints/demo-sd15.safetensors",
+        "vae/v.safetensors": "vae/demo-vae-sd15.safetensors",
+    }
+    root = _root_with(tmp_path, demo_volume, files)
+    config = root / "checkpoints" / "b.config" / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "scaling_factor": 0.5}))
+    job = {"vae": "v", "seed": 3, "steps": 2}
+    after_a = _engine(settings, root)
+    after_a.run(_job(checkpoint="a", **job))
+    fresh = _engine(settings, root).run(_job(checkpoint="b", **job))
+    assert after_a.run(_job(checkpoint="b", **job)).images[0].image == fresh.images[0].image
