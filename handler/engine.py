@@ -653,17 +653,11 @@ class Engine:
         (a tag missing its `>` runs on into the prompt, whose text stays out of logs)."""
         try:
             return self.registry.resolve("lora", name, "prompt")
-        except ModelNotFound as error:
-            raise ModelNotFound(
-                f"{tag} of prompt names no LoRA on the model roots",
-                field="prompt",
-                accepted=error.accepted,
-            ) from None
-        except InvalidInput as error:
-            raise InvalidInput(
-                f"{tag} of prompt does not name a usable LoRA",
-                field="prompt",
-                accepted=error.accepted,
+        except (ModelNotFound, InvalidInput) as error:
+            missing = isinstance(error, ModelNotFound)
+            what = "names no LoRA on the model roots" if missing else "names no usable LoRA"
+            raise type(error)(
+                f"{tag} of prompt {what}", field="prompt", accepted=error.accepted
             ) from None
 
     def _lora_hash(self, lora: AppliedLora) -> str | None:
