@@ -427,8 +427,9 @@ def precompiled_forward(
         config.enable_aot_compile = True
     what = type(module).__name__
     if _has_adapter_layers(module):
-        # The saved code would hold this worker's set of LoRA layers (loaded, disabled between
-        # jobs), which later workers would not have: compile it the usual way, and save nothing.
+        # The saved code would hold this worker's set of LoRA layers, which later workers would
+        # not have: compile it the usual way, and save nothing. (handler.loras takes them out
+        # right after loading, so this only guards a UNet that someone else wrapped.)
         log.info("%s holds LoRA layers: compiled the usual way, not saved", what)
         return None
     failed = path.with_name(path.name + ".failed")
