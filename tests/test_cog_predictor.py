@@ -204,7 +204,13 @@ class WebhookSink:
 
 
 @pytest.fixture(scope="module")
-def cog(demo_volume, tmp_path_factory):
+def cog(cog_server):
+    return cog_server[0]
+
+
+@pytest.fixture(scope="module")
+def cog_server(demo_volume, tmp_path_factory):
+    """The real Cog HTTP server on the demo volume: (url, server)."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # coglet starts its worker with `python` from PATH
     server = Server(
@@ -225,7 +231,7 @@ def cog(demo_volume, tmp_path_factory):
         server.wait_until(
             lambda: requests.get(f"{url}/health-check", timeout=2).json()["status"] == "READY"
         )
-        yield url
+        yield url, server
     finally:
         server.stop()
 
@@ -295,6 +301,22 @@ def test_unknown_checkpoint_fails_with_model_not_found_and_the_names(cog):
     body = predict(cog, {"prompt": "x", "checkpoint": "demo-sdx"}).json()
     assert body["status"] == "failed"
     assert "model_not_found" in body["error"] and "demo-sdxl" in body["error"]
+
+
+def test_prompt_text_stays_out_of_the_cog_server_log(cog_server):
+    """coglet logs every failed prediction's error and every line the predictor prints (its
+    warnings): a LoRA tag missing its `>` runs on into the prompt, and none of it may show."""
+    url, server = cog_server
+    small = {"width": 64, "height": 64, "steps": 1}
+    warned = predict(url, {**small, "prompt": "ZZMARK a cube <hypernet:x ZZSPAN1 detailed> end"})
+    assert warned.json()["status"] == "succeeded"
+    failed = predict(url, {**small, "prompt": "ZZMARK <lora:demo_sd15_kohya:0.8 a ZZSPAN2> end"})
+    assert failed.json()["status"] == "failed" and "LoRA tag 1 of prompt" in failed.json()["error"]
+    missing = predict(url, {**small, "prompt": "ZZMARK <lora:ZZSPAN3 a red car>"})
+    assert "model_not_found" in missing.json()["error"]
+    log = server.log()
+    assert "removed: only LoRA extra networks" in log  # the warning was printed, without text
+    assert "ZZMARK" not in log and "ZZSPAN" not in log
 
 
 def test_same_seed_gives_identical_images(cog):
