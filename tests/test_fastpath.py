@@ -480,7 +480,10 @@ def test_compiled_vae_decoder_is_channels_last_and_installed_once(monkeypatch):
     torch.testing.assert_close(got, expected)
 
 
-def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows():
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+)
+def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows(device):
     from diffusers.image_processor import VaeImageProcessor
 
     vae = tiny_vae(force_upcast=True)
@@ -488,8 +491,8 @@ def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows():
     class Pipeline:
         image_processor = VaeImageProcessor()
 
-    Pipeline.vae = vae.to(torch.float16)
-    latents = torch.randn(1, 4, 8, 8)
+    Pipeline.vae = vae.to(device, torch.float16)
+    latents = torch.randn(1, 4, 8, 8, device=device)
     with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
         decoder.decode(latents)
         assert not decoder.upcast  # finite in fp16: no fp32 pass
@@ -497,7 +500,8 @@ def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows():
         vae.post_quant_conv.weight.mul_(6e4)  # now fp16 activations overflow
     weights = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
     with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
-        decoder.wide_dtype = torch.bfloat16  # as on a GPU: a lossy round trip for fp16
+        if device == "cpu":
+            decoder.wide_dtype = torch.bfloat16  # as on a GPU: a lossy round trip for fp16
         image = decoder.decode(latents)
         assert decoder.upcast and vae.dtype == torch.bfloat16
     assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
