@@ -659,6 +659,50 @@ TARGETS = {
     },
 }
 UNET_TFLOP_PER_STEP = {"sd15-512-50": 1.61, "sdxl-1024-30": 13.5}
+DENSE_FP16_TFLOP_S = {"H100": 989, "H200": 989}  # by GPU name: the peak that bounds the UNet
+
+
+def why_missed(entry: dict, key: str, target: float, gpu: str) -> str:
+    """Why a target was missed, in this run's own figures (the README has the analysis)."""
+    config = entry["config"]
+    if key in ("ours_s", "speedup"):
+        compiled = entry.get("ours_compiled_timings_ms")
+        use_compiled = compiled and entry.get("ours_compiled_s", 1e9) < entry.get("ours_s", 1e9)
+        phases = compiled if use_compiled else entry.get("ours_timings_ms", {})
+        path = "COMPILE=1" if use_compiled else "eager, CUDA-graphed"
+        if key == "speedup":
+            needed = entry["baseline_s"] / target
+            return (
+                f"plain diffusers took {entry['baseline_s']} s in this run, so {target}x needs "
+                f"{needed:.3f} s; ours ({path}) took {phases.get('total', 0) / 1000:.3f} s"
+            )
+        steps = int(config.rsplit("-", 1)[1])
+        step_ms = phases.get("denoise", 0) / steps
+        why = (
+            f"ours ({path}): denoise {phases.get('denoise')} ms ({step_ms:.2f} ms a step, the "
+            f"UNet at {UNET_TFLOP_PER_STEP[config] / step_ms * 1000:.0f} TFLOP/s), decode "
+            f"{phases.get('decode')} ms, PNG encode {phases.get('encode')} ms"
+        )
+        peak = next((v for k, v in DENSE_FP16_TFLOP_S.items() if k in gpu), None)
+        if peak:
+            floor_s = UNET_TFLOP_PER_STEP[config] * steps / peak
+            why += (
+                f"; the UNet averages "
+                f"{UNET_TFLOP_PER_STEP[config] / step_ms * 1000 / peak:.0%} of the GPU's dense "
+                f"fp16 peak ({peak} TFLOP/s), at which its {UNET_TFLOP_PER_STEP[config]} TFLOP "
+                f"a step would still take {floor_s:.3f} s (README, 'Why the misses')"
+            )
+        return why
+    phases = entry.get(f"{key[: -len('_s')]}_phases_s")
+    if not phases:
+        return "no phases recorded"
+    return (
+        f"mostly Python imports: torch, the handler and the RunPod SDK {phases['imports']} s; "
+        f"then engine start {phases['of_which_engine_init']} s and checkpoint load "
+        f"{phases['of_which_load']} s, which include {phases['of_which_diffusers_import']} s of "
+        f"importing diffusers, transformers and the pipeline; warm-up "
+        f"{phases['of_which_warm_up']} s; first job {phases['first_job']} s"
+    )
 
 
 def target_report(data: dict) -> list[dict]:
@@ -685,6 +729,7 @@ def target_report(data: dict) -> list[dict]:
             row["met"] = met
             if not met:
                 row["missed_by"] = round(abs(measured - target), 3)
+                row["why"] = why_missed(entry, key, target, data.get("gpu", ""))
             rows.append(row)
         if "denoise" in entry.get("ours_timings_ms", {}):
             steps = int(config.rsplit("-", 1)[1])
