@@ -441,6 +441,13 @@ class Engine:
             init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, width, height) if job.mask else None
         final_w, final_h = self._check_hires(job, width, height)
+        if job.hires:
+            hires_steps = self._hires_schedule(loaded, job)[0]
+            if hires_steps < (job.hires.steps or job.steps):
+                warnings.append(
+                    f"the hires pass runs {hires_steps} steps: at strength {job.hires.strength:g}, "
+                    f"more would need a longer schedule than {job.scheduler} allows"
+                )
         safety = self._safety_checker_for(job)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
@@ -808,14 +815,24 @@ class Engine:
                 field="hires.scale",
                 accepted=f"a scale keeping each side <= 2048 and width x height <= {self.settings.max_pixels}",
             )
-        steps = job.hires.steps or job.steps
-        if int(steps * job.hires.strength) < 1:
-            raise InvalidInput(
-                f"{steps} steps x {job.hires.strength} leaves no hires step",
-                field="hires.strength",
-                accepted=f"at least {1 / steps:.3f}",
-            )
         return final_w, final_h
+
+    def _hires_schedule(self, loaded: LoadedCheckpoint, job: Job) -> tuple[int, int, float]:
+        """(steps run, schedule length, diffusers' strength) of the hires pass.
+
+        As A1111 does, all of the pass's steps run (`hires.steps`, else the job's), from
+        `strength`'s noise level: they are the last steps of a schedule of steps / strength
+        steps. diffusers' img2img would instead run steps x strength of them. The schedule is
+        capped at what the scheduler allows (its training timesteps; LCM's original steps), and
+        the steps run with it.
+        """
+        scheduler = build_scheduler(job.scheduler, loaded.scheduler_config).config
+        limit = scheduler.get("original_inference_steps") or scheduler.num_train_timesteps
+        strength = job.hires.strength
+        steps = min(job.hires.steps or job.steps, int(limit * strength))
+        schedule = max(steps, min(int(steps / min(strength, 0.999)), limit))
+        # diffusers runs int(schedule x strength) steps: the half step makes that exactly `steps`
+        return steps, schedule, min(1.0, (steps + 0.5) / schedule)
 
     def _hires_pass(self, loaded, job, text, latents, width, height, generators, callback):
         """Upscale the first pass (latents, or decoded images) and run img2img at the new size."""
@@ -830,13 +847,14 @@ class Engine:
                     decoder.decode(latents[i : i + 1]).resize((final_w, final_h), Image.LANCZOS)
                     for i in range(latents.shape[0])
                 ]
+        _, schedule, strength = self._hires_schedule(loaded, job)
         args = {
             **text,
-            "num_inference_steps": job.hires.steps or job.steps,
+            "num_inference_steps": schedule,
             "guidance_scale": job.guidance_scale,
             "output_type": "latent",
             "image": image,
-            "strength": job.hires.strength,
+            "strength": strength,
             "generator": generators,
         }
         return self._call(loaded, "img2img", job, args, callback)

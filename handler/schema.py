@@ -40,7 +40,11 @@ class HiresFix(BaseModel):
 
     scale: float = Field(2.0, ge=1.0, le=4.0, description="Upscale factor of the second pass.")
     steps: int | None = Field(
-        None, ge=1, le=150, description="Second-pass steps. Empty uses the job's steps."
+        None,
+        ge=1,
+        le=150,
+        description="Steps the second pass runs, all of them, as in A1111. Empty uses the "
+        "job's steps.",
     )
     strength: float = Field(0.55, ge=0.05, le=1.0, description="Second-pass denoising strength.")
     upscaler: Literal["latent", "image"] = Field(

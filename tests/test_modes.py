@@ -174,6 +174,47 @@ def test_hires_fix_doubles_the_size_deterministically(engine, checkpoint, upscal
     assert (pixels(first) == pixels(again)).all()
 
 
+def unet_calls_by_width(engine, job: dict) -> dict[int, int]:
+    """How many UNet calls a job made at each latent width (CFG runs as one batched call)."""
+    calls: dict[int, int] = {}
+
+    def count(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        calls[sample.shape[-1]] = calls.get(sample.shape[-1], 0) + 1
+
+    unet = engine.checkpoint(job["checkpoint"])[0].pipeline.unet
+    hook = unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        engine.run(parse_job(job))
+    finally:
+        hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("hires", "runs"),
+    [
+        ({"steps": 6, "strength": 0.7}, 6),  # diffusers' img2img would run int(6 x 0.7) = 4
+        ({"steps": 20, "strength": 0.3}, 20),
+        ({"strength": 0.05}, 3),  # the job's 3 steps: no longer "leaves no hires step"
+        ({"steps": 4, "strength": 1.0}, 4),
+    ],
+)
+def test_the_hires_pass_runs_all_its_steps_as_a1111_does(engine, hires, runs):
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 1}
+    job.update(checkpoint="demo-sd15", scheduler="Euler", hires={"scale": 1.5, **hires})
+    assert unet_calls_by_width(engine, job) == {8: 3, 12: runs}
+
+
+def test_a_hires_schedule_longer_than_the_scheduler_allows_runs_fewer_steps_and_says_so(engine):
+    # LCM allows 50 steps: at strength 0.05 that leaves 2 of the job's 3 (A1111's would be 60)
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 1}
+    job.update(checkpoint="demo-sd15", scheduler="LCM", hires={"scale": 1.5, "strength": 0.05})
+    assert unet_calls_by_width(engine, job) == {8: 3, 12: 2}
+    result = engine.run(parse_job(job))
+    assert any("the hires pass runs 2 steps" in warning for warning in result.warnings)
+
+
 def test_a1111_enable_hr_maps_onto_hires():
     job = parse_job(
         {
