@@ -160,7 +160,17 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 field="refiner_switch_at",
                 accepted="one of them",
             )
-        data["high_noise_frac"] = switch_at
+        if switch_at == 1:  # A1111 never switches: no refiner
+            data.pop("refiner_checkpoint")
+            warnings.append("refiner_switch_at 1: the refiner does not run (as in A1111)")
+        elif not isinstance(switch_at, int | float) or not 0.05 <= switch_at <= 0.95:
+            raise InvalidInput(
+                f"refiner_switch_at {switch_at!r} is out of range",
+                field="refiner_switch_at",
+                accepted="0.05 to 0.95, or 1 for no refiner",
+            )
+        else:
+            data["high_noise_frac"] = switch_at
 
     # 1. Plain renames; two names for one field is ambiguous, so it is refused.
     for alias, native in FIELD_ALIASES.items():
@@ -301,6 +311,10 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
     given = {name: data.pop(name) for name in A1111_HIRES_FIELDS if name in data}
     if not enabled:
         return
+    if any(data.get(name) for name in ("init_images", "image", "image_url")):
+        # A1111's img2img has no hires fix: its denoising_strength stays the img2img strength
+        warnings.append("enable_hr ignored: img2img has no hires fix (as in A1111)")
+        return
     if "hires" in data:
         raise InvalidInput(
             "both enable_hr and hires are given", field="enable_hr", accepted="one of them"
@@ -324,11 +338,17 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
                 accepted="0.05 to 1.0 with enable_hr",
             )
         hires["strength"] = strength
+    else:
+        hires["strength"] = A1111_HIRES_STRENGTH
     upscaler = str(given.get("hr_upscaler") or "Latent")
     hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
     if hires["upscaler"] == "image" and upscaler.lower() != "lanczos":
         warnings.append(f"hr_upscaler {upscaler!r} is not available: the image upscaler is Lanczos")
     data["hires"] = hires
+
+
+# A1111's txt2img API default for denoising_strength, which is the hires pass's strength.
+A1111_HIRES_STRENGTH = 0.75
 
 
 # A1111's hires-pass choices that this worker does not have (its hires pass reuses the first

@@ -219,7 +219,9 @@ class Predictor(BaseRunner):
             default=None,
             ge=0.05,
             le=0.95,
-            description="SDXL refiner ensemble: the fraction of steps the base model runs.",
+            description="SDXL refiner ensemble: the fraction of the noise schedule the base "
+            "model denoises before the refiner takes over (0.8: the base runs down to timestep "
+            "200).",
         ),
         refiner_inference_steps: int | None = Input(
             default=None,

@@ -127,7 +127,9 @@ class Job(BaseModel):
         None,
         ge=0.05,
         le=0.95,
-        description="SDXL refiner ensemble: the fraction of steps the base model runs.",
+        description="SDXL refiner ensemble: where the base hands over to the refiner, as the "
+        "fraction of the noise schedule done (timestep 1000 x (1 - value)), as diffusers' "
+        "denoising_end and A1111's refiner_switch_at do.",
     )
     refiner_inference_steps: int | None = Field(
         None,

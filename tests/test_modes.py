@@ -393,6 +393,25 @@ def test_refiner_fields_without_a_refiner_are_ignored_with_a_warning(engine):
     assert any("the refiner is for SDXL" in w for w in sd15.warnings)
 
 
+@pytest.mark.parametrize(("scheduler", "base_steps"), [("Euler", 16), ("DPM++ 2M Karras", 12)])
+def test_the_refiner_takes_over_by_timestep_as_diffusers_and_a1111_do(
+    engine, scheduler, base_steps
+):
+    """0.8 hands over at timestep 200: 16 of Euler's 20 steps are above it, 12 of Karras's."""
+    job = {**REFINE, "steps": 20, "scheduler": scheduler, "high_noise_frac": 0.8}
+    job["refiner_checkpoint"] = "demo-sdxl-refiner"
+    refiner_unet = engine.checkpoint("demo-sdxl-refiner")[0].pipeline.unet
+    calls = {"refiner": 0}
+    hook = refiner_unet.register_forward_pre_hook(
+        lambda *_: calls.update(refiner=calls["refiner"] + 1)
+    )
+    try:
+        base = unet_calls_by_width(engine, job)
+    finally:
+        hook.remove()
+    assert base == {8: base_steps} and calls["refiner"] == 20 - base_steps
+
+
 def test_hires_sizes_truncate_to_whole_latents_as_a1111_does(engine):
     # 64 x 1.37 = 87.7 px: A1111 truncates to 87 px, then to whole latents, 80 (not 88)
     job = {"prompt": "x", "width": 64, "height": 72, "steps": 2, "seed": 4}

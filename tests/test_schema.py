@@ -392,3 +392,25 @@ def test_an_unavailable_hires_upscaler_is_named_in_the_warnings():
     assert job.hires.upscaler == "image"
     assert any("'R-ESRGAN 4x+' is not available" in note for note in job._notes)
     assert not parse_job({"prompt": "x", "enable_hr": True, "hr_upscaler": "Lanczos"})._notes
+
+
+def test_enable_hr_beside_an_init_image_is_ignored_as_a1111_img2img_does():
+    payload = {"prompt": "x", "init_images": ["aGVsbG8="], "denoising_strength": 0.3}
+    job = parse_job({**payload, "enable_hr": True, "hr_scale": 2})
+    assert job.hires is None and job.strength == 0.3
+    assert any("enable_hr ignored" in note for note in job._notes)
+
+
+def test_enable_hr_without_denoising_strength_takes_a1111s_api_default():
+    assert parse_job({"prompt": "x", "enable_hr": True}).hires.strength == 0.75
+
+
+def test_refiner_switch_at_1_runs_no_refiner_and_other_values_name_the_field_sent():
+    payload = {"prompt": "x", "refiner_checkpoint": "refiner"}
+    job = parse_job({**payload, "refiner_switch_at": 1})
+    assert job.refiner_checkpoint is None and job.high_noise_frac is None
+    assert any("the refiner does not run" in note for note in job._notes)
+    assert parse_job({**payload, "refiner_switch_at": 0.8}).high_noise_frac == 0.8
+    for value in (0.99, 0.02, "late"):
+        error = error_of({**payload, "refiner_switch_at": value})
+        assert error.field == "refiner_switch_at" and "1 for no refiner" in error.accepted
