@@ -499,6 +499,7 @@ class Engine:
                 overlay,
                 safety,
                 warnings,
+                _infotext_fields(job, mode, refiner, width, height),
             )
 
         # 4. Deliver
@@ -552,6 +553,7 @@ class Engine:
         overlay,
         safety=None,
         warnings=None,
+        infotext_fields=None,
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
@@ -571,12 +573,10 @@ class Engine:
                     sampler=job.scheduler,
                     cfg_scale=job.guidance_scale,
                     seed=seeds[index],
-                    width=width,
-                    height=height,
                     model=loaded.name,
                     model_hash=model_hash,
                     loras=lora_info,
-                    extra={"Clip skip": job.clip_skip} if job.clip_skip > 1 else None,
+                    **(infotext_fields or {"width": width, "height": height}),
                 )
             encoded = encode_image(
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
@@ -1059,6 +1059,30 @@ def _done(value):
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _infotext_fields(job: Job, mode: str, refiner, width: int, height: int) -> dict[str, Any]:
+    """A1111's infotext fields for what ran beyond txt2img: its size is the first pass's, and
+    img2img, inpainting, hires fix, the refiner ensemble, clip skip and a VAE add their own."""
+    extra: dict[str, Any] = {}
+    if job.vae:
+        extra["VAE"] = job.vae
+    if mode != "txt2img":
+        extra["Denoising strength"] = f"{job.strength:g}"
+    if job.clip_skip > 1:
+        extra["Clip skip"] = job.clip_skip
+    if mode == "inpaint":
+        extra["Mask blur"] = job.mask_blur
+    if job.hires:
+        extra["Denoising strength"] = f"{job.hires.strength:g}"
+        extra["Hires upscale"] = f"{job.hires.scale:g}"
+        if job.hires.steps:
+            extra["Hires steps"] = job.hires.steps
+        extra["Hires upscaler"] = "Latent" if job.hires.upscaler == "latent" else "Lanczos"
+    if refiner is not None and job.high_noise_frac is not None:
+        extra["Refiner"] = refiner.name
+        extra["Refiner switch at"] = f"{job.high_noise_frac:g}"
+    return {"width": width, "height": height, "extra": extra}
 
 
 def _hires_side(value: float) -> int:

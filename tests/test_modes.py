@@ -248,24 +248,35 @@ def test_hires_second_pass_has_its_own_limit(engine):
     assert info.value.field == "hires.scale"
 
 
-def test_hires_infotext_reports_the_final_size(engine):
+def infotext_fields(result) -> dict[str, str]:
+    """The last line of an image's A1111 infotext, as A1111's PNG Info splits it."""
     from handler.outputs import read_infotext
 
-    result = engine.run(
-        parse_job(
-            {
-                "prompt": "x",
-                "width": 64,
-                "height": 64,
-                "steps": 2,
-                "seed": 1,
-                "checkpoint": "demo-sd15",
-                "hires": {"scale": 2},
-            }
-        )
-    )
     data = base64.b64decode(result.images[0].image.split(",", 1)[1])
-    assert "Size: 128x128" in read_infotext(data)
+    line = read_infotext(data).splitlines()[-1]
+    return dict(field.split(": ", 1) for field in line.split(", "))
+
+
+def test_hires_infotext_is_a1111s_first_pass_size_and_hires_fields(engine):
+    job = {"prompt": "x", "width": 64, "height": 72, "steps": 2, "seed": 1}
+    job.update(checkpoint="demo-sd15", hires={"scale": 2, "steps": 3, "strength": 0.4})
+    result = engine.run(parse_job(job))
+    assert (result.width, result.height) == (128, 144)  # the result says what was delivered
+    fields = infotext_fields(result)
+    assert fields["Size"] == "64x72" and fields["Hires upscale"] == "2"
+    assert fields["Hires steps"] == "3" and fields["Hires upscaler"] == "Latent"
+    assert fields["Denoising strength"] == "0.4"
+
+
+def test_img2img_and_inpainting_infotext_name_their_strength_and_mask_blur(engine):
+    img2img = {"prompt": "x", "image": data_uri(INIT), "strength": 0.6, "steps": 2}
+    fields = infotext_fields(engine.run(parse_job({**img2img, "checkpoint": "demo-sd15"})))
+    assert fields["Denoising strength"] == "0.6" and "Mask blur" not in fields
+    inpaint = engine.run(parse_job(inpaint_job("demo-sd15", mask_blur=2)))
+    fields = infotext_fields(inpaint)
+    assert fields["Denoising strength"] == "0.75" and fields["Mask blur"] == "2"
+    txt2img = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "checkpoint": "demo-sd15"}
+    assert "Denoising strength" not in infotext_fields(engine.run(parse_job(txt2img)))
 
 
 # -- safety checker ----------------------------------------------------------------------------
@@ -410,6 +421,12 @@ def test_the_refiner_takes_over_by_timestep_as_diffusers_and_a1111_do(
     finally:
         hook.remove()
     assert base == {8: base_steps} and calls["refiner"] == 20 - base_steps
+
+
+def test_refiner_ensemble_infotext_names_the_refiner_and_its_switch(engine):
+    job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "high_noise_frac": 0.75}
+    fields = infotext_fields(engine.run(parse_job(job)))
+    assert fields["Refiner"] == "demo-sdxl-refiner" and fields["Refiner switch at"] == "0.75"
 
 
 def test_hires_sizes_truncate_to_whole_latents_as_a1111_does(engine):
