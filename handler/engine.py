@@ -485,7 +485,7 @@ class Engine:
                 )
             )
             timings["denoise"] = denoise_ms
-            overlay = (init_image, mask) if mask is not None else None
+            overlay = (init_image, _overlay_mask(mask)) if mask is not None else None
             encoded = self._decode_and_encode(
                 job,
                 loaded,
@@ -557,7 +557,7 @@ class Engine:
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
-        For inpainting, `overlay` is (init image, mask): pixels outside the mask are pasted back
+        For inpainting, `overlay` is (init image, paste mask): pixels outside the mask are pasted back
         from the init image, so they come out exactly as they went in.
         """
         model_hash = self.registry.cached_hash(loaded.model)
@@ -1059,6 +1059,13 @@ def _done(value):
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _overlay_mask(mask: Image.Image) -> Image.Image:
+    """The mask for pasting the input back over an inpainted image: the blurred mask at twice
+    its strength, as A1111 pastes, so the repainted area stays fully repainted up to where the
+    blur falls to half and the blend happens over the blur's outer half."""
+    return mask.point(lambda value: min(255, 2 * value))
 
 
 def _infotext_fields(job: Job, mode: str, refiner, width: int, height: int) -> dict[str, Any]:

@@ -55,6 +55,19 @@ def test_inpainting_keeps_pixels_outside_the_mask(engine, checkpoint):
     assert (pixels(again) == out).all()
 
 
+def test_a_blurred_mask_pastes_the_input_back_as_a1111_does(engine):
+    from handler.engine import _overlay_mask
+
+    paste = np.asarray(
+        _overlay_mask(Image.fromarray(np.array([[0, 1, 100, 127, 128, 255]], "uint8")))
+    )
+    assert paste.tolist() == [[0, 2, 200, 254, 255, 255]]  # full repaint from half the blur up
+    result = engine.run(parse_job(inpaint_job("demo-sd15", mask_blur=2)))
+    out, init = pixels(result), np.asarray(INIT, dtype=np.int16)
+    assert (out[:, :26] == init[:, :26]).all()  # beyond three blur radii: exactly the input
+    assert (out[:, 26:32] != init[:, 26:32]).any()  # the blur's outer half blends
+
+
 def test_inverted_mask_keeps_the_other_half(engine):
     result = engine.run(parse_job(inpaint_job("demo-sd15", invert_mask=True)))
     out, init = pixels(result), np.asarray(INIT, dtype=np.int16)
