@@ -414,7 +414,9 @@ class Engine:
         init_image = load_image(job.image, "image", self.settings) if job.image else None
         native = NATIVE_SIZE[loaded.architecture]
         default_w, default_h = (
-            (native, native) if init_image is None else _multiple_of_8(init_image.size)
+            (native, native)
+            if init_image is None
+            else _size_of_input(init_image.size, self.settings.max_pixels)
         )
         width, height = job.width or default_w, job.height or default_h
         if width * height > self.settings.max_pixels:
@@ -1097,8 +1099,13 @@ def _hires_side(value: float) -> int:
     return max(64, int(value) // 8 * 8)
 
 
-def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
-    return tuple(max(64, min(2048, side - side % 8)) for side in size)  # type: ignore[return-value]
+def _size_of_input(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """An input image's size as a job's default: scaled to fit 64-2048 a side and max_pixels,
+    keeping its aspect ratio (a phone photo stays 4:3), then rounded down to multiples of 8."""
+    width, height = size
+    scale = min(1.0, 2048 / max(size), (max_pixels / (width * height)) ** 0.5)
+    scale = max(scale, 64 / min(size))  # a thin strip grows to 64; only then is it clamped
+    return tuple(max(64, min(2048, int(side * scale) // 8 * 8)) for side in size)  # type: ignore[return-value]
 
 
 def _quiet_libraries() -> None:

@@ -167,6 +167,29 @@ def test_resize_mode_reaches_the_job(engine):
     assert np.abs(pixels(crop) - pixels(stretch)).max() > 0
 
 
+@pytest.mark.parametrize(
+    ("size", "default"),
+    [
+        ((100, 90), (96, 88)),  # rounded down to multiples of 8
+        ((4032, 3024), (2048, 1536)),  # a phone photo keeps 4:3 (was stretched to 2048x2048)
+        ((3000, 1000), (2048, 680)),
+        ((30, 500), (64, 1064)),  # a thin strip grows to 64 wide, keeping its shape
+    ],
+)
+def test_an_input_images_size_is_the_default_with_its_aspect_ratio(size, default):
+    from handler.engine import _size_of_input
+
+    assert _size_of_input(size, 2048 * 2048) == default
+    width, height = _size_of_input(size, 1024 * 1024)  # MAX_IMAGE_PIXELS bounds it too
+    assert width * height <= 1024 * 1024 or min(width, height) == 64
+
+
+def test_the_default_size_from_an_input_image_reaches_the_job(engine):
+    job = {"prompt": "x", "image": data_uri(INIT.resize((100, 90))), "steps": 2, "seed": 1}
+    result = engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
+    assert (result.width, result.height) == (96, 88)
+
+
 # -- hires fix ---------------------------------------------------------------------------------
 
 
