@@ -69,14 +69,16 @@ class Job(BaseModel):
         ge=64,
         le=2048,
         multiple_of=8,
-        description="Image width in pixels, a multiple of 8. Empty means the checkpoint's native size.",
+        description="Image width in pixels, a multiple of 8. Empty means the input image's size, "
+        "else the checkpoint's native size.",
     )
     height: int | None = Field(
         None,
         ge=64,
         le=2048,
         multiple_of=8,
-        description="Image height in pixels, a multiple of 8. Empty means the checkpoint's native size.",
+        description="Image height in pixels, a multiple of 8. Empty means the input image's size, "
+        "else the checkpoint's native size.",
     )
     steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
     guidance_scale: float = Field(
