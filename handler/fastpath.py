@@ -809,14 +809,33 @@ def accelerate(
 
 
 def worker_cache_dir(roots: list[Path]) -> Path | None:
-    """`.sd-worker-cache` on the first writable model root (the volume), or None."""
+    """`.sd-worker-cache` on the first writable model root on a mounted volume, where every
+    worker finds it, else on the first writable model root; None when none is writable.
+
+    In the worker image the baked `/models` comes first, but it lives on the container's own
+    disk, which each new worker starts without: a cache there would be compiled again by every
+    worker. The network volume (`/runpod-volume`) is a mount, so it is preferred.
+    """
     writable = [r for r in roots if r.is_dir() and os.access(r, os.W_OK)]
-    return writable[0] / ".sd-worker-cache" if writable else None
+    on_volumes = [r for r in writable if _on_mounted_volume(r)]
+    chosen = on_volumes or writable
+    return chosen[0] / ".sd-worker-cache" if chosen else None
+
+
+def _on_mounted_volume(path: Path) -> bool:
+    """Whether `path` lives on a filesystem mounted below `/` (a volume, a bind mount) rather
+    than on the root filesystem (a container's own disk)."""
+    path = path.resolve()
+    for folder in (path, *path.parents):
+        if os.path.ismount(folder):
+            return folder != Path(folder.anchor)
+    return False
 
 
 def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:
-    """Where inductor keeps its cache: COMPILE_CACHE_DIR, else a folder on the first writable
-    model root, keyed by GPU and torch version (compiled kernels are only valid for both)."""
+    """Where inductor keeps its cache: COMPILE_CACHE_DIR, else a folder in the worker cache
+    (`worker_cache_dir`), keyed by GPU and torch version (compiled kernels are only valid for
+    both)."""
     if configured:
         base = Path(configured)
     else:

@@ -97,6 +97,23 @@ def test_compile_cache_is_keyed_by_gpu_and_torch_version(tmp_path):
     assert compile_cache_dir(None, [tmp_path / "missing"]) is None
 
 
+def test_the_worker_cache_goes_to_a_mounted_volume_before_the_images_own_disk(
+    tmp_path, monkeypatch
+):
+    from handler import fastpath
+
+    baked, volume = tmp_path / "models", tmp_path / "runpod-volume"
+    (volume / "models").mkdir(parents=True)
+    baked.mkdir()
+    roots = [baked, volume / "models", volume]  # the image's search order
+    assert fastpath.worker_cache_dir(roots) == baked / ".sd-worker-cache"  # no mount: the first
+    monkeypatch.setattr(fastpath.os.path, "ismount", lambda p: str(p) in (str(volume), "/"))
+    assert fastpath.worker_cache_dir(roots) == volume / "models" / ".sd-worker-cache"
+    # a read-only volume: back to the image's disk
+    monkeypatch.setattr(fastpath.os, "access", lambda p, mode: volume not in [p, *p.parents])
+    assert fastpath.worker_cache_dir(roots) == baked / ".sd-worker-cache"
+
+
 def test_compile_caches_of_versions_unused_for_the_keep_days_are_pruned(
     tmp_path, monkeypatch, caplog
 ):
