@@ -102,6 +102,20 @@ def test_hub_dockerfile_is_the_worker_image_and_cuda_versions_match_torch():
     assert {"BUCKET_ENDPOINT_URL", "BUCKET_NAME", "DEFAULT_CHECKPOINT"} <= keys
 
 
+def test_both_images_have_the_c_compiler_that_compile_needs():
+    """With COMPILE=1, triton compiles its CUDA launcher modules with a C compiler at run time."""
+    import re
+
+    import yaml
+
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    installed = re.search(r"apt-get install -y --no-install-recommends ([^\n\\&]*)", final_stage)
+    assert {"gcc", "libc6-dev", "python3-dev"} <= set(installed.group(1).split())
+    build = yaml.safe_load((REPO / "cog.yaml").read_text())["build"]
+    assert {"gcc", "libc6-dev"} <= set(build["system_packages"])
+
+
 def test_cog_and_the_worker_image_use_the_same_python():
     cog = (REPO / "cog.yaml").read_text()
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
