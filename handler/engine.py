@@ -363,13 +363,28 @@ class Engine:
         `job_id` names the job's folder in the bucket.
         """
         with self._lock:
-            return self._run(
-                job,
-                progress or (lambda p: None),
-                cancelled or (lambda: False),
-                inline_limit,
-                job_id,
-            )
+            try:
+                return self._run(
+                    job,
+                    progress or (lambda p: None),
+                    cancelled or (lambda: False),
+                    inline_limit,
+                    job_id,
+                )
+            except torch.OutOfMemoryError:
+                # outside the denoise and decode retries: loading or moving models, LoRAs, VAEs
+                log.warning("out of memory while loading this job's models")
+                _free_cuda_memory()
+                raise OutOfMemory(
+                    "the GPU ran out of memory loading this job's models",
+                    accepted="fewer models resident on the GPU (GPU_CHECKPOINTS), or a new worker",
+                    refresh_worker=True,
+                ) from None
+            except RuntimeError as error:
+                failure = _cuda_failure(error)
+                if failure is None:
+                    raise
+                raise failure from None
 
     def _run(self, job: Job, progress, cancelled, inline_limit, job_id: str) -> Result:
         started = time.perf_counter()
@@ -1039,13 +1054,20 @@ def _with_oom_retry(call):
                     refresh_worker=True,
                 ) from None
         except RuntimeError as error:
-            text = str(error)
-            if "device-side assert" in text or "CUDA error" in text:
-                log.exception("CUDA error; the worker should be replaced")
-                raise InternalError(
-                    "a CUDA error left the GPU unusable", refresh_worker=True
-                ) from None
-            raise
+            failure = _cuda_failure(error)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+def _cuda_failure(error: RuntimeError) -> InternalError | None:
+    """A CUDA error that may have poisoned the context, as a job error asking for a new worker;
+    None for any other RuntimeError."""
+    text = str(error)
+    if "device-side assert" not in text and "CUDA error" not in text:
+        return None
+    log.error("CUDA error; the worker should be replaced", exc_info=error)
+    return InternalError("a CUDA error left the GPU unusable", refresh_worker=True)
 
 
 def _free_cuda_memory() -> None:

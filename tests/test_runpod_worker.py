@@ -165,6 +165,24 @@ def test_persistent_oom_asks_for_a_fresh_worker(worker, engine):
     assert "images" in runpod_worker.run_job({"id": "o2", "input": JOB}, threading.Event())
 
 
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory (injected)"), "out_of_memory:"),
+        (RuntimeError("CUDA error: an illegal memory access (injected)"), "internal_error:"),
+    ],
+)
+def test_a_gpu_failure_while_loading_models_asks_for_a_fresh_worker(
+    worker, engine, monkeypatch, fault, code
+):
+    def load(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(engine, "checkpoint", load)  # as a checkpoint moving to the GPU would
+    reply = runpod_worker.run_job({"id": "l", "input": JOB}, threading.Event())
+    assert reply["error"].startswith(code) and reply["refresh_worker"] is True
+
+
 def test_a_single_oom_is_retried_and_succeeds(worker, engine):
     calls = []
 
