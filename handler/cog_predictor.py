@@ -96,6 +96,13 @@ class Predictor(BaseRunner):
         self.engine = Engine(settings)
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))
+        self.gpu_unusable = False
+
+    def healthcheck(self) -> bool:
+        """coglet's user health check (GET /health-check): unhealthy once a prediction failed in
+        a way that may have poisoned the CUDA context (RunPod's refresh_worker), so that the
+        container can be replaced instead of failing every later prediction."""
+        return not getattr(self, "gpu_unusable", False)
 
     def _fresh_outputs(self) -> FilePath:
         """The output folder, emptied of the previous prediction's files (uploaded by now)."""
@@ -287,7 +294,10 @@ class Predictor(BaseRunner):
         # RunPod, with internal_error and the traceback in the log only.
         try:
             result = self.engine.run(parse_job(payload), progress=_LogProgress())
-        except WorkerError:
+        except WorkerError as error:
+            if error.refresh_worker:
+                log.error("this container's GPU may be unusable: health check now fails")
+                self.gpu_unusable = True
             raise
         except Exception:
             log.exception("prediction: unexpected error")

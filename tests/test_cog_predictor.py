@@ -128,6 +128,65 @@ def test_lora_string_parsing():
     assert info.value.field == "loras"
 
 
+def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
+    from handler.cog_predictor import Predictor
+    from handler.errors import InternalError, InvalidInput
+
+    class FailingEngine:
+        error: Exception
+
+        def run(self, job, progress=None):
+            raise self.error
+
+    runner, engine = Predictor(), FailingEngine()
+    runner.engine = engine
+    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
+    inputs.pop("self")
+    inputs.update(prompt="a cube", width=64, height=64)
+    engine.error = InvalidInput("bad", field="width")
+    with pytest.raises(InvalidInput):
+        runner.run(**inputs)
+    assert runner.healthcheck() is True  # the client's mistake: the container is fine
+    engine.error = InternalError("a CUDA error left the GPU unusable", refresh_worker=True)
+    with pytest.raises(InternalError):
+        runner.run(**inputs)
+    assert runner.healthcheck() is False
+
+
+def test_the_cog_server_reports_the_predictors_health_check(demo_volume, tmp_path):
+    """coglet calls the predictor's healthcheck(): UNHEALTHY once it returns False."""
+    module = tmp_path / "poisoned.py"
+    module.write_text(
+        "from handler.cog_predictor import Predictor as Base\n\n\n"
+        "class Predictor(Base):\n"
+        "    def setup(self):\n"
+        "        super().setup()\n"
+        "        self.gpu_unusable = True  # as after a CUDA error\n"
+    )
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    server = Server(
+        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        env={
+            "COG_PREDICT_TYPE_STUB": f"{module}:Predictor",
+            "PORT": str(port),
+            "MODELS_DIR": str(demo_volume),
+            "DEFAULT_CHECKPOINT": "demo-sd15",
+            "DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        },
+        log_path=tmp_path / "cog.log",
+    )
+    url = f"http://127.0.0.1:{port}/health-check"
+    try:
+        server.wait_until(lambda: requests.get(url, timeout=2).json()["status"] != "STARTING")
+        assert requests.get(url, timeout=5).json()["status"] == "UNHEALTHY"
+    finally:
+        server.stop()
+
+
 def test_setup_starts_reading_the_checkpoint_before_torch_is_imported(demo_volume):
     # Cog imports the predictor, then calls setup(): the checkpoint's disk read can only overlap
     # the torch and diffusers imports if the module itself imports neither.
