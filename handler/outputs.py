@@ -353,6 +353,7 @@ def _upload(
         try:
             storage.put(key, image.data, image.mime_type)
         except UploadFailed:
+            uploaded.append(key)  # stored, but not the bytes sent: deleted with the others
             raise
         except Exception as error:  # botocore's, after its retries of transient errors
             raise UploadFailed(

@@ -51,12 +51,14 @@ def moto(tmp_path_factory):
 
 
 class FaultProxy:
-    """Forwards HTTP to moto; can answer 500 or drop the connection for the next N PUTs."""
+    """Forwards HTTP to moto; can answer 500 or drop the connection for the next N PUTs, and
+    can answer a wrong ETag for PUTs whose path holds `wrong_etag_for` (moto stores the bytes)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.fail_puts = 0
         self.drop_puts = 0
+        self.wrong_etag_for = ""
         self.puts_seen = 0
         proxy = self
 
@@ -90,7 +92,14 @@ class FaultProxy:
                 response = connection.getresponse()
                 data = response.read()
                 self.send_response(response.status)
+                lie = (
+                    self.command == "PUT"
+                    and proxy.wrong_etag_for
+                    and proxy.wrong_etag_for in self.path
+                )
                 for key, value in response.getheaders():
+                    if lie and key.lower() == "etag":
+                        value = '"' + "0" * 32 + '"'
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
@@ -231,6 +240,18 @@ def test_a_failed_batch_deletes_the_images_it_uploaded(moto, settings, monkeypat
     assert info.value.message == "image 1 could not be uploaded (ClientError: AccessDenied)"
     listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/part/")
     assert listed.get("KeyCount", 0) == 0  # images 0 and 2 were uploaded, then deleted
+
+
+def test_an_image_the_bucket_stored_wrongly_is_deleted_with_the_batch(proxy, moto, settings):
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.wrong_etag_for = "/1-"
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(3), destination="s3", job_id="etag", storage=storage, inline_limit=None
+        )
+    assert "the bucket stored different bytes for renders/etag/1-1001.png" in info.value.message
+    listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/etag/")
+    assert [o["Key"] for o in listed.get("Contents", [])] == []  # image 1 too, not only 0 and 2
 
 
 def test_auto_fallback_over_the_reply_limit_is_an_upload_failure(proxy, settings):
