@@ -184,7 +184,13 @@ class Engine:
                 self.startup_ms["pipeline_import"] = loaded.import_ms
                 self.startup_ms["resolve_and_load"] = _ms(started)
             if self.settings.refiner_checkpoint:
-                self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
+                refiner, _ = self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
+                if refiner.architecture != "sdxl-refiner":
+                    raise InvalidInput(
+                        f"{refiner.name} is {refiner.architecture}, not an SDXL refiner",
+                        field="REFINER_CHECKPOINT",
+                        accepted="an SDXL refiner checkpoint, or unset",
+                    )
             if default and self.settings.warmup and self.device.type == "cuda":
                 self.startup_ms["warm_up"] = self.warm_up(default)
         finally:

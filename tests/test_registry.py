@@ -408,6 +408,10 @@ def test_default_checkpoint_skips_files_that_cannot_start_a_generation(
     with pytest.raises(InvalidInput) as info:
         refiner.setup()
     assert info.value.field == "DEFAULT_CHECKPOINT" and "REFINER_CHECKPOINT" in info.value.accepted
+    not_a_refiner = _engine(settings, root, refiner_checkpoint="c-model")
+    with pytest.raises(InvalidInput) as info:
+        not_a_refiner.setup()  # before: accepted, then every refiner job failed
+    assert info.value.field == "REFINER_CHECKPOINT" and "not an SDXL refiner" in str(info.value)
 
 
 def test_one_name_for_two_files_lists_the_file_jobs_load(settings, demo_volume, tmp_path):
