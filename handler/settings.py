@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from handler.errors import InvalidInput
 
 DEFAULT_MODEL_ROOTS = ("/runpod-volume/models", "/runpod-volume", "./models")
 
@@ -24,6 +31,59 @@ def _int(name: str, default: int) -> int:
 def _str(name: str, default: str | None = None) -> str | None:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+# An AWS S3 endpoint's host: s3.amazonaws.com, s3.<region>.amazonaws.com,
+# s3-<region>.amazonaws.com, s3.dualstack.<region>.amazonaws.com (and under amazonaws.com.cn),
+# led by "<bucket>." in the virtual-hosted form that RunPod's docs give for BUCKET_ENDPOINT_URL
+AWS_S3_HOST = re.compile(
+    r"(?:(?P<bucket>.+)\.)?(?P<service>s3(?:-fips)?(?:\.dualstack)?)"
+    r"(?:[.-](?P<region>[a-z]{2}(?:-[a-z]+)+-\d+))?\.(?P<domain>amazonaws\.com(?:\.cn)?)"
+)
+
+
+def _bucket_location() -> dict[str, Any]:
+    """BUCKET_ENDPOINT_URL, BUCKET_NAME and BUCKET_REGION, completed from an AWS endpoint's host.
+
+    The host gives the region when BUCKET_REGION is unset. A virtual-hosted host
+    (https://<bucket>.s3.<region>.amazonaws.com) also gives the bucket, and the client then
+    talks to the regional endpoint: boto3 would otherwise put the bucket in the path as well.
+    """
+    endpoint = _str("BUCKET_ENDPOINT_URL")
+    bucket = _str("BUCKET_NAME")
+    region = _str("BUCKET_REGION")
+    parts = urlsplit(endpoint or "")
+    aws = AWS_S3_HOST.fullmatch(parts.hostname or "")
+    if aws:
+        region = region or aws["region"]
+    if aws and aws["bucket"]:
+        if bucket and bucket != aws["bucket"]:
+            raise InvalidInput(
+                f"is {bucket!r}, but BUCKET_ENDPOINT_URL's host names the bucket {aws['bucket']!r}",
+                field="BUCKET_NAME",
+                accepted=f"{aws['bucket']!r} or unset, or a regional endpoint such as "
+                "https://s3.<region>.amazonaws.com in BUCKET_ENDPOINT_URL",
+            )
+        bucket = aws["bucket"]
+        host = ".".join(filter(None, (aws["service"], aws["region"], aws["domain"])))
+        endpoint = f"{parts.scheme}://{host}"
+    if not bucket and (endpoint or _str("BUCKET_ACCESS_KEY_ID")):
+        where = f"BUCKET_ENDPOINT_URL ({parts.hostname})" if endpoint else "BUCKET_ACCESS_KEY_ID"
+        _warn_once(
+            f"{where} is set but BUCKET_NAME is not: images are returned inline as base64 "
+            "until BUCKET_NAME is set"
+        )
+    return {
+        "bucket_endpoint_url": endpoint,
+        "bucket_name": bucket,
+        "bucket_region": region or "us-east-1",
+    }
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    # the settings are read several times as a worker starts; the warning is said once
+    logging.getLogger(__name__).warning(message)
 
 
 @dataclass(frozen=True)
@@ -108,12 +168,10 @@ class Settings:
             max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024),
             max_input_pixels=_int("MAX_INPUT_PIXELS", 4096 * 4096),
             input_timeout_s=float(_str("INPUT_TIMEOUT_S", "15")),
-            bucket_endpoint_url=_str("BUCKET_ENDPOINT_URL"),
+            **_bucket_location(),
             bucket_access_key_id=_str("BUCKET_ACCESS_KEY_ID"),
             bucket_secret_access_key=_str("BUCKET_SECRET_ACCESS_KEY"),
-            bucket_name=_str("BUCKET_NAME"),
             bucket_prefix=_str("BUCKET_PREFIX", "images"),
-            bucket_region=_str("BUCKET_REGION", "us-east-1"),
             bucket_presign_ttl=_int("BUCKET_PRESIGN_TTL", 3600),
             bucket_public_url=_str("BUCKET_PUBLIC_URL"),
             bucket_path_style=_flag("BUCKET_PATH_STYLE"),

@@ -8,10 +8,12 @@ import http.client
 import io
 import json
 import logging
+import os
 import threading
 import urllib.request
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
@@ -21,6 +23,7 @@ from handler.engine import Engine
 from handler.errors import InvalidInput, OutputTooLarge, UploadFailed
 from handler.outputs import Storage, deliver, encode_image, read_infotext
 from handler.schema import parse_job
+from handler.settings import Settings
 from tests.servers import Server, free_port
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "AKIATESTKEY", "test-secret-key-do-not-log", "images-bucket"
@@ -428,6 +431,157 @@ def test_runpod_api_job_delivers_presigned_urls(moto, demo_volume, tmp_path):
         assert len(data) == image["bytes"] and Image.open(io.BytesIO(data)).size == (64, 64)
         log = server.log()
         assert SECRET_KEY not in log and "X-Amz-Signature" not in log
+    finally:
+        server.stop()
+
+
+AWS_KEYS = {"BUCKET_ACCESS_KEY_ID": ACCESS_KEY, "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY}
+
+
+def settings_from_env(monkeypatch, **env: str) -> Settings:
+    for name in [name for name in os.environ if name.startswith("BUCKET_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings.from_env()
+
+
+def presigned(configured: Settings) -> tuple[str, str, str]:
+    """(host, path, signing region) of a presigned GET, built offline: AWS is never contacted."""
+    url = urlsplit(Storage(configured).url("images/j/0-1.png"))
+    credential = parse_qs(url.query)["X-Amz-Credential"][0]  # key/date/region/s3/aws4_request
+    return url.netloc, url.path, credential.split("/")[2]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "bucket", "host", "region"),
+    [
+        (
+            "https://my-bucket.s3.eu-west-1.amazonaws.com",
+            "my-bucket",
+            "s3.eu-west-1.amazonaws.com",
+            "eu-west-1",
+        ),
+        (
+            "https://my-bucket.s3-eu-west-1.amazonaws.com/",
+            "my-bucket",
+            "s3.eu-west-1.amazonaws.com",
+            "eu-west-1",
+        ),
+        ("https://my-bucket.s3.amazonaws.com", "my-bucket", "s3.amazonaws.com", "us-east-1"),
+        (
+            "https://my.bucket.s3.dualstack.ap-southeast-2.amazonaws.com",
+            "my.bucket",
+            "s3.dualstack.ap-southeast-2.amazonaws.com",
+            "ap-southeast-2",
+        ),
+        (
+            "https://my-bucket.s3.cn-north-1.amazonaws.com.cn",
+            "my-bucket",
+            "s3.cn-north-1.amazonaws.com.cn",
+            "cn-north-1",
+        ),
+    ],
+)
+@pytest.mark.parametrize("bucket_name_set", [False, True])
+def test_runpod_style_endpoint_names_the_bucket_in_its_host(
+    monkeypatch, endpoint, bucket, host, region, bucket_name_set
+):
+    """RunPod's documented setup: a virtual-hosted BUCKET_ENDPOINT_URL, no BUCKET_NAME. The
+    bucket appears once in the URL, and the signature is for the host's region."""
+    env = {"BUCKET_ENDPOINT_URL": endpoint, **AWS_KEYS}
+    if bucket_name_set:
+        env["BUCKET_NAME"] = bucket
+    configured = settings_from_env(monkeypatch, **env)
+    assert configured.bucket_configured and configured.bucket_name == bucket
+    assert presigned(configured) == (host, f"/{bucket}/images/j/0-1.png", region)
+
+
+def test_a_bucket_name_the_endpoint_host_contradicts_stops_the_worker(monkeypatch):
+    with pytest.raises(InvalidInput) as info:
+        settings_from_env(
+            monkeypatch,
+            BUCKET_ENDPOINT_URL="https://my-bucket.s3.eu-west-1.amazonaws.com",
+            BUCKET_NAME="other-bucket",
+            **AWS_KEYS,
+        )
+    assert info.value.field == "BUCKET_NAME"
+    assert "'other-bucket'" in info.value.message and "'my-bucket'" in info.value.message
+
+
+def test_the_region_comes_from_an_aws_endpoint_host(monkeypatch):
+    regional = {
+        "BUCKET_ENDPOINT_URL": "https://s3.eu-west-1.amazonaws.com",
+        "BUCKET_NAME": "my-bucket",
+        **AWS_KEYS,
+    }
+    assert presigned(settings_from_env(monkeypatch, **regional)) == (
+        "s3.eu-west-1.amazonaws.com",
+        "/my-bucket/images/j/0-1.png",
+        "eu-west-1",
+    )
+    legacy = {**regional, "BUCKET_ENDPOINT_URL": "https://s3-us-west-2.amazonaws.com"}
+    assert presigned(settings_from_env(monkeypatch, **legacy))[2] == "us-west-2"
+    explicit = {**regional, "BUCKET_REGION": "eu-central-1"}  # BUCKET_REGION wins
+    assert presigned(settings_from_env(monkeypatch, **explicit))[2] == "eu-central-1"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:9000",
+        "https://s3.us-west-004.backblazeb2.com",
+        "https://my-bucket.s3.eu-west-1.amazonaws.com.example.org",
+    ],
+)
+def test_other_endpoints_are_used_as_given(monkeypatch, endpoint):
+    configured = settings_from_env(
+        monkeypatch, BUCKET_ENDPOINT_URL=endpoint, BUCKET_NAME="my-bucket", **AWS_KEYS
+    )
+    assert configured.bucket_endpoint_url == endpoint and configured.bucket_name == "my-bucket"
+    assert configured.bucket_region == "us-east-1"
+
+
+def test_an_endpoint_without_a_bucket_warns_once_that_images_stay_inline(monkeypatch, caplog):
+    env = {"BUCKET_ENDPOINT_URL": "https://minio.example.com:9000/?X-Amz-Signature=SIG", **AWS_KEYS}
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # the worker reads its settings several times as it starts
+            assert not settings_from_env(monkeypatch, **env).bucket_configured
+    warnings = [r.getMessage() for r in caplog.records if "BUCKET_NAME" in r.getMessage()]
+    assert len(warnings) == 1 and "minio.example.com" in warnings[0]
+    assert "inline" in warnings[0]
+    assert SECRET_KEY not in caplog.text and ACCESS_KEY not in caplog.text
+    assert "SIG" not in caplog.text
+
+
+def test_runpod_worker_without_bucket_name_says_so_once_and_replies_inline(
+    moto, demo_volume, tmp_path
+):
+    """A non-AWS endpoint and credentials without BUCKET_NAME: one warning at start, not silence."""
+    import requests
+
+    from tests.servers import start_runpod_api
+
+    url, server = start_runpod_api(
+        demo_volume,
+        tmp_path / "worker.log",
+        DEFAULT_CHECKPOINT="demo-sd15",
+        BUCKET_ENDPOINT_URL=moto[0],
+        BUCKET_ACCESS_KEY_ID=ACCESS_KEY,
+        BUCKET_SECRET_ACCESS_KEY=SECRET_KEY,
+    )
+    try:
+        reply = requests.post(
+            f"{url}/runsync",
+            json={"input": {"prompt": "x", "width": 64, "height": 64, "steps": 2}},
+            timeout=300,
+        ).json()
+        assert reply["status"] == "COMPLETED", reply
+        assert reply["output"]["images"][0]["image"].startswith("data:image/png;base64,")
+        log = server.log()
+        warnings = [line for line in log.splitlines() if "until BUCKET_NAME is set" in line]
+        assert len(warnings) == 1, log[-3000:]
+        assert SECRET_KEY not in log
     finally:
         server.stop()
 
