@@ -14,6 +14,7 @@ import io
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from urllib.parse import urljoin, urlsplit
 
@@ -225,27 +226,62 @@ def _with_embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> li
     return [ip, *(a for a in embedded if a is not None)]
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+class _DeadlineConnection(http.client.HTTPConnection):
+    """HTTP to an already-checked address, cut off at an absolute deadline.
+
+    A socket timeout restarts with every byte, so a server trickling its headers could hold a
+    job for minutes: a timer shuts the socket down at the deadline instead (shutdown, unlike
+    close, wakes a thread blocked reading it).
+    """
+
+    def __init__(self, host: str, address: str, port: int, deadline: float) -> None:
+        super().__init__(host, port)
+        self._address = address
+        self._deadline = deadline
+        self._timer: threading.Timer | None = None
+        self._cutter: socket.socket | None = None
+        self.expired = False
+
+    def _open_socket(self) -> socket.socket:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise TimeoutError
+        sock = socket.create_connection((self._address, self.port), left)
+        self._cutter = sock.dup()  # the same connection, still open once TLS takes `sock` over
+        self._timer = threading.Timer(self._deadline - time.monotonic(), self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+        return sock
+
+    def _cut(self) -> None:
+        self.expired = True
+        try:
+            self._cutter.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the server
+
+    def connect(self) -> None:
+        self.sock = self._open_socket()
+
+    def disarm(self) -> None:
+        """Stop the timer (not in close(): http.client closes the connection of a response
+        that will close, before its body is read)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()  # so it never shuts down a closed (maybe reused) descriptor
+            self._cutter.close()
+            self._timer = self._cutter = None
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection):
     """HTTPS to an already-checked address, with SNI and certificate checks for the hostname."""
 
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+    default_port = 443
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self.kept_socket = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
-
-    def connect(self) -> None:
-        self.sock = self.kept_socket = socket.create_connection(
-            (self._address, self.port), self.timeout
-        )
+        context = ssl.create_default_context()
+        self.sock = context.wrap_socket(self._open_socket(), server_hostname=self.host)
 
 
 def _get(
@@ -253,11 +289,12 @@ def _get(
 ) -> tuple[int, str | None, bytes]:
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
-    cls = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
-    connection = cls(parts.hostname, address, port, _remaining(deadline, field, settings))
+    cls = _DeadlineHTTPSConnection if https else _DeadlineConnection
+    connection = cls(parts.hostname, address, port, deadline)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    response = None
     try:
         connection.request("GET", path, headers={"User-Agent": "sd-serverless-worker"})
         response = connection.getresponse()
@@ -271,12 +308,7 @@ def _get(
                 accepted=f"images up to {settings.max_input_bytes} bytes",
             )
         chunks, received = [], 0
-        while True:
-            # http.client may drop connection.sock once the response is read to the end
-            connection.kept_socket.settimeout(_remaining(deadline, field, settings))
-            chunk = response.read1(64 * 1024)
-            if not chunk:
-                break
+        while chunk := response.read1(64 * 1024):
             received += len(chunk)
             if received > settings.max_input_bytes:
                 raise InvalidInput(
@@ -285,6 +317,8 @@ def _get(
                     accepted=f"images up to {settings.max_input_bytes} bytes",
                 )
             chunks.append(chunk)
+        if connection.expired:
+            raise _timed_out(field, settings)  # cut off: what arrived may look complete
         if declared and declared.isdigit() and received < int(declared):
             raise InputFetchFailed(
                 f"the connection closed after {received} of {declared} bytes",
@@ -292,23 +326,19 @@ def _get(
                 accepted="a URL that serves the whole image",
             )
         return 200, None, b"".join(chunks)
-    except TimeoutError:
-        raise _timed_out(field, settings) from None
     except (OSError, http.client.HTTPException) as error:
+        if connection.expired or isinstance(error, TimeoutError):
+            raise _timed_out(field, settings) from None
         raise InputFetchFailed(
             f"fetching the URL failed ({type(error).__name__})",
             field=field,
             accepted="a reachable https URL",
         ) from None
     finally:
+        if response is not None:
+            response.close()
         connection.close()
-
-
-def _remaining(deadline: float, field: str, settings: Settings) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _timed_out(field, settings)
-    return left
+        connection.disarm()
 
 
 def _timed_out(field: str, settings: Settings) -> InputFetchFailed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -224,3 +225,56 @@ def test_images_are_turned_upright_by_their_exif_orientation(settings):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
     upright = load_image(_encoded(photo, "JPEG", exif=exif), "image", settings)
     assert upright.size == (64, 96)
+
+
+@pytest.fixture()
+def trickle_server():
+    """A local TCP server that answers every connection with `payload`, one byte every 0.2 s
+    (each byte arrives well within any socket timeout); yields a function that starts it."""
+    stop = threading.Event()
+    listeners = []
+
+    def serve(listener, payload: bytes) -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                for byte in payload:
+                    if stop.wait(0.2):
+                        return
+                    try:
+                        connection.sendall(bytes([byte]))
+                    except OSError:
+                        break  # the worker gave up, as it should
+
+    def start(payload: bytes) -> int:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+        threading.Thread(target=serve, args=(listener, payload), daemon=True).start()
+        return listener.getsockname()[1]
+
+    yield start
+    stop.set()
+    for listener in listeners:
+        listener.close()
+
+
+def test_trickled_headers_cannot_hold_the_job_past_the_timeout(trickle_server, local_fetch):
+    port = trickle_server(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 200 + b"\r\n\r\n")
+    settings = replace(local_fetch, input_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
+        load_image(f"http://127.0.0.1:{port}/img.png", "image", settings)
+    assert time.monotonic() - started < 3 and info.value.field == "image"
+
+
+def test_a_trickled_tls_handshake_cannot_hold_the_job_past_the_timeout(trickle_server, local_fetch):
+    # a TLS record header announcing 16 KB of handshake, then its bytes, slowly
+    port = trickle_server(b"\x16\x03\x03\x40\x00" + b"\x00" * 200)
+    settings = replace(local_fetch, input_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
+        load_image(f"https://127.0.0.1:{port}/img.png", "mask", settings)
+    assert time.monotonic() - started < 3 and info.value.field == "mask"
