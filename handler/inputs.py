@@ -24,6 +24,7 @@ from handler.errors import InputFetchFailed, InvalidInput
 from handler.settings import Settings
 
 MAX_REDIRECTS = 3
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit greyscale (and 32-bit I)
 IMAGE_FORMATS = "png, jpeg or webp (or another format Pillow reads: gif, bmp, tiff, ...)"
 
 
@@ -71,6 +72,9 @@ def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = Fa
         )
     try:
         image = ImageOps.exif_transpose(image)
+        if image.mode in WIDE_GREY_MODES:
+            # Pillow's convert() clips these to 255 (near white) instead of scaling them
+            image = image.convert("I").point(lambda value: value / 257).convert("L")
         if as_mask:
             image = _mask_channel(image)
         else:

@@ -278,3 +278,22 @@ def test_a_trickled_tls_handshake_cannot_hold_the_job_past_the_timeout(trickle_s
     with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
         load_image(f"https://127.0.0.1:{port}/img.png", "mask", settings)
     assert time.monotonic() - started < 3 and info.value.field == "mask"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "dtype"),
+    [
+        ("PNG", "I;16", "<u2"),
+        ("TIFF", "I;16", "<u2"),
+        ("TIFF", "I;16B", ">u2"),
+        ("TIFF", "I", "<i4"),
+    ],
+)
+def test_16_bit_greyscale_is_scaled_to_8_bits(settings, fmt, mode, dtype):
+    ramp = np.linspace(0, 65535, 64).round()[None, :].repeat(8, 0)  # black to white
+    image = Image.frombytes(mode, (64, 8), ramp.astype(dtype).tobytes())
+    assert Image.open(io.BytesIO(base64.b64decode(_encoded(image, fmt)))).mode == mode
+    for as_mask in (False, True):
+        decoded = np.asarray(load_image(_encoded(image, fmt), "mask", settings, as_mask=as_mask))
+        row = decoded[0] if as_mask else decoded[0, :, 0]
+        assert row[0] == 0 and row[-1] == 255 and abs(int(row[32]) - 130) <= 2, row[32]
