@@ -78,17 +78,31 @@ def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = Fa
         if as_mask:
             image = _mask_channel(image)
         else:
-            image = image.convert("RGB")
+            image = _on_white(image)
         image.info.clear()  # an input's ICC profile or comments never reach an output file
         return image
     except Exception:
         raise InvalidInput("could not be decoded", field=field, accepted=IMAGE_FORMATS) from None
 
 
+def _has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An image as RGB, flattened onto white where it is transparent, as A1111 flattens
+    img2img inputs (its img2img_background_color): the colour under a clear pixel is arbitrary,
+    often black."""
+    if not _has_transparency(image):
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+
+
 def _mask_channel(image: Image.Image) -> Image.Image:
     """A mask as L: its alpha when it has transparency (as A1111 reads one drawn on a clear
     layer), else its brightness."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    if _has_transparency(image):
         alpha = image.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
             return alpha

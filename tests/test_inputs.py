@@ -297,3 +297,22 @@ def test_16_bit_greyscale_is_scaled_to_8_bits(settings, fmt, mode, dtype):
         decoded = np.asarray(load_image(_encoded(image, fmt), "mask", settings, as_mask=as_mask))
         row = decoded[0] if as_mask else decoded[0, :, 0]
         assert row[0] == 0 and row[-1] == 255 and abs(int(row[32]) - 130) <= 2, row[32]
+
+
+def test_transparent_images_are_flattened_onto_white_as_a1111_does(settings):
+    half_clear = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # black behind the transparency
+    half_clear.paste((200, 30, 30, 255), (0, 0, 8, 16))
+    grey = Image.new("LA", (16, 16), (0, 0))
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 200, 30, 30])
+    palette.paste(1, (0, 0, 8, 16))
+    for image, save in ((half_clear, {}), (grey, {}), (palette, {"transparency": 0})):
+        decoded = np.asarray(load_image(_encoded(image, **save), "image", settings))
+        assert (decoded[:, 8:] == 255).all(), image.mode  # white, not the hidden black
+    assert (
+        np.asarray(load_image(_encoded(half_clear), "image", settings))[:, :8] == (200, 30, 30)
+    ).all()
+    half_opaque = np.asarray(
+        load_image(_encoded(Image.new("RGBA", (4, 4), (0, 0, 0, 128))), "image", settings)
+    )
+    assert (abs(half_opaque.astype(int) - 127) <= 1).all()  # blended with the white
