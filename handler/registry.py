@@ -362,11 +362,12 @@ def prefetch(model: ModelFile) -> threading.Thread:
 
 
 def prefetch_default_checkpoint(settings: Settings | None = None) -> threading.Thread | None:
-    """Start prefetching DEFAULT_CHECKPOINT (if set and valid; the fitness check reports it)."""
-    settings = settings or Settings.from_env()
-    if not settings.default_checkpoint:
-        return None
+    """Start prefetching DEFAULT_CHECKPOINT (if set and valid: a bad setting or name is
+    reported by the worker's start-up)."""
     try:
+        settings = settings or Settings.from_env()
+        if not settings.default_checkpoint:
+            return None
         model = Registry(settings).resolve(
             "checkpoint", settings.default_checkpoint, "DEFAULT_CHECKPOINT"
         )

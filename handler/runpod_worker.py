@@ -266,11 +266,16 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        settings = Settings.from_env()
+    except WorkerError as error:  # a malformed variable: say which, without a traceback
+        log.error("worker cannot start: %s", error)
+        raise SystemExit(1) from None
     runpod = import_runpod()
     keep_sdk_log_at_info()
     for check in fitness_checks():
         runpod.serverless.register_fitness_check(check)
-    if Settings.from_env().require_gpu:
+    if settings.require_gpu:
         import torch
 
         if not torch.cuda.is_available():  # fail before spending minutes loading on the CPU

@@ -16,16 +16,41 @@ from handler.errors import InvalidInput
 DEFAULT_MODEL_ROOTS = ("/runpod-volume/models", "/runpod-volume", "./models")
 
 
+YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
         return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    if value not in YES + NO:
+        raise InvalidInput(
+            f"{value!r} is neither yes nor no", field=name, accepted=", ".join(YES + NO)
+        )
+    return value in YES
 
 
-def _int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+def _int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    return _number(int, name, default, minimum, maximum)
+
+
+def _float(name: str, default: float, minimum: float = 0.0) -> float:
+    return _number(float, name, default, minimum, None)
+
+
+def _number(kind: type, name: str, default, minimum, maximum):
+    """A numeric variable, or `default` when unset; anything else stops the worker, naming it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    accepted = f"{kind.__name__} from {minimum}" + (f" to {maximum}" if maximum else " up")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise InvalidInput(f"{text!r} is not a number", field=name, accepted=accepted) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise InvalidInput(f"{text} is out of range", field=name, accepted=accepted)
+    return value
 
 
 def _str(name: str, default: str | None = None) -> str | None:
@@ -138,47 +163,53 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        """Read the settings from the process environment."""
-        return cls(
+        """Read the settings from the process environment; a malformed value stops the worker."""
+        settings = cls(
             models_dir=_str("MODELS_DIR"),
             default_checkpoint=_str("DEFAULT_CHECKPOINT"),
             allow_pickle=_flag("ALLOW_PICKLE"),
             log_prompts=_flag("LOG_PROMPTS"),
             device=_str("DEVICE"),
-            max_pixels=_int("MAX_IMAGE_PIXELS", 2048 * 2048),
-            gpu_checkpoints=_int("GPU_CHECKPOINTS", 1),
+            max_pixels=_int("MAX_IMAGE_PIXELS", 2048 * 2048, minimum=64 * 64),
+            gpu_checkpoints=_int("GPU_CHECKPOINTS", 1, minimum=1),
             cpu_checkpoints=_int("CPU_CHECKPOINTS", 1),
             max_lora_cache_bytes=_int("LORA_CACHE_MB", 1024) * 1024 * 1024,
-            resident_loras=_int("RESIDENT_LORAS", 8),
+            resident_loras=_int("RESIDENT_LORAS", 8, minimum=1),
             safety_checker=_flag("SAFETY_CHECKER"),
             safety_policy=(_str("SAFETY_POLICY", "blur") or "blur").strip().lower(),
             refiner_checkpoint=_str("REFINER_CHECKPOINT"),
             cuda_graphs=_flag("CUDA_GRAPHS", True),
-            graph_shapes=_int("GRAPH_SHAPES", 4),
+            graph_shapes=_int("GRAPH_SHAPES", 4, minimum=1),
             compile=_flag("COMPILE"),
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
-            compile_cache_keep_days=float(_str("COMPILE_CACHE_KEEP_DAYS", "14")),
+            compile_cache_keep_days=_float("COMPILE_CACHE_KEEP_DAYS", 14),
             precompile=_flag("PRECOMPILE", True),
             attention=(_str("ATTENTION_BACKEND", "auto") or "auto").strip().lower(),
             warmup=_flag("WARMUP", True),
             require_gpu=_flag("REQUIRE_GPU"),
-            max_inline_bytes=_int("MAX_INLINE_BYTES", 9 * 1024 * 1024),
+            max_inline_bytes=_int("MAX_INLINE_BYTES", 9 * 1024 * 1024, minimum=1),
             allow_http_inputs=_flag("ALLOW_HTTP_INPUTS"),
             allow_private_inputs=_flag("ALLOW_PRIVATE_INPUTS"),
-            max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024),
-            max_input_pixels=_int("MAX_INPUT_PIXELS", 4096 * 4096),
-            input_timeout_s=float(_str("INPUT_TIMEOUT_S", "15")),
+            max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024, minimum=1),
+            max_input_pixels=_int("MAX_INPUT_PIXELS", 4096 * 4096, minimum=1),
+            input_timeout_s=_float("INPUT_TIMEOUT_S", 15, minimum=0.1),
             **_bucket_location(),
             bucket_access_key_id=_str("BUCKET_ACCESS_KEY_ID"),
             bucket_secret_access_key=_str("BUCKET_SECRET_ACCESS_KEY"),
             bucket_prefix=_str("BUCKET_PREFIX", "images"),
-            bucket_presign_ttl=_int("BUCKET_PRESIGN_TTL", 3600),
+            bucket_presign_ttl=_int("BUCKET_PRESIGN_TTL", 3600, minimum=1, maximum=7 * 86400),
             bucket_public_url=_str("BUCKET_PUBLIC_URL"),
             bucket_path_style=_flag("BUCKET_PATH_STYLE"),
             input_buckets=tuple(
                 b.strip() for b in (_str("INPUT_BUCKETS") or "").split(",") if b.strip()
             ),
         )
+        if settings.models_dir and not Path(settings.models_dir).is_dir():
+            _warn_once(
+                f"MODELS_DIR {settings.models_dir} is not a folder: models are searched in "
+                f"{', '.join(settings.extra_roots)} only"
+            )
+        return settings
 
     @property
     def model_roots(self) -> list[Path]:

@@ -188,6 +188,47 @@ def test_an_unknown_attention_backend_stops_the_worker_at_start(settings, monkey
     assert Settings.from_env().attention == "cudnn"  # read case-insensitively
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("COMPILE", "maybe", "1, true, yes, on, 0, false, no, off"),
+        ("GPU_CHECKPOINTS", "abc", "int from 1 up"),
+        ("GPU_CHECKPOINTS", "0", "int from 1 up"),
+        ("CPU_CHECKPOINTS", "-5", "int from 0 up"),
+        ("LORA_CACHE_MB", "-1", "int from 0 up"),
+        ("COMPILE_CACHE_KEEP_DAYS", "-3", "float from 0.0 up"),
+        ("INPUT_TIMEOUT_S", "abc", "float from 0.1 up"),
+        ("BUCKET_PRESIGN_TTL", "864000", "int from 1 to 604800"),  # SigV4's limit is 7 days
+    ],
+)
+def test_a_malformed_setting_stops_the_worker_naming_it(monkeypatch, name, value, accepted):
+    from handler.settings import Settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidInput) as info:
+        Settings.from_env()
+    assert info.value.field == name and info.value.accepted == accepted
+
+
+def test_flags_read_yes_and_no_in_any_spelling(monkeypatch):
+    from handler.settings import Settings
+
+    for value, expected in (("TRUE", True), (" on ", True), ("No", False), ("0", False)):
+        monkeypatch.setenv("COMPILE", value)
+        assert Settings.from_env().compile is expected
+    monkeypatch.setenv("COMPILE", "")
+    assert Settings.from_env().compile is False  # empty is unset: the default
+
+
+def test_a_models_dir_that_is_not_a_folder_is_named_in_a_warning(monkeypatch, tmp_path, caplog):
+    from handler.settings import Settings
+
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path / "mistyped"))
+    with caplog.at_level("WARNING", logger="handler.settings"):
+        Settings.from_env()
+    assert any(f"MODELS_DIR {tmp_path / 'mistyped'} is not a folder" in m for m in caplog.messages)
+
+
 def test_jobs_leave_no_library_chatter_on_stderr(demo_volume):
     """What a Replicate user sees in prediction logs: no progress bars or library deprecation
     warnings from loading LoRAs (two adapters) and an img2img view, in a fresh process."""

@@ -282,6 +282,14 @@ def test_worker_with_a_bad_default_checkpoint_refuses_to_start(demo_volume):
     assert "worker cannot start: model_not_found: DEFAULT_CHECKPOINT" in out.stderr + out.stdout
 
 
+def test_a_worker_with_a_malformed_setting_says_which_and_stops(demo_volume):
+    out = run_worker([], demo_volume, GPU_CHECKPOINTS="two")
+    assert out.returncode == 1
+    log = out.stderr + out.stdout
+    assert "worker cannot start: invalid_input: GPU_CHECKPOINTS: 'two' is not a number" in log
+    assert "Traceback" not in log
+
+
 def test_the_sdk_is_imported_without_py_cpuinfo_starting_a_process():
     # In a fresh interpreter: record every process started while the SDK is imported.
     code = """
