@@ -555,6 +555,35 @@ def test_graphed_unet_matches_eager_and_captures_once(cuda_engines, checkpoint):
     assert np.abs(pixels(first) - pixels(eager.run(job))).max() <= 4
 
 
+def _test_image_uri(size: int = 64) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype("uint8")
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["hires", "img2img", "inpaint"])
+def test_hires_img2img_and_inpainting_run_graphed_as_eager(cuda_engines, mode):
+    graphed, eager = cuda_engines
+    image = _test_image_uri()
+    extra = {
+        "hires": {"hires": {"scale": 1.5, "steps": 3, "strength": 0.5}},
+        "img2img": {"image": image, "strength": 0.6},
+        "inpaint": {"image": image, "mask": image, "strength": 0.8},
+    }[mode]
+    job = parse_job({**JOB, "checkpoint": "demo-sd15", **extra})
+    first, again = graphed.run(job), graphed.run(job)
+    assert (pixels(first) == pixels(again)).all()
+    assert np.abs(pixels(first) - pixels(eager.run(job))).max() <= 4
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_brownian_noise_follows_the_seed_on_the_gpu(cuda_engines):
