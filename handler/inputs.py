@@ -60,15 +60,19 @@ def load_image(value: str, field: str, settings: Settings, as_mask: bool = False
 def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = False) -> Image.Image:
     """Open image bytes, refusing decompression bombs before any pixel is decoded; turned
     upright by their EXIF orientation, as viewers show them."""
+    if Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS < settings.max_input_pixels:
+        # Pillow's own bomb limit must not refuse what MAX_INPUT_PIXELS accepts (it is global:
+        # only ever raised here, never lowered)
+        Image.MAX_IMAGE_PIXELS = settings.max_input_pixels
     try:
         image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _over_pixel_cap("has more pixels than the input cap", field, settings) from None
     except Exception:
         raise InvalidInput("is not a readable image", field=field, accepted=IMAGE_FORMATS) from None
     if image.width * image.height > settings.max_input_pixels:
-        raise InvalidInput(
-            f"is {image.width}x{image.height} pixels, over the input cap",
-            field=field,
-            accepted=f"images up to {settings.max_input_pixels} pixels",
+        raise _over_pixel_cap(
+            f"is {image.width}x{image.height} pixels, over the input cap", field, settings
         )
     try:
         image = ImageOps.exif_transpose(image)
@@ -81,8 +85,18 @@ def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = Fa
             image = _on_white(image)
         image.info.clear()  # an input's ICC profile or comments never reach an output file
         return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _over_pixel_cap("has a frame or tile over the input cap", field, settings) from None
     except Exception:
         raise InvalidInput("could not be decoded", field=field, accepted=IMAGE_FORMATS) from None
+
+
+def _over_pixel_cap(message: str, field: str, settings: Settings) -> InvalidInput:
+    return InvalidInput(
+        message,
+        field=field,
+        accepted=f"images up to {settings.max_input_pixels} pixels",
+    )
 
 
 def _has_transparency(image: Image.Image) -> bool:

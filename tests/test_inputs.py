@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import struct
 import threading
 import time
+import zlib
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -316,3 +318,32 @@ def test_transparent_images_are_flattened_onto_white_as_a1111_does(settings):
         load_image(_encoded(Image.new("RGBA", (4, 4), (0, 0, 0, 128))), "image", settings)
     )
     assert (abs(half_opaque.astype(int) - 127) <= 1).all()  # blended with the white
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds almost none: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_the_worker_pixel_cap_decides_not_pillows_bomb_limit(settings, monkeypatch):
+    bomb = base64.b64encode(_png_header(20000, 20000)).decode()  # over Pillow's own limit too
+    with pytest.raises(InvalidInput, match="input cap") as info:
+        load_image(bomb, "image", settings)
+    assert f"up to {settings.max_input_pixels} pixels" in info.value.accepted
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if MAX_INPUT_PIXELS were above it
+    square = _encoded(Image.new("RGB", (64, 64)))  # 4096 pixels: within MAX_INPUT_PIXELS
+    assert load_image(square, "image", settings).size == (64, 64)
+    with pytest.raises(InvalidInput, match="input cap"):
+        load_image(square, "image", replace(settings, max_input_pixels=1000))
