@@ -156,19 +156,35 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
             if readable
             else "none: set BUCKET_NAME or INPUT_BUCKETS",
         )
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectTimeoutError,
+        ReadTimeoutError,
+    )
 
-    from handler.outputs import s3_client
-
+    deadline = time.monotonic() + settings.input_timeout_s
     try:
-        response = s3_client(settings).get_object(Bucket=bucket, Key=key)
+        response = _input_s3_client(settings).get_object(Bucket=bucket, Key=key)
         if response.get("ContentLength", 0) > settings.max_input_bytes:
             raise InvalidInput(
                 f"the object is {response['ContentLength']} bytes, over the input cap",
                 field=field,
                 accepted=f"images up to {settings.max_input_bytes} bytes",
             )
-        return response["Body"].read(settings.max_input_bytes + 1)
+        chunks, received = [], 0
+        while chunk := response["Body"].read(64 * 1024):
+            received += len(chunk)
+            if received > settings.max_input_bytes:
+                raise InvalidInput(
+                    "the object is over the input size cap",
+                    field=field,
+                    accepted=f"images up to {settings.max_input_bytes} bytes",
+                )
+            if time.monotonic() > deadline:
+                raise _timed_out(field, settings, accepted=_PROMPT_BUCKET)
+            chunks.append(chunk)
+        return b"".join(chunks)
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "error")
         raise InputFetchFailed(
@@ -176,12 +192,41 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
             field=field,
             accepted="an existing object the worker's credentials can read",
         ) from None
+    except (ConnectTimeoutError, ReadTimeoutError):
+        raise _timed_out(field, settings, accepted=_PROMPT_BUCKET) from None
     except BotoCoreError as error:
         raise InputFetchFailed(
             f"reading the object failed ({type(error).__name__})",
             field=field,
             accepted="a reachable bucket",
         ) from None
+
+
+_PROMPT_BUCKET = "a bucket that serves the object promptly"
+
+
+def _input_s3_client(settings: Settings):
+    """The upload client's endpoint and credentials (handler.outputs.s3_client), but one
+    attempt, and half of INPUT_TIMEOUT_S to connect and half to answer: with the upload
+    client's retries and timeouts, an endpoint that never answered held a job 2 minutes."""
+    import boto3
+    from botocore.config import Config
+
+    half = settings.input_timeout_s / 2
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.bucket_endpoint_url,
+        aws_access_key_id=settings.bucket_access_key_id,
+        aws_secret_access_key=settings.bucket_secret_access_key,
+        region_name=settings.bucket_region,
+        config=Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path" if settings.bucket_path_style else "auto"},
+            connect_timeout=half,
+            read_timeout=half,
+            signature_version="s3v4",
+        ),
+    )
 
 
 def fetch_url(url: str, field: str, settings: Settings) -> bytes:
@@ -373,11 +418,13 @@ def _get(
         connection.disarm()
 
 
-def _timed_out(field: str, settings: Settings) -> InputFetchFailed:
+def _timed_out(
+    field: str, settings: Settings, accepted: str = "a URL that serves the image promptly"
+) -> InputFetchFailed:
     return InputFetchFailed(
         f"the image did not arrive within INPUT_TIMEOUT_S ({settings.input_timeout_s:g} s)",
         field=field,
-        accepted="a URL that serves the image promptly",
+        accepted=accepted,
     )
 
 

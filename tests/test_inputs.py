@@ -347,3 +347,38 @@ def test_the_worker_pixel_cap_decides_not_pillows_bomb_limit(settings, monkeypat
     assert load_image(square, "image", settings).size == (64, 64)
     with pytest.raises(InvalidInput, match="input cap"):
         load_image(square, "image", replace(settings, max_input_pixels=1000))
+
+
+@pytest.fixture()
+def silent_server():
+    """A local TCP server that accepts connections and never answers; yields its port."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_s3_inputs_are_bounded_by_the_input_timeout(silent_server, settings):
+    bucket = replace(
+        settings,
+        bucket_endpoint_url=f"http://127.0.0.1:{silent_server}",
+        bucket_access_key_id="test-key",
+        bucket_secret_access_key="test-secret",
+        bucket_name="inputs",
+        input_timeout_s=1.0,
+    )
+    started = time.monotonic()
+    with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
+        load_image("s3://inputs/photo.png", "mask", bucket)
+    assert time.monotonic() - started < 3 and info.value.field == "mask"
