@@ -32,18 +32,19 @@ def load_image(value: str, field: str, settings: Settings, as_mask: bool = False
     """Decode an image given as a data URI, raw base64 or an https URL, as RGB (or, with
     `as_mask`, as the L mask it stands for)."""
     value = value.strip()
-    if value.startswith(("https://", "http://")):
+    head = value[:8].lower()  # schemes are case-insensitive (RFC 3986)
+    if head.startswith(("https://", "http://")):
         data = fetch_url(value, field, settings)
-    elif value.startswith("data:"):
+    elif head.startswith("data:"):
         header, _, payload = value.partition(",")
-        if ";base64" not in header:
+        if ";base64" not in header.lower():
             raise InvalidInput(
                 "data URIs must be base64-encoded",
                 field=field,
                 accepted="data:image/png;base64,...",
             )
         data = _b64decode(payload, field)
-    elif value.startswith("s3://"):
+    elif head.startswith("s3://"):
         data = fetch_s3(value, field, settings)
     elif "://" in value:
         scheme = value.split("://", 1)[0]
@@ -137,7 +138,7 @@ def _b64decode(payload: str, field: str) -> bytes:
 
 def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
     """Read s3://bucket/key with the worker's configured bucket credentials, size-capped."""
-    bucket, _, key = url.removeprefix("s3://").partition("/")
+    bucket, _, key = url[len("s3://") :].partition("/")
     if not bucket or not key:
         raise InvalidInput("is not an s3://bucket/key URL", field=field, accepted="s3://bucket/key")
     if not (settings.bucket_access_key_id or settings.bucket_endpoint_url):

@@ -382,3 +382,17 @@ def test_s3_inputs_are_bounded_by_the_input_timeout(silent_server, settings):
     with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
         load_image("s3://inputs/photo.png", "mask", bucket)
     assert time.monotonic() - started < 3 and info.value.field == "mask"
+
+
+def test_url_schemes_are_case_insensitive(image_server, local_fetch, settings):
+    port = image_server.rsplit(":", 1)[1]
+    assert load_image(f"HTTP://127.0.0.1:{port}/img.png", "image", local_fetch).size == (16, 8)
+    for url in ("HTTPS://127.0.0.1/x.png", "Https://[::1]/x.png", "hTTps://10.0.0.1/x"):
+        with pytest.raises(InvalidInput, match="non-public address"):  # checked all the same
+            load_image(url, "image", settings)
+    with pytest.raises(InvalidInput, match="ALLOW_HTTP_INPUTS"):
+        load_image(f"HTTP://127.0.0.1:{port}/img.png", "image", settings)
+    encoded = base64.b64encode(png_bytes()).decode()
+    assert load_image(f"DATA:image/png;BASE64,{encoded}", "image", settings).size == (16, 8)
+    with pytest.raises(InvalidInput, match="bucket credentials"):
+        load_image("S3://bucket/photo.png", "image", settings)
