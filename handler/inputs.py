@@ -276,13 +276,20 @@ def _public_address(host: str, port: int | None, field: str, settings: Settings)
     if not settings.allow_private_inputs:
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
-            if not all(a.is_global and not a.is_multicast for a in _with_embedded_ipv4(ip)):
+            if not all(_is_public(a) for a in _with_embedded_ipv4(ip)):
                 raise InvalidInput(
                     f"{host} resolves to a non-public address ({ip})",
                     field=field,
                     accepted="URLs on public hosts",
                 )
     return addresses[0]
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # is_global says True for the deprecated IPv6 site-local range (fec0::/10), which may
+    # still route to a private network
+    site_local = ip.version == 6 and ip.is_site_local
+    return ip.is_global and not ip.is_multicast and not site_local
 
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address a gateway may route to: NAT64 (RFC 6052,

@@ -396,3 +396,12 @@ def test_url_schemes_are_case_insensitive(image_server, local_fetch, settings):
     assert load_image(f"DATA:image/png;BASE64,{encoded}", "image", settings).size == (16, 8)
     with pytest.raises(InvalidInput, match="bucket credentials"):
         load_image("S3://bucket/photo.png", "image", settings)
+
+
+def test_deprecated_ipv6_site_local_addresses_are_refused(settings, monkeypatch):
+    with pytest.raises(InvalidInput, match="non-public address"):
+        load_image("https://[fec0::1]/x.png", "image", settings)
+    answer = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fed0::5", 443, 0, 0))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answer)
+    with pytest.raises(InvalidInput, match="non-public address"):
+        load_image("https://images.example.com/cat.png", "image", settings)
