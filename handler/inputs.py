@@ -2,7 +2,8 @@
 
 A URL is resolved once, every address it resolves to must be public, and the connection goes to
 that checked address (so a second DNS answer cannot swap in a private one). Redirects are
-followed by hand and each hop is checked the same way. Size, time and pixel counts are capped.
+followed by hand and each hop is checked the same way. Size, time (one deadline for the whole
+fetch, every hop, the TLS handshake and the headers included) and pixel counts are capped.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ IMAGE_FORMATS = "png, jpeg or webp (or another format Pillow reads: gif, bmp, ti
 
 
 def load_image(value: str, field: str, settings: Settings, as_mask: bool = False) -> Image.Image:
-    """Decode an image given as a data URI, raw base64 or an https URL, as RGB (or, with
-    `as_mask`, as the L mask it stands for)."""
+    """Decode an image given as a data URI, raw base64, an https URL or s3://bucket/key, as RGB
+    flattened onto white (or, with `as_mask`, as the L mask it stands for)."""
     value = value.strip()
     head = value[:8].lower()  # schemes are case-insensitive (RFC 3986)
     if head.startswith(("https://", "http://")):
