@@ -1162,7 +1162,7 @@ def _public_inputs(job: Job) -> dict[str, Any]:
         value = inputs.get(name)
         if not value:
             continue
-        if value.startswith(("https://", "http://", "s3://")):
+        if value[:8].lower().startswith(("https://", "http://", "s3://")):
             parts = urlsplit(value)
             host = parts.netloc.rpartition("@")[2]  # without user:password@
             inputs[name] = urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -691,6 +691,14 @@ def test_sidecar_holds_no_image_data_and_no_url_signatures(moto, settings):
     assert _public_inputs(signed)["mask"] == mask_url.split("?", 1)[0]
 
 
+def test_sidecar_inputs_keep_an_uppercase_scheme_url_without_its_signature():
+    from handler.engine import _public_inputs
+    from handler.schema import parse_job
+
+    job = parse_job({"prompt": "x", "image": "HTTPS://img.example.com/a.png?X-Amz-Signature=S"})
+    assert _public_inputs(job)["image"] == "https://img.example.com/a.png"
+
+
 def test_sidecar_inputs_keep_no_url_credentials_signatures_or_image_data():
     from handler.engine import _public_inputs
     from handler.schema import parse_job
