@@ -117,11 +117,11 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 def _mask_channel(image: Image.Image) -> Image.Image:
     """A mask as L: its alpha when it has transparency (as A1111 reads one drawn on a clear
-    layer), else its brightness."""
+    layer), rounded at half opacity as A1111's default `mask_round` does; else its brightness."""
     if _has_transparency(image):
         alpha = image.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
-            return alpha
+            return alpha.point(lambda value: 255 if value > 128 else 0)
     return image.convert("L")
 
 

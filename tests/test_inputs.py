@@ -221,6 +221,16 @@ def test_a_mask_drawn_on_a_transparent_layer_is_read_from_its_alpha(settings):
     assert (mask[:, :8] == 255).all() and (mask[:, 8:] == 0).all()  # opaque: by brightness
 
 
+def test_a_half_transparent_mask_stroke_is_rounded_as_a1111s_mask_round_does(settings):
+    drawn = Image.new("RGBA", (16, 16), (255, 255, 255, 0))
+    drawn.paste((255, 255, 255, 100), (0, 0, 8, 16))  # a faint stroke: kept, as in A1111
+    drawn.paste((255, 255, 255, 200), (8, 0, 16, 16))  # a firm one: repainted
+    mask = np.asarray(load_image(_encoded(drawn), "mask", settings, as_mask=True))
+    assert (mask[:, :8] == 0).all() and (mask[:, 8:] == 255).all()
+    grey = Image.new("L", (16, 16), 100)  # an opaque grey mask keeps its level, as in A1111
+    assert (np.asarray(load_image(_encoded(grey), "mask", settings, as_mask=True)) == 100).all()
+
+
 def test_images_are_turned_upright_by_their_exif_orientation(settings):
     photo = Image.new("RGB", (96, 64), (10, 20, 30))
     exif = Image.Exif()
