@@ -93,6 +93,9 @@ def test_hub_dockerfile_is_the_worker_image_and_cuda_versions_match_torch():
     assert (REPO / ".runpod" / "Dockerfile").read_text() == dockerfile
     base = re.search(r"ARG CUDA_BASE=nvidia/cuda:(\d+\.\d+)", dockerfile).group(1)
     assert base == "13.0"  # torch 2.13.0's PyPI wheels are CUDA 13.0 builds
+    import yaml
+
+    assert yaml.safe_load((REPO / "cog.yaml").read_text())["build"]["cuda"] == base
     for name in ("hub.json", "tests.json"):
         data = json.loads((REPO / ".runpod" / name).read_text())
         versions = data["config"]["allowedCudaVersions"]
