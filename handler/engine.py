@@ -387,10 +387,8 @@ class Engine:
                     refresh_worker=True,
                 ) from None
             except RuntimeError as error:
-                failure = _cuda_failure(error)
-                if failure is None:
-                    raise
-                raise failure from None
+                _raise_if_cuda_failure(error)
+                raise
 
     def _run(self, job: Job, progress, cancelled, inline_limit, job_id: str) -> Result:
         started = time.perf_counter()
@@ -1060,20 +1058,17 @@ def _with_oom_retry(call):
                     refresh_worker=True,
                 ) from None
         except RuntimeError as error:
-            failure = _cuda_failure(error)
-            if failure is None:
-                raise
-            raise failure from None
+            _raise_if_cuda_failure(error)
+            raise
 
 
-def _cuda_failure(error: RuntimeError) -> InternalError | None:
-    """A CUDA error that may have poisoned the context, as a job error asking for a new worker;
-    None for any other RuntimeError."""
+def _raise_if_cuda_failure(error: RuntimeError) -> None:
+    """A CUDA error that may have poisoned the context becomes a job error asking for a new
+    worker; any other RuntimeError is left to the caller."""
     text = str(error)
-    if "device-side assert" not in text and "CUDA error" not in text:
-        return None
-    log.error("CUDA error; the worker should be replaced", exc_info=error)
-    return InternalError("a CUDA error left the GPU unusable", refresh_worker=True)
+    if "device-side assert" in text or "CUDA error" in text:
+        log.error("CUDA error; the worker should be replaced", exc_info=error)
+        raise InternalError("a CUDA error left the GPU unusable", refresh_worker=True) from None
 
 
 def _free_cuda_memory() -> None:

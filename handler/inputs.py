@@ -208,27 +208,13 @@ _PROMPT_BUCKET = "a bucket that serves the object promptly"
 
 
 def _input_s3_client(settings: Settings):
-    """The upload client's endpoint and credentials (handler.outputs.s3_client), but one
-    attempt, and half of INPUT_TIMEOUT_S to connect and half to answer: with the upload
-    client's retries and timeouts, an endpoint that never answered held a job 2 minutes."""
-    import boto3
-    from botocore.config import Config
+    """The upload client (handler.outputs.s3_client), but one attempt, and half of
+    INPUT_TIMEOUT_S to connect and half to answer: with the upload client's retries and
+    timeouts, an endpoint that never answered held a job 2 minutes."""
+    from handler.outputs import s3_client
 
     half = settings.input_timeout_s / 2
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.bucket_endpoint_url,
-        aws_access_key_id=settings.bucket_access_key_id,
-        aws_secret_access_key=settings.bucket_secret_access_key,
-        region_name=settings.bucket_region,
-        config=Config(
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            s3={"addressing_style": "path" if settings.bucket_path_style else "auto"},
-            connect_timeout=half,
-            read_timeout=half,
-            signature_version="s3v4",
-        ),
-    )
+    return s3_client(settings, attempts=1, connect_timeout=half, read_timeout=half)
 
 
 def fetch_url(url: str, field: str, settings: Settings) -> bytes:

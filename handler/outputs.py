@@ -198,7 +198,12 @@ def a1111_infotext(
 # -- delivery ------------------------------------------------------------------------------------
 
 
-def s3_client(settings: Settings):
+def s3_client(
+    settings: Settings,
+    attempts: int = UPLOAD_ATTEMPTS,
+    connect_timeout: float = 5,
+    read_timeout: float = 30,
+):
     """A boto3 S3 client for the configured endpoint and credentials, with standard retries."""
     import boto3
     from botocore.config import Config
@@ -210,10 +215,10 @@ def s3_client(settings: Settings):
         aws_secret_access_key=settings.bucket_secret_access_key,
         region_name=settings.bucket_region,
         config=Config(
-            retries={"total_max_attempts": UPLOAD_ATTEMPTS, "mode": "standard"},
+            retries={"total_max_attempts": attempts, "mode": "standard"},
             s3={"addressing_style": "path" if settings.bucket_path_style else "auto"},
-            connect_timeout=5,
-            read_timeout=30,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             signature_version="s3v4",
         ),
     )
