@@ -572,14 +572,15 @@ class Engine:
         height,
         timings,
         overlay,
-        safety=None,
-        warnings=None,
-        infotext_fields=None,
+        safety,
+        warnings,
+        infotext_fields,
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
-        For inpainting, `overlay` is (init image, paste mask): pixels outside the mask are pasted back
-        from the init image, so they come out exactly as they went in.
+        `width` and `height` are the delivered size. For inpainting, `overlay` is (init image,
+        paste mask): the init image is pasted back outside the mask (`_overlay_mask`).
+        `infotext_fields` are `a1111_infotext`'s size and extra fields (`_infotext_fields`).
         """
         model_hash = self.registry.cached_hash(loaded.model)
         lora_info = [(lora.name, lora.scale, self._lora_hash(lora)) for lora in loras]
@@ -597,7 +598,7 @@ class Engine:
                     model=loaded.name,
                     model_hash=model_hash,
                     loras=lora_info,
-                    **(infotext_fields or {"width": width, "height": height}),
+                    **infotext_fields,
                 )
             encoded = encode_image(
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
