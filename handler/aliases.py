@@ -367,7 +367,10 @@ def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any])
     for name, (first_pass, same) in HIRES_SAME_AS_FIRST_PASS.items():
         if name not in given or given[name] in same:
             continue
-        if first_pass is not None and given[name] == data.get(first_pass):
+        if first_pass == "checkpoint":
+            if _same_model(given[name], _first_pass_checkpoint(data)):
+                continue
+        elif first_pass is not None and given[name] == data.get(first_pass):
             continue
         raise InvalidInput(
             f"{name}={given[name]!r}: a different hires pass is not supported",
@@ -375,6 +378,30 @@ def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any])
             accepted=f"{name} omitted, or {same[-1]!r} (the hires pass reuses the first pass's "
             "sampler, prompts and checkpoint)",
         )
+
+
+def _first_pass_checkpoint(data: dict[str, Any]) -> Any:
+    """The first pass's checkpoint: `checkpoint`, or A1111's override_settings (not yet applied
+    when the hires fields are read)."""
+    overrides = data.get("override_settings")
+    if "checkpoint" not in data and isinstance(overrides, dict):
+        return overrides.get("sd_model_checkpoint")
+    return data.get("checkpoint")
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Whether two model names or A1111 titles name one model ("x.safetensors [hash]" is "x")."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    return _model_key(a) == _model_key(b)
+
+
+def _model_key(name: str) -> str:
+    name = model_title_to_name(name).strip()
+    stem, dot, extension = name.rpartition(".")
+    return (
+        stem if dot and extension.lower() in ("safetensors", "ckpt", "pt", "pth", "bin") else name
+    )
 
 
 def _schedule_key(value: str) -> str:

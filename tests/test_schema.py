@@ -175,6 +175,17 @@ def test_a_different_hires_pass_is_refused_not_dropped(field, value):
     assert parse_job({**payload, "hr_sampler_name": "Euler"}).hires is not None
 
 
+def test_hr_checkpoint_name_equal_to_the_first_pass_model_in_any_spelling_is_accepted():
+    title = "demo-sd15.safetensors [8ad5ffc01f]"
+    payload = {"prompt": "x", "enable_hr": True}
+    via_overrides = {**payload, "override_settings": {"sd_model_checkpoint": title}}
+    for same in (title, "demo-sd15", "demo-sd15.safetensors"):
+        assert parse_job({**via_overrides, "hr_checkpoint_name": same}).hires is not None
+        assert parse_job({**payload, "checkpoint": "demo-sd15", "hr_checkpoint_name": same}).hires
+    error = error_of({**via_overrides, "hr_checkpoint_name": "other.safetensors [0123456789]"})
+    assert error.field == "hr_checkpoint_name"
+
+
 def test_a1111_subseed_at_strength_zero_string_seed_and_neutral_hints():
     assert parse_job({"prompt": "x", "subseed": 12345, "subseed_strength": 0}).seed is None
     assert parse_job({"prompt": "x", "subseed": 12345}).seed is None
