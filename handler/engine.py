@@ -85,9 +85,20 @@ CancelCheck = Callable[[], bool]
 
 def pick_device(requested: str | None) -> torch.device:
     """CUDA when present (or as requested), else CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "cpu, cuda or cuda:N for a GPU that is present, or unset (cuda when present)"
+    try:
+        device = torch.device(requested.strip())
+    except RuntimeError:
+        raise InvalidInput(
+            f"{requested!r} is not a device", field="DEVICE", accepted=accepted
+        ) from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InvalidInput(f"{requested!r}: no such GPU here", field="DEVICE", accepted=accepted)
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInput(f"{requested!r} is not supported", field="DEVICE", accepted=accepted)
+    return device
 
 
 class Engine:

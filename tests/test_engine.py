@@ -210,6 +210,16 @@ def test_a_malformed_setting_stops_the_worker_naming_it(monkeypatch, name, value
     assert info.value.field == name and info.value.accepted == accepted
 
 
+@pytest.mark.parametrize("device", ["foo", "cuda:99", "meta"])
+def test_an_unusable_device_stops_the_worker_naming_it(device):
+    from handler.engine import pick_device
+
+    with pytest.raises(InvalidInput) as info:
+        pick_device(device)
+    assert info.value.field == "DEVICE" and "cpu, cuda or cuda:N" in info.value.accepted
+    assert pick_device(" cpu ").type == "cpu"
+
+
 def test_flags_read_yes_and_no_in_any_spelling(monkeypatch):
     from handler.settings import Settings
 
