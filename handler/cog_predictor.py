@@ -234,7 +234,8 @@ class Predictor(BaseRunner):
             default=None,
             ge=1,
             le=150,
-            description="SDXL refiner steps (refine-after when high_noise_frac is empty).",
+            description="SDXL refiner schedule length: it runs the part after high_noise_frac, "
+            "or 0.3 of it refining the finished image when high_noise_frac is empty.",
         ),
         output_format: str = Input(
             default="png", choices=["png", "jpeg", "webp"], description="Image file format."

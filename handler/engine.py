@@ -473,13 +473,12 @@ class Engine:
             init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, width, height) if job.mask else None
         final_w, final_h = self._check_hires(job, width, height)
-        if job.hires:
-            hires_steps = self._hires_schedule(loaded, job)[0]
-            if hires_steps < (job.hires.steps or job.steps):
-                warnings.append(
-                    f"the hires pass runs {hires_steps} steps: at strength {job.hires.strength:g}, "
-                    f"more would need a longer schedule than {job.scheduler} allows"
-                )
+        hires_steps = self._hires_schedule(loaded, job)[0] if job.hires else None
+        if job.hires and hires_steps < (job.hires.steps or job.steps):
+            warnings.append(
+                f"the hires pass runs {hires_steps} steps: at strength {job.hires.strength:g}, "
+                f"more would need a longer schedule than {job.scheduler} allows"
+            )
         safety = self._safety_checker_for(job)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
@@ -531,7 +530,7 @@ class Engine:
                 overlay,
                 safety,
                 warnings,
-                _infotext_fields(job, mode, refiner, width, height),
+                _infotext_fields(job, mode, refiner, width, height, hires_steps),
             )
 
         # 4. Deliver
@@ -1105,7 +1104,9 @@ def _overlay_mask(mask: Image.Image) -> Image.Image:
     return mask.point(lambda value: min(255, 2 * value))
 
 
-def _infotext_fields(job: Job, mode: str, refiner, width: int, height: int) -> dict[str, Any]:
+def _infotext_fields(
+    job: Job, mode: str, refiner, width: int, height: int, hires_steps: int | None
+) -> dict[str, Any]:
     """A1111's infotext fields for what ran beyond txt2img: its size is the first pass's, and
     img2img, inpainting, hires fix, the refiner ensemble, clip skip and a VAE add their own."""
     extra: dict[str, Any] = {}
@@ -1120,8 +1121,8 @@ def _infotext_fields(job: Job, mode: str, refiner, width: int, height: int) -> d
     if job.hires:
         extra["Denoising strength"] = f"{job.hires.strength:g}"
         extra["Hires upscale"] = f"{job.hires.scale:g}"
-        if job.hires.steps:
-            extra["Hires steps"] = job.hires.steps
+        if hires_steps != job.steps:  # the steps the pass ran; A1111 leaves out "same as first"
+            extra["Hires steps"] = hires_steps
         extra["Hires upscaler"] = "Latent" if job.hires.upscaler == "latent" else "Lanczos"
     if refiner is not None and job.high_noise_frac is not None:
         extra["Refiner"] = refiner.name

@@ -62,7 +62,8 @@ class Job(BaseModel):
     checkpoint: str | None = Field(
         None,
         description="Checkpoint name on the model root (relative to checkpoints/, extension "
-        "optional). Empty means the worker's DEFAULT_CHECKPOINT.",
+        "optional). Empty means the worker's DEFAULT_CHECKPOINT, else the first checkpoint by "
+        "name.",
     )
     width: int | None = Field(
         None,
@@ -100,7 +101,8 @@ class Job(BaseModel):
     output_quality: int = Field(90, ge=1, le=100, description="Quality for jpeg and webp (1-100).")
     image: str | None = Field(
         None,
-        description="Init image for img2img: an https URL, a data URI or raw base64.",
+        description="Init image for img2img: an https URL, s3://bucket/key (the worker's "
+        "buckets), a data URI or raw base64.",
     )
     strength: float = Field(
         0.75,
@@ -123,7 +125,9 @@ class Job(BaseModel):
     mask_blur: int = Field(4, ge=0, le=64, description="Inpainting: mask edge blur in pixels.")
     invert_mask: bool = Field(False, description="Inpainting: repaint the black part instead.")
     refiner_checkpoint: str | None = Field(
-        None, description="SDXL refiner checkpoint. Empty means the worker's REFINER_CHECKPOINT."
+        None,
+        description="SDXL refiner checkpoint. Empty means the worker's REFINER_CHECKPOINT, "
+        "which runs only for jobs that send high_noise_frac or refiner_inference_steps.",
     )
     high_noise_frac: float | None = Field(
         None,
@@ -137,7 +141,8 @@ class Job(BaseModel):
         None,
         ge=1,
         le=150,
-        description="SDXL refiner steps (refine-after when high_noise_frac is empty).",
+        description="SDXL refiner schedule length: it runs the part after high_noise_frac, or "
+        "0.3 of it refining the finished image when high_noise_frac is empty.",
     )
 
     loras: list[LoraSpec] = Field(

@@ -249,6 +249,7 @@ def test_a_hires_schedule_longer_than_the_scheduler_allows_runs_fewer_steps_and_
     assert unet_calls_by_width(engine, job) == {8: 3, 12: 2}
     result = engine.run(parse_job(job))
     assert any("the hires pass runs 2 steps" in warning for warning in result.warnings)
+    assert infotext_fields(result)["Hires steps"] == "2"  # what ran, not what was asked
 
 
 def test_a1111_enable_hr_maps_onto_hires():
