@@ -531,6 +531,7 @@ class Engine:
                 safety,
                 warnings,
                 _infotext_fields(job, mode, refiner, width, height, hires_steps),
+                cancelled,
             )
 
         # 4. Deliver
@@ -546,6 +547,8 @@ class Engine:
                 "timings_ms": dict(timings),
                 "warnings": warnings,
             }
+        if cancelled():
+            raise Cancelled("the job was cancelled")
         results, delivery_warnings = deliver(
             encoded,
             destination=job.destination,
@@ -553,6 +556,7 @@ class Engine:
             storage=self.storage,
             inline_limit=inline_limit,
             sidecar=sidecar,
+            cancelled=cancelled,
         )
         warnings += delivery_warnings
         timings["upload"] = _ms(upload_started)
@@ -585,6 +589,7 @@ class Engine:
         safety,
         warnings,
         infotext_fields,
+        cancelled,
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
@@ -619,6 +624,8 @@ class Engine:
         pending = []
         with torch.inference_mode(), LatentDecoder(decoder_pipeline) as decoder:
             for index in range(len(seeds)):
+                if cancelled():
+                    raise Cancelled("the job was cancelled")
                 image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
                 if not decoder.last_was_finite and warnings is not None:
                     warnings.append(

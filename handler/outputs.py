@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 
-from handler.errors import InvalidInput, OutputTooLarge, UploadFailed
+from handler.errors import Cancelled, InvalidInput, OutputTooLarge, UploadFailed
 from handler.schedulers import split_schedule
 from handler.schema import ImageResult
 from handler.settings import Settings
@@ -292,8 +293,10 @@ def deliver(
     storage: Storage | None,
     inline_limit: int | None,
     sidecar: dict[str, Any] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> tuple[list[ImageResult], list[str]]:
-    """Deliver encoded images to S3 or inline; returns (results, warnings)."""
+    """Deliver encoded images to S3 or inline; returns (results, warnings). A job cancelled
+    while its images upload fails as cancelled, and they are deleted: nobody will get the URLs."""
     if destination == "s3" and storage is None:
         raise InvalidInput(
             "no bucket is configured on this worker",
@@ -309,7 +312,7 @@ def deliver(
         advice = NO_BUCKET_ADVICE if storage is None else "destination s3 or auto to get URLs"
         return _inline(images, inline_limit, advice), unwritten
     try:
-        return _upload(images, storage, job_id, sidecar)
+        return _upload(images, storage, job_id, sidecar, cancelled)
     except UploadFailed as error:
         if destination == "s3":
             raise
@@ -344,7 +347,11 @@ def _inline(images: list[EncodedImage], inline_limit: int | None, advice: str) -
 
 
 def _upload(
-    images: list[EncodedImage], storage: Storage, job_id: str, sidecar: dict[str, Any] | None
+    images: list[EncodedImage],
+    storage: Storage,
+    job_id: str,
+    sidecar: dict[str, Any] | None,
+    cancelled: Callable[[], bool],
 ) -> tuple[list[ImageResult], list[str]]:
     """Upload the batch in parallel; every image must be confirmed or the whole batch fails,
     and then the images it did upload are deleted (best effort): a failed job leaves none.
@@ -374,6 +381,9 @@ def _upload(
     except UploadFailed:
         storage.delete_quietly(uploaded)
         raise
+    if cancelled():
+        storage.delete_quietly(uploaded)
+        raise Cancelled("the job was cancelled; its uploaded images were deleted")
     urls = {
         image.index: _result(image, url=storage.url(key), bucket=storage.bucket, key=key)
         for image, key in zip(delivered, keys, strict=True)

@@ -245,6 +245,53 @@ def test_a_failed_batch_deletes_the_images_it_uploaded(moto, settings, monkeypat
     assert listed.get("KeyCount", 0) == 0  # images 0 and 2 were uploaded, then deleted
 
 
+def test_a_job_cancelled_while_uploading_fails_as_cancelled_and_leaves_no_images(moto, settings):
+    from handler.errors import Cancelled
+
+    storage = Storage(bucket_settings(settings, moto[0]))
+    put, cancel = storage.put, threading.Event()
+
+    def cancelled_during_the_upload(key, data, content_type):
+        put(key, data, content_type)
+        cancel.set()  # the platform's cancel arrives while the batch uploads
+
+    storage.put = cancelled_during_the_upload
+    with pytest.raises(Cancelled):
+        deliver(
+            encoded_batch(3),
+            destination="auto",
+            job_id="cancelled",
+            storage=storage,
+            inline_limit=None,
+            sidecar={"job_id": "cancelled"},
+            cancelled=cancel.is_set,
+        )
+    listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/cancelled/")
+    assert listed.get("KeyCount", 0) == 0  # no image, and no job.json
+
+
+def test_a_job_cancelled_after_its_last_step_uploads_nothing(moto, settings):
+    from handler.errors import Cancelled
+
+    engine = Engine(bucket_settings(settings, moto[0]))
+    job = parse_job({"prompt": "x", "width": 64, "height": 64, "steps": 2, "num_images": 2})
+    steps = []
+
+    def progress(update):
+        steps.append(update.phase)
+
+    # the cancel arrives once both steps are done, when no step is left to check it
+    with pytest.raises(Cancelled):
+        engine.run(
+            job,
+            progress=progress,
+            cancelled=lambda: steps.count("denoising") == 2,
+            job_id="late-cancel",
+        )
+    listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/late-cancel/")
+    assert listed.get("KeyCount", 0) == 0
+
+
 def test_an_image_the_bucket_stored_wrongly_is_deleted_with_the_batch(proxy, moto, settings):
     storage = Storage(bucket_settings(settings, proxy.url))
     proxy.wrong_etag_for = "/1-"
