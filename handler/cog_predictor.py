@@ -7,9 +7,11 @@ running it); tests/test_cog_predictor.py checks every one against handler/schema
 from __future__ import annotations
 
 import base64
+import contextvars
 import io
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path as FilePath
 from urllib.parse import urlsplit
@@ -103,6 +105,45 @@ class Predictor(BaseRunner):
         a way that may have poisoned the CUDA context (RunPod's refresh_worker), so that the
         container can be replaced instead of failing every later prediction."""
         return not getattr(self, "gpu_unusable", False)
+
+    def _run_shielded(self, job):
+        """Run the job in a thread of its own, and return its result.
+
+        coglet cancels a prediction by raising CancelationException in the thread that runs
+        run(), at whatever line it is on. Inside the engine that could be a `finally` that is
+        undoing the job's LoRAs, embeddings or scheduler, and would leave them applied for the
+        next prediction. Here it lands in this wait instead: the engine is told to stop at its
+        next check (a denoising step, an image, delivery), undoes its changes itself, and the
+        exception is raised again once it has.
+        """
+        cancel, done, outcome = threading.Event(), threading.Event(), {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self.engine.run(
+                    job, progress=_LogProgress(), cancelled=cancel.is_set
+                )
+            except BaseException as error:  # handed to run()'s thread, which raises it
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        # the prediction's context (coglet's log routing) goes with the job into its thread
+        threading.Thread(target=contextvars.copy_context().run, args=(work,)).start()
+        interrupted = None
+        while not done.is_set():
+            # A plain sleep: an exception raised inside Thread.join() or Event.wait() can leave
+            # their locks marking a running thread as finished.
+            try:
+                time.sleep(0.01)
+            except BaseException as error:  # coglet's cancellation, raised in this thread
+                cancel.set()
+                interrupted = interrupted or error
+        if interrupted is not None:
+            raise interrupted
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
     def _fresh_outputs(self) -> FilePath:
         """The output folder, emptied of the previous prediction's files (uploaded by now)."""
@@ -294,7 +335,7 @@ class Predictor(BaseRunner):
         # A WorkerError fails the prediction with "<code>: <field>: ..."; anything else, as on
         # RunPod, with internal_error and the traceback in the log only.
         try:
-            result = self.engine.run(parse_job(payload), progress=_LogProgress())
+            result = self._run_shielded(parse_job(payload))
         except WorkerError as error:
             if error.refresh_worker:
                 log.error("this container's GPU may be unusable: health check now fails")

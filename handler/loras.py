@@ -20,7 +20,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,15 +245,15 @@ def job_additions(
         yield
         clean_exit = True
     finally:
-        if merged is not None:
-            merged.restore()
-        if added_tokens:
-            _unload_embeddings(pipeline, added_tokens)
-        if not clean_exit and (resident.names or loading):
+        # each undo runs even if one before it fails; the first failure is raised after them
+        _undo_all(
+            merged.restore if merged is not None else None,
+            (lambda: _unload_embeddings(pipeline, added_tokens)) if added_tokens else None,
             # a failed or cancelled job: drop every adapter, trust nothing half-applied
-            pipeline.unload_lora_weights()
-            resident.names.clear()
-            resident.layers.clear()
+            (lambda: _drop_adapters(pipeline, resident))
+            if not clean_exit and (resident.names or loading)
+            else None,
+        )
 
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -403,6 +403,24 @@ def _evict(pipeline: Any, resident: ResidentAdapters, keep: set[str]) -> None:
             pipeline.delete_adapters([name])
 
 
+def _undo_all(*undos: Callable[[], None] | None) -> None:
+    failure = None
+    for undo in undos:
+        try:
+            if undo is not None:
+                undo()
+        except BaseException as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+
+
+def _drop_adapters(pipeline: Any, resident: ResidentAdapters) -> None:
+    pipeline.unload_lora_weights()
+    resident.names.clear()
+    resident.layers.clear()
+
+
 def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) -> list[str]:
     """Add one A1111 embedding's token(s) to the text encoder(s) it was made for."""
     state = cache.get(embedding.path)
@@ -478,16 +496,18 @@ def _unload_embeddings(pipeline: Any, tokens: list[str]) -> None:
 
 
 def _unload_tokens(pipeline: Any, tokens: list[str]) -> None:
-    pipeline.unload_textual_inversion(
-        tokens, tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder
-    )
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        vocab = pipeline.tokenizer_2.get_vocab()
+    """Remove the tokens each text encoder has (diffusers refuses a list with none of them: an
+    embedding whose load failed, or SDXL's second part never added)."""
+    for tokenizer, encoder in (
+        (pipeline.tokenizer, pipeline.text_encoder),
+        (getattr(pipeline, "tokenizer_2", None), getattr(pipeline, "text_encoder_2", None)),
+    ):
+        if encoder is None:
+            continue
+        vocab = tokenizer.get_vocab()
         mine = [t for t in tokens if t in vocab or any(k.startswith(f"{t}_") for k in vocab)]
         if mine:
-            pipeline.unload_textual_inversion(
-                mine, tokenizer=pipeline.tokenizer_2, text_encoder=pipeline.text_encoder_2
-            )
+            pipeline.unload_textual_inversion(mine, tokenizer=tokenizer, text_encoder=encoder)
 
 
 def embeddings_for(

@@ -135,7 +135,7 @@ def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
     class FailingEngine:
         error: Exception
 
-        def run(self, job, progress=None):
+        def run(self, job, progress=None, cancelled=None):
             raise self.error
 
     runner, engine = Predictor(), FailingEngine()
@@ -151,6 +151,55 @@ def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
     with pytest.raises(InternalError):
         runner.run(**inputs)
     assert runner.healthcheck() is False
+
+
+def test_coglets_cancel_never_lands_inside_the_engines_cleanup():
+    """coglet cancels by raising CancelationException in the thread running run(), wherever it
+    is (PyThreadState_SetAsyncExc); the engine's cleanup must still finish."""
+    import ctypes
+
+    from coglet import CancelationException
+
+    from handler.cog_predictor import Predictor
+    from handler.errors import Cancelled
+
+    class SlowCleanupEngine:
+        cleaning, cleaned = threading.Event(), False
+
+        def run(self, job, progress=None, cancelled=None):
+            try:
+                for _ in range(300):  # denoising steps, checking for a cancel
+                    if cancelled():
+                        raise Cancelled("the job was cancelled")
+                    time.sleep(0.01)
+            finally:
+                self.cleaning.set()
+                for _ in range(30):  # undoing the job's LoRAs, embeddings, scheduler
+                    time.sleep(0.01)
+                self.cleaned = True
+
+    runner, engine = Predictor(), SlowCleanupEngine()
+    runner.engine = engine
+    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
+    inputs.pop("self")
+    inputs.update(prompt="a cube", width=64, height=64)
+    raised = []
+
+    def predict() -> None:
+        try:
+            runner.run(**inputs)
+        except BaseException as error:
+            raised.append(error)
+
+    caller = threading.Thread(target=predict)
+    caller.start()
+    cancel = ctypes.py_object(CancelationException)
+    time.sleep(0.2)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(caller.ident), cancel)  # mid-job
+    assert engine.cleaning.wait(5)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(caller.ident), cancel)  # cleanup
+    caller.join(10)
+    assert engine.cleaned and [type(e) for e in raised] == [CancelationException]
 
 
 def test_the_cog_server_reports_the_predictors_health_check(demo_volume, tmp_path):
@@ -509,7 +558,7 @@ def test_an_unexpected_error_fails_as_internal_error_without_its_text():
     from handler.errors import InternalError
 
     class BrokenEngine:
-        def run(self, job, progress=None):
+        def run(self, job, progress=None, cancelled=None):
             raise IndexError("tuple index out of range, with a secret prompt")
 
     runner = Predictor()

@@ -552,6 +552,36 @@ def test_an_embedding_that_fails_half_way_leaves_no_token(engine, monkeypatch):
     assert (len(pipeline.tokenizer), len(pipeline.tokenizer_2)) == sizes
 
 
+def test_an_embedding_that_fails_before_its_first_token_keeps_its_own_error(engine, monkeypatch):
+    """Its all-or-nothing cleanup found no token to remove, and diffusers' "No tokens to remove
+    found" replaced the real error (a cancel, under Cog)."""
+    loaded, _ = engine.checkpoint("demo-sd15")
+    pipeline = loaded.pipeline
+    size = len(pipeline.tokenizer)
+
+    def first_fails(self, *args, **kwargs):
+        raise RuntimeError("injected: failed before adding a token")
+
+    monkeypatch.setattr(type(pipeline), "load_textual_inversion", first_fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.run(parse_job({**SD15, "prompt": "a cube, demo-sd15-embedding"}))
+    assert len(pipeline.tokenizer) == size
+
+
+def test_every_undo_of_a_job_runs_even_when_one_fails():
+    from handler.loras import _undo_all
+
+    ran = []
+
+    def failing():
+        ran.append("restore")
+        raise RuntimeError("restore failed")
+
+    with pytest.raises(RuntimeError, match="restore failed"):
+        _undo_all(failing, None, lambda: ran.append("embeddings"), lambda: ran.append("adapters"))
+    assert ran == ["restore", "embeddings", "adapters"]
+
+
 def test_sdxl_embeddings_with_mismatched_parts_are_skipped(engine, demo_volume):
     from safetensors.torch import save_file
 
