@@ -201,11 +201,12 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 accepted="num_images, or batch_size and n_iter",
             )
         batch, iterations = data.pop("batch_size", 1), data.pop("n_iter", 1)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, iterations)):
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, iterations))
+        if not whole or batch < 1 or iterations < 1 or batch * iterations > 8:
             raise InvalidInput(
-                "batch_size and n_iter must be integers",
+                f"batch_size {batch!r} x n_iter {iterations!r} is not 1 to 8 images",
                 field="batch_size",
-                accepted="integers with batch_size x n_iter from 1 to 8",
+                accepted="whole numbers from 1 up, with batch_size x n_iter from 1 to 8",
             )
         data["num_images"] = batch * iterations
     if "resize_mode" in data and isinstance(data["resize_mode"], int):

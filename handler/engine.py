@@ -40,7 +40,14 @@ from handler.loras import (
     extract_inline_loras,
     job_additions,
 )
-from handler.outputs import EncodedImage, Storage, a1111_infotext, deliver, encode_image
+from handler.outputs import (
+    JPEG_MAX_EXIF_BYTES,
+    EncodedImage,
+    Storage,
+    a1111_infotext,
+    deliver,
+    encode_image,
+)
 from handler.pipelines import (
     CheckpointCache,
     LatentDecoder,
@@ -68,6 +75,8 @@ INPAINT_ARCHITECTURES = ("sd15-inpaint", "sdxl-inpaint")
 MAX_LORAS = 8
 # worker-sdxl's default strength for refining a finished base image.
 REFINE_AFTER_STRENGTH = 0.3
+# A jpeg's infotext is UTF-16 in a 64 KiB EXIF segment: the prompts, with room for the rest
+JPEG_PROMPT_CHARS = JPEG_MAX_EXIF_BYTES // 2 - 2000
 
 
 @dataclass(frozen=True)
@@ -454,6 +463,18 @@ class Engine:
                 f"{width}x{height} is {width * height} pixels, over this worker's MAX_IMAGE_PIXELS",
                 field="width",
                 accepted=f"width x height up to {self.settings.max_pixels} pixels",
+            )
+        prompt_chars = len(job.prompt) + len(job.negative_prompt)
+        if (
+            job.output_format == "jpeg"
+            and not job.strip_metadata
+            and prompt_chars > JPEG_PROMPT_CHARS
+        ):
+            raise InvalidInput(
+                f"the prompts' {prompt_chars} characters do not fit a jpeg's EXIF metadata",
+                field="output_format",
+                accepted=f"png or webp, strip_metadata, or prompts up to {JPEG_PROMPT_CHARS} "
+                "characters in all",
             )
         if init_image is not None and int(job.steps * job.strength) < 1:
             raise InvalidInput(

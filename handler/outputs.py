@@ -83,15 +83,28 @@ def encode_image(
     else:
         extra: dict[str, Any] = {}
         if infotext:
-            # A1111 stores jpeg/webp parameters in the EXIF UserComment, UTF-16 with a marker.
-            exif = Image.Exif()
-            exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = (
-                b"UNICODE\0" + infotext.encode("utf-16-be")
-            )
-            extra["exif"] = exif.tobytes()
+            extra["exif"] = a1111_exif(infotext)
         pil_format = "JPEG" if fmt == "jpeg" else "WEBP"
         image.convert("RGB").save(buffer, format=pil_format, quality=quality, **extra)
     return EncodedImage(index, seed, image.width, image.height, fmt, buffer.getvalue())
+
+
+def a1111_exif(infotext: str) -> bytes:
+    """An EXIF block holding the infotext as A1111 writes it for jpeg and webp (with piexif):
+    the Exif IFD's UserComment, typed UNDEFINED, "UNICODE\\0" then UTF-16BE. Pillow's Exif
+    would type it BYTE, which A1111's PNG Info cannot read (piexif hands it a tuple)."""
+    comment = b"UNICODE\0" + infotext.encode("utf-16-be")
+    entry = struct.Struct(">HHHII")  # entry count (1), then tag, type, count, value or offset
+    # big-endian TIFF header; IFD0 at 8 points to the Exif IFD at 26, whose data starts at 44
+    ifd0 = entry.pack(1, EXIF_IFD_POINTER, TIFF_LONG, 1, 26) + b"\0\0\0\0"
+    exif_ifd = entry.pack(1, USER_COMMENT, TIFF_UNDEFINED, len(comment), 44) + b"\0\0\0\0"
+    return b"Exif\0\0MM\0*\0\0\0\x08" + ifd0 + exif_ifd + comment
+
+
+EXIF_IFD_POINTER, USER_COMMENT = ExifTags.IFD.Exif, ExifTags.Base.UserComment
+TIFF_LONG, TIFF_UNDEFINED = 4, 7
+# A jpeg's EXIF segment holds 64 KiB: about 32,700 characters of infotext in UTF-16
+JPEG_MAX_EXIF_BYTES = 65533
 
 
 PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}

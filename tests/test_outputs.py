@@ -21,7 +21,7 @@ from PIL import Image
 
 from handler.engine import Engine
 from handler.errors import InvalidInput, OutputTooLarge, UploadFailed
-from handler.outputs import Storage, deliver, encode_image, read_infotext
+from handler.outputs import Storage, a1111_exif, deliver, encode_image, read_infotext
 from handler.schema import parse_job
 from handler.settings import Settings
 from tests.servers import Server, free_port
@@ -424,6 +424,54 @@ def test_strip_metadata_writes_no_parameters(engine):
 
     data = base64.b64decode(result.images[0].image.split(",", 1)[1])
     assert read_infotext(data) is None and b"secret" not in data
+
+
+def user_comment_as_piexif_reads_it(exif: bytes) -> tuple[int, bytes]:
+    """(type, bytes) of the Exif IFD's UserComment, found the way piexif (A1111's reader) does."""
+    import struct
+
+    tiff = exif.removeprefix(b"Exif\0\0")
+    order = ">" if tiff[:2] == b"MM" else "<"
+
+    def entries(offset: int) -> dict[int, tuple[int, int, int]]:
+        (count,) = struct.unpack_from(order + "H", tiff, offset)
+        found = {}
+        for i in range(count):
+            tag, kind, length, value = struct.unpack_from(order + "HHII", tiff, offset + 2 + 12 * i)
+            found[tag] = (kind, length, value)
+        return found
+
+    (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
+    exif_ifd = entries(ifd0)[0x8769][2]
+    kind, length, offset = entries(exif_ifd)[0x9286]
+    return kind, tiff[offset : offset + length]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_infotext_in_exif_is_typed_as_a1111_writes_it(fmt):
+    """piexif, which A1111's PNG Info reads with, gets a tuple of ints from a UserComment typed
+    BYTE (Pillow's choice) and fails; A1111 writes it UNDEFINED (7)."""
+    text = "a café, 猫\nSteps: 20, Sampler: Euler"
+    encoded = encode_image(Image.new("RGB", (16, 16)), 0, 1, fmt, 90, text)
+    kind, comment = user_comment_as_piexif_reads_it(
+        Image.open(io.BytesIO(encoded.data)).info["exif"]
+    )
+    assert kind == 7 and comment == b"UNICODE\0" + text.encode("utf-16-be")
+    assert read_infotext(encoded.data) == text
+
+
+def test_prompts_too_long_for_a_jpegs_exif_are_refused_before_generating(engine):
+    """A jpeg's EXIF segment holds 64 KiB: Pillow failed the save, after the whole job ran."""
+    from handler.engine import JPEG_PROMPT_CHARS
+
+    long = {"prompt": "red, " * (JPEG_PROMPT_CHARS // 5 + 1), "steps": 1, "output_format": "jpeg"}
+    with pytest.raises(InvalidInput) as info:
+        engine.run(parse_job({**long, "checkpoint": "demo-sd15", "width": 64, "height": 64}))
+    assert info.value.field == "output_format" and "png or webp" in info.value.accepted
+    with pytest.raises(ValueError, match="EXIF data is too long"):  # what happened instead
+        Image.new("RGB", (8, 8)).save(
+            io.BytesIO(), "JPEG", exif=a1111_exif("x" * (JPEG_PROMPT_CHARS + 3000))
+        )
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])

@@ -425,3 +425,15 @@ def test_refiner_switch_at_1_runs_no_refiner_and_other_values_name_the_field_sen
     for value in (0.99, 0.02, "late"):
         error = error_of({**payload, "refiner_switch_at": value})
         assert error.field == "refiner_switch_at" and "1 for no refiner" in error.accepted
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "n_iter"), [(-1, -1), (-2, -4), (0, 3), (3, 3), (2, "2"), (True, 2)]
+)
+def test_a1111_batch_size_and_n_iter_outside_1_to_8_images_name_batch_size(batch_size, n_iter):
+    error = error_of({"prompt": "x", "batch_size": batch_size, "n_iter": n_iter})
+    assert error.field == "batch_size" and "from 1 to 8" in error.accepted
+
+
+def test_a1111_batch_size_times_n_iter_is_num_images():
+    assert parse_job({"prompt": "x", "batch_size": 2, "n_iter": 4}).num_images == 8
