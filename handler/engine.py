@@ -44,6 +44,7 @@ from handler.outputs import (
     JPEG_MAX_EXIF_BYTES,
     EncodedImage,
     Storage,
+    a1111_exif,
     a1111_infotext,
     deliver,
     encode_image,
@@ -75,8 +76,6 @@ INPAINT_ARCHITECTURES = ("sd15-inpaint", "sdxl-inpaint")
 MAX_LORAS = 8
 # worker-sdxl's default strength for refining a finished base image.
 REFINE_AFTER_STRENGTH = 0.3
-# A jpeg's infotext is UTF-16 in a 64 KiB EXIF segment: the prompts, with room for the rest
-JPEG_PROMPT_CHARS = JPEG_MAX_EXIF_BYTES // 2 - 2000
 
 
 @dataclass(frozen=True)
@@ -440,13 +439,7 @@ class Engine:
             )
         refiner = self._refiner_for(job, loaded, warnings)
         job, loras, embeddings = self._additions_for(job, loaded, warnings)
-        if refiner is not None:
-            tokens = refiner.pipeline.tokenizer_2(job.prompt, add_special_tokens=False).input_ids
-            if len(tokens) > 75:
-                warnings.append(
-                    f"the refiner reads only the first 75 of the prompt's {len(tokens)} tokens"
-                )
-        vae = self._vae_for(job, loaded)
+        vae, vae_name = self._vae_for(job, loaded)
         timings["load"] = _ms(started)
 
         # 2. Check the request against this checkpoint
@@ -463,18 +456,6 @@ class Engine:
                 f"{width}x{height} is {width * height} pixels, over this worker's MAX_IMAGE_PIXELS",
                 field="width",
                 accepted=f"width x height up to {self.settings.max_pixels} pixels",
-            )
-        prompt_chars = len(job.prompt) + len(job.negative_prompt)
-        if (
-            job.output_format == "jpeg"
-            and not job.strip_metadata
-            and prompt_chars > JPEG_PROMPT_CHARS
-        ):
-            raise InvalidInput(
-                f"the prompts' {prompt_chars} characters do not fit a jpeg's EXIF metadata",
-                field="output_format",
-                accepted=f"png or webp, strip_metadata, or prompts up to {JPEG_PROMPT_CHARS} "
-                "characters in all",
             )
         if init_image is not None and int(job.steps * job.strength) < 1:
             raise InvalidInput(
@@ -500,6 +481,10 @@ class Engine:
                 f"the hires pass runs {hires_steps} steps: at strength {job.hires.strength:g}, "
                 f"more would need a longer schedule than {job.scheduler} allows"
             )
+        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
+        infotext_fields = _infotext_fields(job, mode, refiner, vae_name, width, height, hires_steps)
+        if job.output_format == "jpeg" and not job.strip_metadata:
+            _check_fits_a_jpeg(job, loaded, loras, infotext_fields)
         safety = self._safety_checker_for(job)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
@@ -507,10 +492,11 @@ class Engine:
 
         # 3. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards;
         #    an OOM gets one retry after the CUDA cache is emptied
-        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
         if job.hires:
             pipelines.append(pipeline_for(loaded, "img2img"))
+        if refiner is not None:  # it decodes the image: the job's VAE is its VAE too
+            pipelines += [refiner.pipeline, pipeline_for(refiner, "img2img")]
         with contextlib.ExitStack() as undo:
             if loaded.adapters is None:
                 loaded.adapters = ResidentAdapters(self.settings.resident_loras)
@@ -551,7 +537,7 @@ class Engine:
                 overlay,
                 safety,
                 warnings,
-                _infotext_fields(job, mode, refiner, width, height, hires_steps),
+                infotext_fields,
                 cancelled,
             )
 
@@ -703,7 +689,7 @@ class Engine:
             else:
                 model = self.registry.resolve("lora", name, field)
             check_compatible(model, loaded.architecture, field)
-            loras.append(AppliedLora(model.name, scale, model))
+            loras.append(AppliedLora(model.name, scale, model, field))
         embeddings, embedding_warnings = embeddings_for(
             [prompt, negative],
             self.registry.files("embedding"),
@@ -731,9 +717,9 @@ class Engine:
         return self.registry.cached_hash(lora.model) or self.registry.compute_hash(lora.model)
 
     def _vae_for(self, job: Job, loaded: LoadedCheckpoint):
-        """The job's VAE override, loaded once and kept (two at most), or None."""
+        """The job's VAE override, loaded once and kept (two at most), and its name; or None."""
         if not job.vae:
-            return None
+            return None, None
         from diffusers import AutoencoderKL
 
         model = self.registry.resolve("vae", job.vae, "vae")
@@ -769,7 +755,7 @@ class Engine:
             while len(self._vaes) > 2:
                 self._vaes.popitem(last=False)
         self._vaes.move_to_end(key)
-        return self._vaes[key]
+        return self._vaes[key], model.name
 
     def _refiner_for(
         self, job: Job, base: LoadedCheckpoint, warnings: list[str]
@@ -996,17 +982,13 @@ class Engine:
 
         refine_args = None
         if refiner is not None:
-            # The refiner has its own text encoder: it gets the prompt as text.
-            plain = {
-                "prompt": [job.prompt] * len(seeds),
-                "negative_prompt": [job.negative_prompt] * len(seeds)
-                if job.negative_prompt
-                else None,
+            # The refiner has its own text encoder (OpenCLIP's, the base's second): its prompts
+            # are encoded for it, with the same A1111 syntax and clip skip.
+            refine_args = {
+                **{key: value for key, value in common.items() if key not in text},
+                **self._text_args(pipeline_for(refiner, "img2img"), job, len(seeds)),
+                "generator": generators(),
             }
-            refine_args = {**common, **plain, "generator": generators()}
-            for key in text:
-                if key not in plain:
-                    refine_args.pop(key, None)
             if job.high_noise_frac is not None:
                 # Ensemble of experts: the base denoises the high-noise part, the refiner the rest.
                 args["denoising_end"] = job.high_noise_frac
@@ -1133,13 +1115,13 @@ def _overlay_mask(mask: Image.Image) -> Image.Image:
 
 
 def _infotext_fields(
-    job: Job, mode: str, refiner, width: int, height: int, hires_steps: int | None
+    job: Job, mode: str, refiner, vae_name, width: int, height: int, hires_steps: int | None
 ) -> dict[str, Any]:
     """A1111's infotext fields for what ran beyond txt2img: its size is the first pass's, and
     img2img, inpainting, hires fix, the refiner ensemble, clip skip and a VAE add their own."""
     extra: dict[str, Any] = {}
-    if job.vae:
-        extra["VAE"] = job.vae
+    if vae_name:
+        extra["VAE"] = vae_name
     if mode != "txt2img":
         extra["Denoising strength"] = f"{job.strength:g}"
     if job.clip_skip > 1:
@@ -1147,7 +1129,9 @@ def _infotext_fields(
     if mode == "inpaint":
         extra["Mask blur"] = job.mask_blur
     if job.hires:
-        extra["Denoising strength"] = f"{job.hires.strength:g}"
+        # A1111's hires fix follows txt2img, where "Denoising strength" is the hires pass's
+        key = "Denoising strength" if mode == "txt2img" else "Hires denoising strength"
+        extra[key] = f"{job.hires.strength:g}"
         extra["Hires upscale"] = f"{job.hires.scale:g}"
         if hires_steps != job.steps:  # the steps the pass ran; A1111 leaves out "same as first"
             extra["Hires steps"] = hires_steps
@@ -1156,6 +1140,30 @@ def _infotext_fields(
         extra["Refiner"] = refiner.name
         extra["Refiner switch at"] = f"{job.high_noise_frac:g}"
     return {"width": width, "height": height, "extra": extra}
+
+
+def _check_fits_a_jpeg(job: Job, loaded, loras, infotext_fields: dict[str, Any]) -> None:
+    """A jpeg's infotext goes into a 64 KiB EXIF segment, as UTF-16: a job whose infotext would
+    not fit is refused before it runs (saving the image would fail after it)."""
+    longest = a1111_infotext(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        steps=job.steps,
+        sampler=job.scheduler,
+        cfg_scale=job.guidance_scale,
+        seed=2**64 - 1,  # the longest seed and hashes there can be
+        model=loaded.name,
+        model_hash="0" * 12,
+        loras=[(lora.name, lora.scale, "0" * 12) for lora in loras],
+        **infotext_fields,
+    )
+    size = len(a1111_exif(longest))
+    if size > JPEG_MAX_EXIF_BYTES:
+        raise InvalidInput(
+            f"its metadata, the prompts in UTF-16, is {size} bytes: over a jpeg's 64 KiB EXIF",
+            field="output_format",
+            accepted="png or webp, strip_metadata, or shorter prompts",
+        )
 
 
 def _hires_side(value: float) -> int:

@@ -142,11 +142,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class AppliedLora:
-    """A LoRA of a job: its name, scale and AutoV2 hash (for infotext)."""
+    """A LoRA of a job: its name, scale and file, and the field that asked for it (an entry
+    of `loras`, or `prompt` for a `<lora:...>` tag)."""
 
     name: str
     scale: float
     model: ModelFile
+    field: str = "loras"
 
 
 def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
@@ -211,7 +213,7 @@ def job_additions(
     try:
         # 1. LoRAs: reuse resident adapters, load the others under fresh names
         names = []
-        for index, lora in enumerate(loras):
+        for lora in loras:
             key = resident.key(lora)
             if key in resident.names:
                 resident.names.move_to_end(key)
@@ -223,7 +225,7 @@ def job_additions(
                 except Exception as error:
                     raise LoraIncompatible(
                         f"{lora.model.name} could not be applied ({type(error).__name__}: {str(error)[:200]})",
-                        field=f"loras[{index}].name",
+                        field=lora.field,
                         accepted="kohya or diffusers/peft LoRAs for this checkpoint's architecture",
                     ) from None
                 resident.names[key] = name

@@ -259,9 +259,13 @@ def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[st
     """prompt/negative embeds and pooled embeds for SDXL, from both text encoders."""
     layer = -(clip_skip + 1)  # SDXL uses the penultimate layer; A1111's clip skip goes further back
     device = pipeline.text_encoder_2.device
-    pairs = [
-        (pipeline.tokenizer, pipeline.text_encoder),
-        (pipeline.tokenizer_2, pipeline.text_encoder_2),
+    pairs = [  # the SDXL refiner has only the second
+        (tokenizer, encoder)
+        for tokenizer, encoder in (
+            (pipeline.tokenizer, pipeline.text_encoder),
+            (pipeline.tokenizer_2, pipeline.text_encoder_2),
+        )
+        if encoder is not None
     ]
     embeds, negative_embeds, pooled, negative_pooled = [], [], None, None
     for tokenizer, encoder in pairs:

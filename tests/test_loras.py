@@ -568,6 +568,32 @@ def test_an_embedding_that_fails_before_its_first_token_keeps_its_own_error(engi
     assert len(pipeline.tokenizer) == size
 
 
+def test_an_inline_lora_that_fails_to_load_names_the_prompt(settings, monkeypatch):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    own = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    pipeline = own.checkpoint("demo-sd15")[0].pipeline
+    original, calls = type(pipeline).load_lora_weights, []
+
+    def second_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("injected: size mismatch")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "load_lora_weights", second_fails)
+    job = {
+        **SD15,
+        "loras": [{"name": "demo_sd15_kohya"}],
+        "prompt": "a cube <lora:demo_sd15_peft:1>",
+    }
+    with pytest.raises(LoraIncompatible) as info:
+        own.run(parse_job(job))
+    assert info.value.field == "prompt"  # the tag's field; there is no loras[1]
+
+
 def test_every_undo_of_a_job_runs_even_when_one_fails():
     from handler.loras import _undo_all
 

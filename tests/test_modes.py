@@ -305,6 +305,13 @@ def test_hires_infotext_is_a1111s_first_pass_size_and_hires_fields(engine):
     assert fields["Denoising strength"] == "0.4"
 
 
+def test_img2img_with_hires_keeps_both_strengths_in_the_infotext(engine):
+    job = {"prompt": "x", "image": data_uri(INIT), "strength": 0.5, "steps": 2}
+    job.update(checkpoint="demo-sd15", hires={"scale": 1.5, "strength": 0.3})
+    fields = infotext_fields(engine.run(parse_job(job)))
+    assert fields["Denoising strength"] == "0.5" and fields["Hires denoising strength"] == "0.3"
+
+
 def test_img2img_and_inpainting_infotext_name_their_strength_and_mask_blur(engine):
     img2img = {"prompt": "x", "image": data_uri(INIT), "strength": 0.6, "steps": 2}
     fields = infotext_fields(engine.run(parse_job({**img2img, "checkpoint": "demo-sd15"})))
@@ -464,6 +471,32 @@ def test_refiner_ensemble_infotext_names_the_refiner_and_its_switch(engine):
     job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "high_noise_frac": 0.75}
     fields = infotext_fields(engine.run(parse_job(job)))
     assert fields["Refiner"] == "demo-sdxl-refiner" and fields["Refiner switch at"] == "0.75"
+
+
+@pytest.mark.parametrize("refiner", [{"high_noise_frac": 0.5}, {"refiner_inference_steps": 4}])
+def test_the_jobs_vae_decodes_the_refined_image_too(engine, refiner):
+    job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", **refiner}
+    plain = engine.run(parse_job(job))
+    with_vae = engine.run(parse_job({**job, "vae": "DEMO-VAE-SD15"}))  # the refiner decodes
+    assert np.abs(pixels(with_vae) - pixels(plain)).max() > 0  # it was ignored
+    assert infotext_fields(with_vae)["VAE"] == "demo-vae-sd15"  # the file's name, as resolved
+
+
+def test_the_refiner_reads_a1111_prompt_syntax_as_the_base_does(engine):
+    refiner = engine.checkpoint("demo-sdxl-refiner")[0].pipeline
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(args[0].tolist())  # the token ids the refiner's text encoder reads
+
+    hook = refiner.text_encoder_2.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "high_noise_frac": 0.5}
+        engine.run(parse_job({**job, "prompt": "a (red:1.4) cube"}))
+    finally:
+        hook.remove()
+    words = refiner.tokenizer_2.convert_ids_to_tokens(seen[0][0])
+    assert "red</w>" in words and "(</w>" not in words and ":</w>" not in words
 
 
 def test_hires_sizes_truncate_to_whole_latents_as_a1111_does(engine):

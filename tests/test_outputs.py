@@ -460,18 +460,20 @@ def test_infotext_in_exif_is_typed_as_a1111_writes_it(fmt):
     assert read_infotext(encoded.data) == text
 
 
-def test_prompts_too_long_for_a_jpegs_exif_are_refused_before_generating(engine):
+@pytest.mark.parametrize(
+    "prompt",
+    ["red, " * 6600, "🐱" * 16500],  # 33,000 characters; 16,500 take 4 UTF-16 bytes each
+)
+def test_an_infotext_too_long_for_a_jpegs_exif_is_refused_before_generating(engine, prompt):
     """A jpeg's EXIF segment holds 64 KiB: Pillow failed the save, after the whole job ran."""
-    from handler.engine import JPEG_PROMPT_CHARS
-
-    long = {"prompt": "red, " * (JPEG_PROMPT_CHARS // 5 + 1), "steps": 1, "output_format": "jpeg"}
+    job = {"prompt": prompt, "steps": 1, "width": 64, "height": 64, "checkpoint": "demo-sd15"}
+    steps = []
     with pytest.raises(InvalidInput) as info:
-        engine.run(parse_job({**long, "checkpoint": "demo-sd15", "width": 64, "height": 64}))
+        engine.run(parse_job({**job, "output_format": "jpeg"}), progress=steps.append)
     assert info.value.field == "output_format" and "png or webp" in info.value.accepted
+    assert not any(p.phase == "denoising" for p in steps)
     with pytest.raises(ValueError, match="EXIF data is too long"):  # what happened instead
-        Image.new("RGB", (8, 8)).save(
-            io.BytesIO(), "JPEG", exif=a1111_exif("x" * (JPEG_PROMPT_CHARS + 3000))
-        )
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), "JPEG", exif=a1111_exif(prompt))
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
