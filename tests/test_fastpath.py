@@ -569,14 +569,20 @@ def _test_image_uri(size: int = 64) -> str:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("mode", ["hires", "img2img", "inpaint"])
-def test_hires_img2img_and_inpainting_run_graphed_as_eager(cuda_engines, mode):
+@pytest.mark.parametrize("mode", ["hires", "img2img", "inpaint", "refiner"])
+def test_hires_img2img_inpainting_and_the_refiner_run_graphed_as_eager(cuda_engines, mode):
     graphed, eager = cuda_engines
     image = _test_image_uri()
     extra = {
         "hires": {"hires": {"scale": 1.5, "steps": 3, "strength": 0.5}},
         "img2img": {"image": image, "strength": 0.6},
         "inpaint": {"image": image, "mask": image, "strength": 0.8},
+        "refiner": {
+            "checkpoint": "demo-sdxl",
+            "refiner_checkpoint": "demo-sdxl-refiner",
+            "high_noise_frac": 0.6,
+            "prompt": "a (red:1.3) cube BREAK studio light",  # encoded for the refiner too
+        },
     }[mode]
     job = parse_job({**JOB, "checkpoint": "demo-sd15", **extra})
     first, again = graphed.run(job), graphed.run(job)
