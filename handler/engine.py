@@ -610,17 +610,8 @@ class Engine:
         def encode(index: int, image, nsfw: bool | None):
             infotext = None
             if not job.strip_metadata:
-                infotext = a1111_infotext(
-                    prompt=job.prompt,
-                    negative_prompt=job.negative_prompt,
-                    steps=job.steps,
-                    sampler=job.scheduler,
-                    cfg_scale=job.guidance_scale,
-                    seed=seeds[index],
-                    model=loaded.name,
-                    model_hash=model_hash,
-                    loras=lora_info,
-                    **infotext_fields,
+                infotext = _job_infotext(
+                    job, loaded, seeds[index], model_hash, lora_info, infotext_fields
                 )
             encoded = encode_image(
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
@@ -1142,21 +1133,27 @@ def _infotext_fields(
     return {"width": width, "height": height, "extra": extra}
 
 
-def _check_fits_a_jpeg(job: Job, loaded, loras, infotext_fields: dict[str, Any]) -> None:
-    """A jpeg's infotext goes into a 64 KiB EXIF segment, as UTF-16: a job whose infotext would
-    not fit is refused before it runs (saving the image would fail after it)."""
-    longest = a1111_infotext(
+def _job_infotext(job: Job, loaded, seed: int, model_hash, lora_info, fields) -> str:
+    return a1111_infotext(
         prompt=job.prompt,
         negative_prompt=job.negative_prompt,
         steps=job.steps,
         sampler=job.scheduler,
         cfg_scale=job.guidance_scale,
-        seed=2**64 - 1,  # the longest seed and hashes there can be
+        seed=seed,
         model=loaded.name,
-        model_hash="0" * 12,
-        loras=[(lora.name, lora.scale, "0" * 12) for lora in loras],
-        **infotext_fields,
+        model_hash=model_hash,
+        loras=lora_info,
+        **fields,
     )
+
+
+def _check_fits_a_jpeg(job: Job, loaded, loras, infotext_fields: dict[str, Any]) -> None:
+    """A jpeg's infotext goes into a 64 KiB EXIF segment, as UTF-16: a job whose infotext would
+    not fit is refused before it runs (saving the image would fail after it)."""
+    hash_ = "0" * 12  # the longest seed and hashes there can be
+    lora_info = [(lora.name, lora.scale, hash_) for lora in loras]
+    longest = _job_infotext(job, loaded, 2**64 - 1, hash_, lora_info, infotext_fields)
     size = len(a1111_exif(longest))
     if size > JPEG_MAX_EXIF_BYTES:
         raise InvalidInput(
