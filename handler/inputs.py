@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 from PIL import Image, ImageOps
@@ -174,19 +175,12 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
                 field=field,
                 accepted=f"images up to {settings.max_input_bytes} bytes",
             )
-        chunks, received = [], 0
-        while chunk := response["Body"].read(64 * 1024):
-            received += len(chunk)
-            if received > settings.max_input_bytes:
-                raise InvalidInput(
-                    "the object is over the input size cap",
-                    field=field,
-                    accepted=f"images up to {settings.max_input_bytes} bytes",
-                )
+
+        def check_time() -> None:
             if time.monotonic() > deadline:
                 raise _timed_out(field, settings, accepted=_PROMPT_BUCKET)
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        return _read_capped(response["Body"].read, "the object", field, settings, check_time)
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "error")
         raise InputFetchFailed(
@@ -205,6 +199,29 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
 
 
 _PROMPT_BUCKET = "a bucket that serves the object promptly"
+
+
+def _read_capped(
+    read: Callable[[int], bytes],
+    what: str,
+    field: str,
+    settings: Settings,
+    after_each_chunk: Callable[[], None] | None = None,
+) -> bytes:
+    """A body read in chunks, refused as soon as it passes MAX_INPUT_BYTES."""
+    chunks, received = [], 0
+    while chunk := read(64 * 1024):
+        received += len(chunk)
+        if received > settings.max_input_bytes:
+            raise InvalidInput(
+                f"{what} is over the input size cap",
+                field=field,
+                accepted=f"images up to {settings.max_input_bytes} bytes",
+            )
+        if after_each_chunk is not None:
+            after_each_chunk()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _input_s3_client(settings: Settings):
@@ -379,16 +396,8 @@ def _get(
                 field=field,
                 accepted=f"images up to {settings.max_input_bytes} bytes",
             )
-        chunks, received = [], 0
-        while chunk := response.read1(64 * 1024):
-            received += len(chunk)
-            if received > settings.max_input_bytes:
-                raise InvalidInput(
-                    "the image is over the input size cap",
-                    field=field,
-                    accepted=f"images up to {settings.max_input_bytes} bytes",
-                )
-            chunks.append(chunk)
+        data = _read_capped(response.read1, "the image", field, settings)
+        received = len(data)
         if connection.expired:
             raise _timed_out(field, settings)  # cut off: what arrived may look complete
         if declared and declared.isdigit() and received < int(declared):
@@ -397,7 +406,7 @@ def _get(
                 field=field,
                 accepted="a URL that serves the whole image",
             )
-        return 200, None, b"".join(chunks)
+        return 200, None, data
     except (OSError, http.client.HTTPException) as error:
         if connection.expired or isinstance(error, TimeoutError):
             raise _timed_out(field, settings) from None
