@@ -256,7 +256,10 @@ class Predictor(BaseRunner):
             default=1,
             ge=1,
             le=12,
-            description="A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before.",
+            description=(
+                "A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before. "
+                "SDXL already uses the one before: 1 and 2 are the same there."
+            ),
         ),
         refiner_checkpoint: str | None = Input(
             default=None,

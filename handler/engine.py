@@ -904,10 +904,11 @@ class Engine:
         A1111 weights, BREAK and longer prompts are encoded here, chunked, never truncated.
         """
         # Clip skip is encoded here too: diffusers applies it to the prompt but not to the
-        # negative prompt, while A1111 applies it to both.
-        if job.clip_skip == 1 and not needs_own_encoding(
-            pipeline, [job.prompt, job.negative_prompt]
-        ):
+        # negative prompt, while A1111 applies it to both. SDXL's usual layer is already the
+        # penultimate one, A1111's clip skip 2 (see encode_sdxl).
+        sdxl = hasattr(pipeline, "text_encoder_2")
+        usual_layer = job.clip_skip <= (2 if sdxl else 1)
+        if usual_layer and not needs_own_encoding(pipeline, [job.prompt, job.negative_prompt]):
             return {
                 "prompt": [job.prompt] * count,
                 # No negative prompt is None, not "": SDXL then uses zero embeddings
@@ -923,7 +924,7 @@ class Engine:
                 field="clip_skip",
                 accepted=f"1 to {deepest}",
             )
-        encode = encode_sdxl if hasattr(pipeline, "text_encoder_2") else encode_sd
+        encode = encode_sdxl if sdxl else encode_sd
         embeds = encode(pipeline, job.prompt, job.negative_prompt, job.clip_skip)
         return {
             name: tensor.repeat(count, *([1] * (tensor.dim() - 1)))

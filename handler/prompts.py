@@ -256,8 +256,12 @@ def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str,
 
 @torch.no_grad()
 def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str, torch.Tensor]:
-    """prompt/negative embeds and pooled embeds for SDXL, from both text encoders."""
-    layer = -(clip_skip + 1)  # SDXL uses the penultimate layer; A1111's clip skip goes further back
+    """prompt/negative embeds and pooled embeds for SDXL, from both text encoders.
+
+    SDXL was trained on the penultimate layer, which is what A1111 and ComfyUI mean by clip
+    skip 2: so 1 and 2 give SDXL's usual embeddings, and 3 or more go further back, in both
+    encoders (as ComfyUI's CLIPSetLastLayer does)."""
+    layer = -max(clip_skip, 2)
     device = pipeline.text_encoder_2.device
     pairs = [  # the SDXL refiner has only the second
         (tokenizer, encoder)

@@ -157,7 +157,10 @@ class Job(BaseModel):
         1,
         ge=1,
         le=12,
-        description="A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before.",
+        description=(
+            "A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before. "
+            "SDXL already uses the one before: 1 and 2 are the same there."
+        ),
     )
     safety_checker: bool | None = Field(
         None,

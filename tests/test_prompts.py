@@ -118,6 +118,39 @@ def test_clip_skip_2_is_diffusers_clip_skip_1(engine, checkpoint):
     torch.testing.assert_close(ours, reference)
 
 
+def test_sdxl_clip_skip_2_is_its_usual_layer_as_in_a1111_and_comfyui(engine):
+    """SDXL already uses the penultimate layer, which is A1111's and ComfyUI's clip skip 2 (the
+    setting Pony models ask for): it must give the same image as no clip skip, through
+    diffusers' plain path and through our own encoder (A1111 weights). It used to go one layer
+    further back."""
+    for prompt in ("a cube", "a (cube:1.2)"):
+        assert (
+            run(engine, "demo-sdxl", prompt, clip_skip=2) == run(engine, "demo-sdxl", prompt)
+        ).all()
+
+
+def test_sdxl_clip_skip_3_goes_one_layer_further_back_in_both_encoders(engine):
+    import torch
+
+    from handler.prompts import encode_sdxl
+
+    pipeline = engine.checkpoint("demo-sdxl")[0].pipeline
+    ours = encode_sdxl(pipeline, "a red cube", "a blue cube", clip_skip=3)
+    references = []
+    for tokenizer, encoder in (
+        (pipeline.tokenizer, pipeline.text_encoder),
+        (pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ):
+        ids = tokenizer(
+            "a red cube", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            references.append(encoder(ids, output_hidden_states=True).hidden_states[-3])
+    torch.testing.assert_close(ours["prompt_embeds"], torch.cat(references, dim=-1))
+    usual = encode_sdxl(pipeline, "a red cube", "a blue cube", clip_skip=2)["prompt_embeds"]
+    assert (usual - ours["prompt_embeds"]).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sd2-768-v"])
 def test_weights_still_apply_with_clip_skip_2(engine, checkpoint):
     """The weights are applied after the final layer norm, as A1111 does; before it, the norm
