@@ -50,6 +50,7 @@ from handler.outputs import (
     encode_image,
 )
 from handler.pipelines import (
+    TILE_PIXELS,
     CheckpointCache,
     LatentDecoder,
     LoadedCheckpoint,
@@ -624,7 +625,14 @@ class Engine:
             for index in range(len(seeds)):
                 if cancelled():
                     raise Cancelled("the job was cancelled")
+                tiled_before = decoder.tiled
                 image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
+                if decoder.tiled and not tiled_before and warnings is not None:
+                    warnings.append(
+                        f"image {index} (seed {seeds[index]}) and any after it: the VAE ran out "
+                        f"of GPU memory and decoded in {TILE_PIXELS}-pixel tiles (blended at "
+                        "their overlaps)"
+                    )
                 if not decoder.last_was_finite and warnings is not None:
                     warnings.append(
                         f"image {index} (seed {seeds[index]}): the model produced non-finite "

@@ -445,6 +445,9 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+TILE_PIXELS = 512  # a tiled decode's tile side, as ComfyUI's fallback uses
+
+
 class LatentDecoder:
     """Decodes latents one image at a time (so encoding overlaps the next decode).
 
@@ -456,6 +459,10 @@ class LatentDecoder:
     never pays for it. When the decoder closes, the VAE goes back to fp16 with its exact
     original weights: a cast to bf16 and back would round them (bf16 keeps 8 mantissa bits,
     fp16 10), and its encoder (img2img, inpainting) would then differ from a fresh worker's.
+
+    A decode that runs out of GPU memory (a large hires image on a small GPU) is done again in
+    overlapping tiles of TILE_PIXELS (diffusers' `tiled_decode`, with eager kernels: the tiles
+    have shapes of their own), as ComfyUI does, and so is every later image of the job.
     """
 
     def __init__(self, pipeline: Any) -> None:
@@ -465,6 +472,7 @@ class LatentDecoder:
             self.vae.config, "force_upcast", False
         )
         self.upcast = False
+        self.tiled = False  # whether a decode ran out of memory: tiles from then on
         self._fp16_weights: list[torch.Tensor] = []  # the originals, while upcast
         self.last_was_finite = True  # whether the last decoded image had only finite pixels
         on_cuda = self.vae.device.type == "cuda"
@@ -516,4 +524,27 @@ class LatentDecoder:
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        return vae.decode(latents, return_dict=False)[0]
+        if not self.tiled:
+            try:
+                return vae.decode(latents, return_dict=False)[0]
+            except torch.OutOfMemoryError:
+                if not hasattr(vae, "tiled_decode"):
+                    raise
+                self.tiled = True
+            log.warning("the VAE decode ran out of GPU memory; decoding in tiles from now on")
+            _free_memory()
+        return self._decode_in_tiles(latents)
+
+    def _decode_in_tiles(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        sizes = (vae.tile_latent_min_size, vae.tile_sample_min_size)
+        compiled = vae.decoder.__dict__.pop("forward", None)  # COMPILE=1's decoder
+        scale = sizes[1] // sizes[0]  # pixels per latent
+        vae.tile_latent_min_size = min(sizes[0], TILE_PIXELS // scale)
+        vae.tile_sample_min_size = vae.tile_latent_min_size * scale
+        try:
+            return vae.tiled_decode(latents, return_dict=False)[0]
+        finally:
+            vae.tile_latent_min_size, vae.tile_sample_min_size = sizes
+            if compiled is not None:
+                vae.decoder.forward = compiled

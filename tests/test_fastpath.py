@@ -529,6 +529,80 @@ def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows(device):
         assert decoder.upcast
 
 
+def runs_out_of_memory_above(vae, side: int) -> list:
+    """Make `vae.decode` fail as a GPU too small for latents wider than `side` would."""
+    original, sides = vae.decode, []
+
+    def decode(latents, **kwargs):
+        sides.append(latents.shape[-1])
+        if latents.shape[-1] > side:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(latents, **kwargs)
+
+    vae.decode = decode
+    return sides
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+)
+def test_a_decode_that_runs_out_of_memory_is_done_in_tiles(device):
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = tiny_vae().to(device)  # a latent is a pixel; its config's tile is 32
+
+    class Pipeline:
+        image_processor = VaeImageProcessor()
+
+    Pipeline.vae = vae
+    latents = torch.randn(1, 4, 48, 48, device=device)
+    with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
+        whole_first_tile = np.asarray(decoder.decode(latents[:, :, :32, :32]))
+
+    def compiled_forward(*args, **kwargs):
+        raise AssertionError("tiles must use eager kernels: their shapes are new")
+
+    vae.decoder.forward = compiled_forward
+    sides = runs_out_of_memory_above(vae, 32)
+    with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
+        tiled = np.asarray(decoder.decode(latents))
+        assert decoder.tiled and sides == [48]
+        decoder.decode(latents)  # the next image goes straight to tiles
+        assert sides == [48]
+    assert tiled.shape == (48, 48, 3)
+    # The first tile's part before its overlap is that tile decoded alone, bit for bit.
+    assert (tiled[:24, :24] == whole_first_tile[:24, :24]).all()
+    assert np.abs(tiled.astype(int) - 128).max() > 0  # an image, not a blank
+    assert (vae.tile_latent_min_size, vae.tile_sample_min_size) == (32, 32)
+    assert vae.decoder.forward is compiled_forward  # put back for whole images
+    del vae.decoder.forward
+    with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
+        assert not decoder.tiled  # a new job tries the whole image again
+        decoder.decode(latents[:, :, :32, :32])
+    assert sides == [48, 32]
+
+
+def test_a_job_whose_decode_runs_out_of_memory_is_delivered_with_a_warning(settings):
+    from handler.engine import Engine
+
+    engine = Engine(settings)
+    loaded, _ = engine.checkpoint("demo-sd15")
+    plain = engine.run(parse_job({**JOB, "checkpoint": "demo-sd15", "num_images": 2}))
+    runs_out_of_memory_above(loaded.pipeline.vae, 8)  # its tiles are 8 latents: 64 pixels
+    job = {**JOB, "checkpoint": "demo-sd15", "width": 128, "height": 96, "num_images": 2}
+    result = engine.run(parse_job(job))
+    assert [(i.width, i.height) for i in result.images] == [(128, 96), (128, 96)]
+    tiled = [w for w in result.warnings if "tiles" in w]
+    assert tiled == [
+        "image 0 (seed 5) and any after it: the VAE ran out of GPU memory and decoded in "
+        "512-pixel tiles (blended at their overlaps)"
+    ]
+    assert pixels(result).std() > 0
+    small = engine.run(parse_job({**JOB, "checkpoint": "demo-sd15", "num_images": 2}))
+    assert not [w for w in small.warnings if "tiles" in w]
+    assert (pixels(small) == pixels(plain)).all()
+
+
 # -- on CUDA ----------------------------------------------------------------------------------
 
 
