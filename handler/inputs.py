@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from PIL import Image, ImageOps
@@ -249,7 +250,7 @@ def fetch_url(url: str, field: str, settings: Settings) -> bytes:
             )
         if not parts.hostname:
             raise InvalidInput("the URL has no host", field=field, accepted="https://host/path")
-        address = _public_address(parts.hostname, parts.port, field, settings)
+        address = _public_address(parts.hostname, parts.port, field, settings, deadline)
         status, location, body = _get(parts, address, field, settings, deadline)
         if status in (301, 302, 303, 307, 308) and location:
             url = urljoin(url, location)
@@ -268,14 +269,11 @@ def fetch_url(url: str, field: str, settings: Settings) -> bytes:
     )
 
 
-def _public_address(host: str, port: int | None, field: str, settings: Settings) -> str:
+def _public_address(
+    host: str, port: int | None, field: str, settings: Settings, deadline: float
+) -> str:
     """Resolve `host` and return an address, refusing private, loopback and link-local ones."""
-    try:
-        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        raise InputFetchFailed(
-            f"cannot resolve {host}", field=field, accepted="a resolvable host"
-        ) from None
+    infos = _resolve(host, port or 443, field, settings, deadline)
     addresses = [info[4][0] for info in infos]
     if not settings.allow_private_inputs:
         for address in addresses:
@@ -287,6 +285,30 @@ def _public_address(host: str, port: int | None, field: str, settings: Settings)
                     accepted="URLs on public hosts",
                 )
     return addresses[0]
+
+
+def _resolve(host: str, port: int, field: str, settings: Settings, deadline: float) -> list:
+    """getaddrinfo within the fetch's deadline. The lookup itself cannot be interrupted (a slow
+    resolver retries for up to about 30 s), so it runs in a daemon thread that is left to
+    finish on its own when the deadline passes first."""
+    found: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            found["error"] = error
+
+    thread = threading.Thread(target=lookup, name="input-dns", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        raise _timed_out(field, settings)
+    if "error" in found:
+        raise InputFetchFailed(
+            f"cannot resolve {host}", field=field, accepted="a resolvable host"
+        ) from None
+    return found["infos"]
 
 
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

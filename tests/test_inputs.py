@@ -282,6 +282,37 @@ def test_trickled_headers_cannot_hold_the_job_past_the_timeout(trickle_server, l
     assert time.monotonic() - started < 3 and info.value.field == "image"
 
 
+def test_a_hung_dns_lookup_cannot_hold_the_job_past_the_timeout(monkeypatch, settings):
+    """getaddrinfo cannot be interrupted; the fetch gives up on it at the deadline."""
+    release, asked = threading.Event(), []
+
+    def hung_getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        release.wait(30)  # a resolver that does not answer (nothing is ever sent)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung_getaddrinfo)
+    try:
+        with pytest.raises(InputFetchFailed, match="INPUT_TIMEOUT_S") as info:
+            load_image(
+                "https://images.example/a.png", "mask", replace(settings, input_timeout_s=0.5)
+            )
+        assert info.value.field == "mask" and asked == ["images.example"]
+        assert not release.is_set()  # it gave up while the lookup still hung
+    finally:
+        release.set()
+
+
+def test_an_unresolvable_host_is_a_fetch_failure(monkeypatch, settings):
+    def no_such_host(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    with pytest.raises(InputFetchFailed, match="cannot resolve images.example") as info:
+        load_image("https://images.example/a.png", "image", settings)
+    assert info.value.field == "image" and info.value.accepted == "a resolvable host"
+
+
 def test_a_trickled_tls_handshake_cannot_hold_the_job_past_the_timeout(trickle_server, local_fetch):
     # a TLS record header announcing 16 KB of handshake, then its bytes, slowly
     port = trickle_server(b"\x16\x03\x03\x40\x00" + b"\x00" * 200)
