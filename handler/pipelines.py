@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from handler.errors import UnsupportedModel
-from handler.registry import CONFIG_ROOT, Detection, ModelFile
+from handler.registry import CONFIG_ROOT, Detection, ModelFile, vae_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,22 @@ def load_checkpoint(
         kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if not detection.has_vae and vae_sidecar(model) is None:
+        raise UnsupportedModel(
+            f"{model.name} has no VAE weights (it was saved without a baked VAE); put the VAE "
+            f"made for it beside it, named {model.path.stem}.vae.safetensors",
+            field="checkpoint",
+            accepted="checkpoints with VAE weights, or with their VAE beside them as "
+            "NAME.vae.safetensors",
+        )
     try:
         with _no_weight_init():
             if model.is_folder:
                 pipeline = pipeline_class.from_pretrained(str(model.path), **kwargs)
             else:
                 kwargs.update(_tokenizers(detection.architecture))
+                if not detection.has_vae:
+                    kwargs["vae"] = _load_vae_sidecar(model, config_dir, dtype)
                 with lowercase_suffix(model.path) as path:
                     pipeline = pipeline_class.from_single_file(
                         str(path), config=str(config_dir), **kwargs
@@ -160,8 +170,13 @@ def load_checkpoint(
         ) from None
 
     scheduler_config = dict(pipeline.scheduler.config)
-    if scheduler_config.get("prediction_type") != detection.prediction_type:
-        scheduler_config["prediction_type"] = detection.prediction_type
+    recorded = {"prediction_type": detection.prediction_type}
+    if detection.zero_terminal_snr:
+        # As the paper that introduced it says, and as ComfyUI and reForge sample such models:
+        # the rescaled schedule, and sampling that starts from its last (pure noise) timestep.
+        recorded.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if any(scheduler_config.get(key) != value for key, value in recorded.items()):
+        scheduler_config.update(recorded)
         pipeline.scheduler = type(pipeline.scheduler).from_config(scheduler_config)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -174,6 +189,19 @@ def load_checkpoint(
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
         import_ms=(imported - started) * 1000,
+    )
+
+
+def _load_vae_sidecar(model: ModelFile, config_dir, dtype: torch.dtype):
+    """The VAE beside a checkpoint saved without one, configured as the checkpoint's VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_single_file(
+        str(vae_sidecar(model)),
+        config=str(config_dir),
+        subfolder="vae",
+        torch_dtype=dtype,
+        local_files_only=True,
     )
 
 

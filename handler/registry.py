@@ -39,6 +39,7 @@ SAFE_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+VAE_SIDECAR_SUFFIX = ".vae.safetensors"  # a checkpoint's own VAE beside it, not a checkpoint
 # Longest model name, and longest folder or file name in it (most file systems' limit).
 MAX_NAME_CHARS = 1024
 MAX_NAME_PART_BYTES = 255
@@ -63,6 +64,10 @@ class Detection:
     architecture: str
     prediction_type: str = "epsilon"
     notes: tuple[str, ...] = ()
+    # Trained with zero terminal SNR (NoobAI-XL v-pred's `ztsnr` key): its noise schedule is
+    # rescaled so the last step is pure noise, as ComfyUI and reForge do for such files.
+    zero_terminal_snr: bool = False
+    has_vae: bool = True  # False for a single file without VAE weights ("no baked VAE")
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,8 @@ class Registry:
                         pass
                     elif not (path.is_file() and path.suffix.lower() in WEIGHT_EXTENSIONS):
                         continue
+                    elif kind == "checkpoint" and path.name.lower().endswith(VAE_SIDECAR_SUFFIX):
+                        continue  # as A1111 lists them: a checkpoint's VAE (`vae_sidecar`)
                     if (
                         loadable_only
                         and path.suffix.lower() in PICKLE_EXTENSIONS
@@ -320,6 +327,13 @@ class Registry:
             _inside_root(sidecar, model.root, "checkpoint", model.name)
             return sidecar
         return CONFIG_ROOT / detection.architecture
+
+
+def vae_sidecar(model: ModelFile) -> Path | None:
+    """A1111's VAE for one checkpoint: `NAME.vae.safetensors` beside it, if there is one (and
+    it is inside the root). Checkpoints saved without VAE weights load with it."""
+    sidecar = model.path.with_name(model.path.stem + VAE_SIDECAR_SUFFIX)
+    return sidecar if sidecar.is_file() and _is_inside(sidecar, model.root) else None
 
 
 def file_key(path: Path) -> tuple[str, float, int, int, int]:
@@ -628,7 +642,13 @@ def detect_from_tensors(
                 "(SD 2.1 768). Add a `NAME.yaml` with `parameterization: eps` for 512 models."
             )
         arch = "sd2-768-v" if prediction == "v_prediction" else "sd2-512"
-    return Detection(arch, prediction or "epsilon", tuple(notes))
+    return Detection(
+        arch,
+        prediction or "epsilon",
+        tuple(notes),
+        zero_terminal_snr="ztsnr" in tensors,
+        has_vae=has("first_stage_model."),
+    )
 
 
 def _recorded_prediction_type(tensors: dict, metadata: dict[str, str], path: Path) -> str | None:
@@ -711,7 +731,8 @@ def detect_diffusers_folder(path: Path) -> Detection:
             field="checkpoint",
             accepted="Stable Diffusion 1.x, 2.x and XL diffusers folders",
         )
-    return Detection(arch, prediction)
+    zero_terminal_snr = configs["scheduler/scheduler_config.json"].get("rescale_betas_zero_snr")
+    return Detection(arch, prediction, zero_terminal_snr=bool(zero_terminal_snr))
 
 
 def _is_open_clip(path: Path) -> bool:

@@ -8,6 +8,7 @@ Uniform") is a name too, for the samplers whose diffusers class has that schedul
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -156,4 +157,34 @@ def build_scheduler(name: str, base_config: dict[str, Any]):
     sigma_options = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
     for option in ("skip_prk_steps", "algorithm_type", *sigma_options):
         config.pop(option, None)
-    return getattr(diffusers, class_name).from_config({**config, **overrides})
+    scheduler_class = getattr(diffusers, class_name)
+    config = {**config, **overrides}
+    if config.get("rescale_betas_zero_snr") and not takes_option(
+        scheduler_class, "rescale_betas_zero_snr"
+    ):
+        config["trained_betas"] = zero_terminal_snr_betas(config)
+    return scheduler_class.from_config(config)
+
+
+def takes_option(scheduler_class: type, option: str) -> bool:
+    """Whether a diffusers scheduler class has config option `option` (from_config drops the
+    options a class does not have, silently)."""
+    return option in inspect.signature(scheduler_class.__init__).parameters
+
+
+def zero_terminal_snr_betas(config: dict[str, Any]) -> list[float]:
+    """The zero-terminal-SNR betas of `config`'s noise schedule, for the scheduler classes that
+    have no `rescale_betas_zero_snr` (Heun, LMS, DPM2, DPM++ SDE and PNDM in diffusers 0.42).
+
+    They are the ones diffusers' Euler scheduler uses: rescaled by diffusers, with the last
+    alphas_cumprod 2**-24 instead of 0, so that the first sigma is large but finite.
+    """
+    import diffusers
+    import torch
+
+    euler = diffusers.EulerDiscreteScheduler.from_config(
+        {**config, "rescale_betas_zero_snr": True, "trained_betas": None}
+    )
+    alphas_cumprod = euler.alphas_cumprod.double()
+    alphas = alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return (1 - alphas).tolist()

@@ -1,0 +1,160 @@
+"""Single-file checkpoints in the forms civitai serves them, generated through the engine.
+
+Each variant is the demo SD 1.5 or SDXL checkpoint rewritten: other storage dtypes, EMA keys,
+no VAE, NoobAI-XL's `v_pred` / `ztsnr` marker keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from handler.engine import Engine
+from handler.errors import UnsupportedModel
+from handler.schedulers import build_scheduler
+from handler.schema import parse_job
+from handler.settings import Settings
+
+BASES = ("demo-sd15", "demo-sdxl")
+VAE_PREFIX = "first_stage_model."
+
+
+@pytest.fixture(scope="module")
+def variants(demo_volume, tmp_path_factory):
+    """A model root of rewritten demo checkpoints, each with its original's sidecar config."""
+    root = tmp_path_factory.mktemp("variants")
+    folder = root / "checkpoints"
+    folder.mkdir()
+
+    def write(name: str, base: str, tensors: dict, metadata: dict | None = None) -> None:
+        save_file(tensors, str(folder / f"{name}.safetensors"), metadata=metadata)
+        shutil.copytree(demo_volume / "checkpoints" / f"{base}.config", folder / f"{name}.config")
+
+    for base in BASES:
+        state = load_file(str(demo_volume / "checkpoints" / f"{base}.safetensors"))
+        write(base, base, state)
+        write(f"{base}-bf16", base, {k: v.to(torch.bfloat16) for k, v in state.items()})
+        fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in state.items()}
+        write(f"{base}-fp8", base, fp8)
+        # the same values as the fp8 file, stored as fp16
+        write(f"{base}-fp8-values", base, {k: v.to(torch.float16) for k, v in fp8.items()})
+        # an original training checkpoint: fp32, with EMA weights (here random, to tell if they
+        # were used) and the LDM schedule buffers
+        full = {k: v.float() for k, v in state.items()}
+        generator = torch.Generator().manual_seed(0)
+        for key, value in state.items():
+            if key.startswith("model.diffusion_model."):
+                ema_key = "model_ema." + key.removeprefix("model.").replace(".", "")
+                full[ema_key] = torch.randn(value.shape, generator=generator)
+        full["model_ema.num_updates"] = torch.tensor(1000)
+        full["alphas_cumprod"] = torch.rand(1000, generator=generator)
+        write(f"{base}-fp32-ema", base, full)
+        no_vae = {k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)}
+        write(f"{base}-no-vae", base, no_vae)
+        write(f"{base}-no-vae-sidecar", base, no_vae)
+        vae = {k.removeprefix(VAE_PREFIX): v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+        save_file(vae, str(folder / f"{base}-no-vae-sidecar.vae.safetensors"))
+        marker = torch.zeros(0)
+        write(f"{base}-vpred", base, {**state, "v_pred": marker})
+        write(f"{base}-vpred-ztsnr", base, {**state, "v_pred": marker, "ztsnr": marker})
+        for value in ("v", "v_prediction", "epsilon"):
+            write(f"{base}-spec-{value}", base, state, {"modelspec.prediction_type": value})
+    return root
+
+
+@pytest.fixture(scope="module")
+def variant_engine(variants):
+    return Engine(Settings(models_dir=str(variants), extra_roots=(), device="cpu"))
+
+
+def generate(engine: Engine, checkpoint: str, scheduler: str = "Euler") -> np.ndarray:
+    job = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 7}
+    result = engine.run(parse_job({**job, "checkpoint": checkpoint, "scheduler": scheduler}))
+    data = base64.b64decode(result.images[0].image.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a - b).max())
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_storage_dtypes_and_ema_keys_generate_the_originals_image(variant_engine, base):
+    original = generate(variant_engine, base)
+    # EMA weights and schedule buffers are ignored, as A1111 and ComfyUI ignore them
+    assert max_difference(generate(variant_engine, f"{base}-fp32-ema"), original) == 0
+    # bf16 keeps 8 mantissa bits: the random tiny models differ by a few levels (4 measured)
+    assert max_difference(generate(variant_engine, f"{base}-bf16"), original) <= 8
+    # fp8 weights load as exactly the values they hold: no difference beyond fp8's own rounding
+    fp8 = generate(variant_engine, f"{base}-fp8")
+    assert max_difference(fp8, generate(variant_engine, f"{base}-fp8-values")) == 0
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_a_checkpoint_without_vae_weights_names_the_vae_file_it_needs(variant_engine, base):
+    with pytest.raises(UnsupportedModel) as error:
+        generate(variant_engine, f"{base}-no-vae")
+    assert "no VAE weights" in str(error.value)
+    assert f"{base}-no-vae.vae.safetensors" in str(error.value)
+    # with its VAE beside it (A1111's NAME.vae.safetensors), it makes the original's image
+    sidecar = generate(variant_engine, f"{base}-no-vae-sidecar")
+    assert max_difference(sidecar, generate(variant_engine, base)) == 0
+    listed = variant_engine.registry.names("checkpoint")
+    assert f"{base}-no-vae-sidecar" in listed and f"{base}-no-vae-sidecar.vae" not in listed
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_modelspec_prediction_types_as_tools_write_them(variant_engine, base):
+    v_prediction = generate(variant_engine, f"{base}-vpred")
+    assert max_difference(generate(variant_engine, f"{base}-spec-v"), v_prediction) == 0
+    assert max_difference(generate(variant_engine, f"{base}-spec-v_prediction"), v_prediction) == 0
+    assert (
+        max_difference(
+            generate(variant_engine, f"{base}-spec-epsilon"), generate(variant_engine, base)
+        )
+        == 0
+    )
+
+
+def test_a_ztsnr_checkpoint_samples_the_zero_terminal_snr_schedule(variant_engine, variants):
+    """NoobAI-XL v-pred: its `ztsnr` key makes the job sample as diffusers samples a model
+    whose scheduler config says so (and as ComfyUI and reForge do): the rescaled schedule,
+    from its last timestep."""
+    # 1. The reference: the same weights as a diffusers folder whose scheduler is configured so
+    loaded, _ = variant_engine.checkpoint("demo-sdxl-vpred")
+    reference = variants / "checkpoints" / "vpred-ztsnr-folder"
+    loaded.pipeline.save_pretrained(reference)
+    config_file = reference / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    config_file.write_text(json.dumps(config))
+
+    # 2. The single file makes the folder's image, not the one without the marker
+    ztsnr = generate(variant_engine, "demo-sdxl-vpred-ztsnr")
+    assert max_difference(ztsnr, generate(variant_engine, "vpred-ztsnr-folder")) == 0
+    assert max_difference(ztsnr, generate(variant_engine, "demo-sdxl-vpred")) > 20
+
+
+@pytest.mark.parametrize("scheduler", ["Heun", "DPM++ SDE Karras", "PNDM"])
+def test_ztsnr_reaches_schedulers_without_diffusers_option(variant_engine, scheduler):
+    """Heun, LMS, DPM2, DPM++ SDE and PNDM have no `rescale_betas_zero_snr` in diffusers 0.42:
+    they get the rescaled betas themselves, and start from pure noise (sigma 4096)."""
+    ztsnr = generate(variant_engine, "demo-sdxl-vpred-ztsnr", scheduler)
+    assert max_difference(ztsnr, generate(variant_engine, "demo-sdxl-vpred", scheduler)) > 20
+    loaded, _ = variant_engine.checkpoint("demo-sdxl-vpred-ztsnr")
+    built = build_scheduler(scheduler, loaded.scheduler_config)
+    euler = build_scheduler("Euler", loaded.scheduler_config)
+    assert "rescale_betas_zero_snr" not in type(built).__init__.__code__.co_varnames
+    assert torch.allclose(built.alphas_cumprod, euler.alphas_cumprod, rtol=1e-4, atol=1e-9)
+    built.set_timesteps(3)
+    assert int(built.timesteps[0]) == 999
+    if hasattr(built, "sigmas"):
+        assert float(built.sigmas[0]) == pytest.approx(4096, rel=1e-3)
