@@ -29,7 +29,13 @@ import torch
 from safetensors.torch import load_file
 
 from handler.errors import InvalidInput, LoraIncompatible
-from handler.registry import ModelFile, detect_lora, file_key
+from handler.registry import (
+    ModelFile,
+    detect_lora,
+    file_key,
+    lycoris_algorithm,
+    read_safetensors_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +160,14 @@ class AppliedLora:
 def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
     """Refuse a LoRA made for another architecture, before the pipeline is touched."""
     is_safetensors = model.path.suffix.lower() == ".safetensors"
+    if is_safetensors:
+        algorithm = lycoris_algorithm(read_safetensors_header(model.path, field)[0])
+        if algorithm is not None:
+            raise LoraIncompatible(
+                f"{model.name} is a {algorithm} file (LyCORIS), which diffusers cannot load",
+                field=field,
+                accepted="LoRA and LoCon files (kohya, LyCORIS LoCon, or diffusers/peft)",
+            )
     base = detect_lora(model.path, field) if is_safetensors else "unknown"
     family = LORA_FAMILIES[architecture]
     if base != "unknown" and base != family:

@@ -743,6 +743,30 @@ def _is_open_clip(path: Path) -> bool:
     return isinstance(config, dict) and config.get("hidden_act") == "gelu"
 
 
+# LyCORIS algorithms other than LoRA/LoCon, by a key part only their files have. diffusers and
+# peft load none of them (diffusers fails on their keys with a renaming error).
+LYCORIS_KEY_PARTS = {
+    ".hada_w1_": "LoHa",
+    ".lokr_w": "LoKr",
+    ".oft_blocks": "OFT",
+    ".oft_diag": "OFT",
+    ".boft_blocks": "BOFT",
+    ".a1.weight": "GLoRA",
+    ".on_input": "(IA)^3",
+    ".diff.": "full-weight difference",  # a whole name part: not `model.diffusion_model.`
+    ".diff_b.": "full-weight difference",
+}
+
+
+def lycoris_algorithm(tensors: dict[str, dict]) -> str | None:
+    """The LyCORIS algorithm of a LoRA file's keys when it is one diffusers cannot load."""
+    for key in tensors:
+        for part, algorithm in LYCORIS_KEY_PARTS.items():
+            if part in key + ".":
+                return algorithm
+    return None
+
+
 def detect_lora(path: Path, field: str = "loras") -> str:
     """The base architecture a LoRA was trained for, from its key names and shapes.
 

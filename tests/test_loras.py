@@ -168,6 +168,46 @@ def test_incompatible_lora_fails_before_the_pipeline_is_touched(engine):
     assert same_weights(weights(loaded.pipeline.unet), before)
 
 
+LYCORIS_KEYS = {  # one layer of each algorithm, named as LyCORIS writes its kohya-style files
+    "LoHa": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "LoKr": ("lokr_w1", "lokr_w2_a", "lokr_w2_b"),
+    "full-weight difference": ("diff", "diff_b"),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(LYCORIS_KEYS))
+def test_lycoris_files_diffusers_cannot_load_are_named_as_such(engine, demo_volume, algorithm):
+    """They failed inside diffusers with 'keys have not been correctly renamed'."""
+    from safetensors.torch import save_file
+
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {f"{layer}.{part}": torch.ones(4, 4) for part in LYCORIS_KEYS[algorithm]}
+    path = demo_volume / "loras" / f"lycoris_{algorithm.split()[0].lower()}.safetensors"
+    save_file({**tensors, f"{layer}.alpha": torch.tensor(4.0)}, str(path))
+    loaded, _ = engine.checkpoint("demo-sd15")
+    before = weights(loaded.pipeline.unet)
+    try:
+        with pytest.raises(LoraIncompatible) as info:
+            engine.run(parse_job({**SD15, "prompt": f"a cube <lora:{path.stem}:0.8>"}))
+    finally:
+        path.unlink()
+    assert info.value.field == "prompt"
+    assert (
+        info.value.message
+        == f"{path.stem} is a {algorithm} file (LyCORIS), which diffusers cannot load"
+    )
+    assert "LoCon" in info.value.accepted
+    assert same_weights(weights(loaded.pipeline.unet), before)
+
+
+def test_a_lora_whose_keys_contain_diffusion_model_is_not_taken_for_lycoris():
+    from handler.registry import lycoris_algorithm
+
+    keys = {"model.diffusion_model.input_blocks.1.1.proj_in.lora_down.weight": {}}
+    assert lycoris_algorithm(keys) is None
+    assert lycoris_algorithm({"lora_unet_x.diff_b": {}}) == "full-weight difference"
+
+
 def test_unknown_lora_names_the_field_and_close_names(engine):
     with pytest.raises(ModelNotFound) as info:
         engine.run(parse_job({**SD15, "prompt": "x <lora:demo_sd15_kohy:1>"}))
