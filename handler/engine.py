@@ -58,7 +58,17 @@ from handler.pipelines import (
     lowercase_suffix,
     pipeline_for,
 )
-from handler.prompts import check_syntax, encode_sd, encode_sdxl, needs_own_encoding
+from handler.prompts import (
+    check_syntax,
+    encode_sd,
+    encode_sd_texts,
+    encode_sdxl,
+    encode_sdxl_texts,
+    is_scheduled,
+    needs_own_encoding,
+    prompt_schedule,
+    text_at,
+)
 from handler.registry import (
     NATIVE_SIZE,
     Registry,
@@ -86,6 +96,43 @@ class Progress:
     phase: str
     step: int
     total: int
+
+
+@dataclass
+class PromptSteps:
+    """A pass's prompt schedule (A1111's prompt editing and alternation), encoded: the last
+    sampler step of each entry and the pipeline's prompt arguments for it."""
+
+    ends: list[int]
+    args: list[dict[str, torch.Tensor]]
+    offset: int = 0  # sampler steps before this pass's first (the refiner continues the base's)
+    steps_run: int = 0  # counted by the step callback
+
+    def args_at(self, step: int) -> dict[str, torch.Tensor]:
+        """The arguments for this pass's 0-based sampler step: the first entry ending at or
+        after it (past the schedule's end, the last)."""
+        step += self.offset
+        index = next((i for i, end in enumerate(self.ends) if end >= step), len(self.ends) - 1)
+        return self.args[index]
+
+    def pipeline_args(self) -> dict[str, Any]:
+        """The first step's arguments, and the loop's tensors the step callback replaces."""
+        first = self.args_at(0)
+        names = ["latents", *_loop_inputs(first, guided=False)]
+        return {**first, "callback_on_step_end_tensor_inputs": names}
+
+
+def _loop_inputs(args: dict[str, torch.Tensor], guided: bool) -> dict[str, torch.Tensor]:
+    """Prompt arguments as diffusers' denoising loop holds them: negative then positive (each
+    repeated per image) under classifier-free guidance, positive alone without; SDXL's pooled
+    embeddings are its `add_text_embeds`."""
+    pairs = {"prompt_embeds": ("negative_prompt_embeds", "prompt_embeds")}
+    if "pooled_prompt_embeds" in args:
+        pairs["add_text_embeds"] = ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")
+    return {
+        name: torch.cat([args[negative], args[positive]]) if guided else args[positive]
+        for name, (negative, positive) in pairs.items()
+    }
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -923,21 +970,63 @@ class Engine:
                 # (force_zeros_for_empty_prompt), as diffusers and A1111 do.
                 "negative_prompt": [job.negative_prompt] * count if job.negative_prompt else None,
             }
-        encoders = [getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")]
-        deepest = min(e.config.num_hidden_layers for e in encoders if e is not None)
-        if job.clip_skip > deepest:
-            raise InvalidInput(
-                f"clip_skip {job.clip_skip} goes past this checkpoint's text encoder "
-                f"({deepest} layers)",
-                field="clip_skip",
-                accepted=f"1 to {deepest}",
-            )
+        _check_clip_skip(pipeline, job)
         encode = encode_sdxl if sdxl else encode_sd
         embeds = encode(pipeline, job.prompt, job.negative_prompt, job.clip_skip)
         return {
             name: tensor.repeat(count, *([1] * (tensor.dim() - 1)))
             for name, tensor in embeds.items()
         }
+
+    @staticmethod
+    def _prompt_steps(
+        pipeline, job: Job, count: int, steps: int, first_pass_steps: int | None = None
+    ) -> PromptSteps:
+        """The prompts' A1111 schedules over `steps` sampler steps (the hires pass's with
+        `first_pass_steps`), merged into one and encoded, each distinct text once. All texts
+        are padded to the same number of windows: the UNet's input shape (and its CUDA graph)
+        stays the same from step to step."""
+        _check_clip_skip(pipeline, job)
+        positive = prompt_schedule(job.prompt, steps, first_pass_steps)
+        negative = prompt_schedule(job.negative_prompt, steps, first_pass_steps)
+        ends = sorted({end for end, _ in positive + negative})
+        pairs = [(text_at(positive, end), text_at(negative, end)) for end in ends]
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        sdxl = hasattr(pipeline, "text_encoder_2")
+        if sdxl:
+            embeds = encode_sdxl_texts(pipeline, texts, job.clip_skip)
+        else:
+            embeds = [(e, None) for e in encode_sd_texts(pipeline, texts, job.clip_skip)]
+        encoded = dict(zip(texts, embeds, strict=True))
+        # As in A1111: zeros only for a negative prompt that is empty at every step
+        zeros = (
+            sdxl
+            and not job.negative_prompt
+            and pipeline.config.get("force_zeros_for_empty_prompt", False)
+        )
+
+        def repeated(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.repeat(count, *([1] * (tensor.dim() - 1)))
+
+        args = []
+        for prompt, negative_prompt in pairs:
+            (embeds, pooled), (negative_embeds, negative_pooled) = (
+                encoded[prompt],
+                encoded[negative_prompt],
+            )
+            if zeros:
+                negative_embeds, negative_pooled = (
+                    torch.zeros_like(negative_embeds),
+                    torch.zeros_like(negative_pooled),
+                )
+            entry = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+            if sdxl:
+                entry |= {
+                    "pooled_prompt_embeds": pooled,
+                    "negative_pooled_prompt_embeds": negative_pooled,
+                }
+            args.append({name: repeated(tensor) for name, tensor in entry.items()})
+        return PromptSteps(ends, args)
 
     def _mask_for(self, job: Job, width: int, height: int):
         """The job's mask as an L image of the output size: white repaints; blurred if asked."""
@@ -955,7 +1044,17 @@ class Engine:
         """Run the pipeline(s) to final latents; returns (latents, pipeline to decode with, ms)."""
         started = time.perf_counter()
         mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
-        text = self._text_args(pipeline_for(loaded, mode), job, len(seeds))
+        count = len(seeds)
+        # A1111's prompt editing and alternation: schedules over the sampler's steps, counted as
+        # A1111 counts them, one per UNet call (twice the steps for second-order samplers)
+        scheduled = is_scheduled(job.prompt) or is_scheduled(job.negative_prompt)
+        order = build_scheduler(job.scheduler, loaded.scheduler_config).order if scheduled else 1
+        schedule = None
+        if scheduled:
+            schedule = self._prompt_steps(pipeline_for(loaded, mode), job, count, job.steps * order)
+            text = schedule.pipeline_args()
+        else:
+            text = self._text_args(pipeline_for(loaded, mode), job, count)
         common = {
             **text,
             "num_inference_steps": job.steps,
@@ -981,12 +1080,26 @@ class Engine:
             args.update(width=width, height=height)
 
         refine_args = None
+        refine_schedule = None
         if refiner is not None:
             # The refiner has its own text encoder (OpenCLIP's, the base's second): its prompts
             # are encoded for it, with the same A1111 syntax and clip skip.
+            refiner_pipeline = pipeline_for(refiner, "img2img")
+            if scheduled:
+                # In the ensemble the refiner goes on with the base's schedule, as A1111's
+                # refiner does; refining a finished image is an img2img pass of its own.
+                refine_steps = job.steps
+                if job.high_noise_frac is None:
+                    refine_steps = job.refiner_inference_steps or job.steps
+                refine_schedule = self._prompt_steps(
+                    refiner_pipeline, job, count, refine_steps * order
+                )
+                refine_text = refine_schedule.pipeline_args()
+            else:
+                refine_text = self._text_args(refiner_pipeline, job, count)
             refine_args = {
                 **{key: value for key, value in common.items() if key not in text},
-                **self._text_args(pipeline_for(refiner, "img2img"), job, len(seeds)),
+                **refine_text,
                 "generator": generators(),
             }
             if job.high_noise_frac is not None:
@@ -999,33 +1112,56 @@ class Engine:
                 refine_args["num_inference_steps"] = job.refiner_inference_steps or job.steps
                 refine_args["strength"] = REFINE_AFTER_STRENGTH
 
-        def on_step_end(phase):
+        def on_step_end(phase, schedule: PromptSteps | None = None):
             def callback(pipe, step, timestep, callback_kwargs):
                 if cancelled():
                     raise Cancelled("the job was cancelled")
                 total = getattr(pipe, "_num_timesteps", None) or job.steps
                 progress(Progress(phase, step + 1, total))
+                if schedule is not None:
+                    # the prompts for the next step, where the schedule moves on
+                    schedule.steps_run = step + 1
+                    following = schedule.args_at(step + 1)
+                    if following is not schedule.args_at(step):
+                        guided = pipe.do_classifier_free_guidance
+                        for name, tensor in _loop_inputs(following, guided).items():
+                            current = callback_kwargs[name]
+                            callback_kwargs[name] = tensor.to(current.device, current.dtype)
                 return callback_kwargs
 
             return callback
 
         with torch.inference_mode():
-            output = self._call(loaded, mode, job, args, on_step_end("denoising"))
+            output = self._call(loaded, mode, job, args, on_step_end("denoising", schedule))
             final = loaded
             if refine_args is not None:
                 refine_args["image"] = output.images
-                output = self._call(refiner, "img2img", job, refine_args, on_step_end("refining"))
+                if refine_schedule is not None and job.high_noise_frac is not None:
+                    refine_schedule.offset = schedule.steps_run
+                    refine_args.update(refine_schedule.args_at(0))
+                output = self._call(
+                    refiner, "img2img", job, refine_args, on_step_end("refining", refine_schedule)
+                )
                 final = refiner
             if job.hires:
+                hires_text, hires_schedule = text, None
+                if scheduled:
+                    # A1111's hires schedule: over the pass's own steps, with `when` beyond the
+                    # first pass's steps (or above 1.0) counting into it
+                    hires_steps = self._hires_schedule(loaded, job)[0] * order
+                    hires_schedule = self._prompt_steps(
+                        pipeline_for(loaded, "img2img"), job, count, hires_steps, job.steps * order
+                    )
+                    hires_text = hires_schedule.pipeline_args()
                 output = self._hires_pass(
                     loaded,
                     job,
-                    text,
+                    hires_text,
                     output.images,
                     width,
                     height,
                     generators(),
-                    on_step_end("hires"),
+                    on_step_end("hires", hires_schedule),
                 )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -1046,6 +1182,19 @@ class Engine:
             return pipeline(**args, callback_on_step_end=callback)
         finally:
             pipeline.scheduler = original
+
+
+def _check_clip_skip(pipeline, job: Job) -> None:
+    """Refuse a clip skip deeper than the checkpoint's text encoders."""
+    encoders = [getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")]
+    deepest = min(e.config.num_hidden_layers for e in encoders if e is not None)
+    if job.clip_skip > deepest:
+        raise InvalidInput(
+            f"clip_skip {job.clip_skip} goes past this checkpoint's text encoder "
+            f"({deepest} layers)",
+            field="clip_skip",
+            accepted=f"1 to {deepest}",
+        )
 
 
 @contextlib.contextmanager

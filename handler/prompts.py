@@ -6,9 +6,10 @@ new 75-token chunk. Long prompts are split into chunks of 75 tokens, each encode
 77-token window (BOS + 75 + EOS) and concatenated, as A1111 does, so nothing is truncated.
 Weighted token embeddings are rescaled to keep the chunk's mean (A1111's "original" emphasis).
 
-A1111 syntax that changes the prompt during sampling (`[from:to:when]`, `[a|b]`) is refused,
-other extra networks' tags (`<hypernet:...>`) are removed, and `AND` is encoded as text, each
-with a clear error or warning (`check_syntax`), rather than read as literal text silently.
+A1111's prompt editing (`[from:to:when]`, `[to:when]`, `[from::when]`) and alternation
+(`[a|b]`) change the prompt during sampling: `prompt_schedule` turns a prompt into the texts it
+has from step to step, each then encoded as above. Other extra networks' tags (`<hypernet:...>`)
+are removed, and `AND` is encoded as text, each with a warning (`check_syntax`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from handler.errors import InvalidInput
 
 CHUNK_TOKENS = 75  # 77 minus BOS and EOS
 ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
@@ -31,23 +30,11 @@ _SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")
 # A1111's extra-network tags; <lora:...> and <lyco:...> are read before (handler.loras)
 EXTRA_NETWORK = re.compile(r"<(\w+):[^>]+>")
 _AND = re.compile(r"\bAND\b")
-SUPPORTED_SYNTAX = (
-    "A1111 attention syntax: (word), (word:1.2), [word], BREAK, <lora:name:scale>; "
-    "\\[ and \\] for literal brackets"
-)
 
 
 def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
-    """Refuse A1111 syntax that this worker does not run, and remove other extra networks'
-    tags; returns the text and warnings. Read as plain text, `[cat:dog:0.5]` would have given a
-    weighted "cat:dog:0.5" with no sign that anything was wrong."""
-    scheduled = _scheduled_syntax(text)
-    if scheduled:
-        raise InvalidInput(
-            f"{scheduled} is not supported (the prompt cannot change during sampling here)",
-            field=field,
-            accepted=SUPPORTED_SYNTAX,
-        )
+    """Remove other extra networks' tags and name A1111 syntax that this worker reads as text;
+    returns the text and warnings."""
     warnings = []
     kinds = sorted({match.group(1) for match in EXTRA_NETWORK.finditer(text)})
     if kinds:
@@ -63,25 +50,189 @@ def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
     return text, warnings
 
 
-def _scheduled_syntax(text: str) -> str | None:
-    """The name of A1111's prompt editing or alternation if `text` uses them: a `:` or `|`
-    directly inside a closed `[...]` (inside `(...)` a colon is a weight)."""
-    stack: list[list] = []  # [bracket, what a ":" or "|" directly inside it made it]
-    escaped = False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char in "([":
-            stack.append([char, None])
-        elif char in ")]" and stack and stack[-1][0] == ("(" if char == ")" else "["):
-            _, found = stack.pop()
-            if found:
-                return found
-        elif char in ":|" and stack and stack[-1][0] == "[":
-            stack[-1][1] = "prompt editing [from:to:when]" if char == ":" else "alternation [a|b]"
-    return None
+# -- prompt editing and alternation (A1111's prompt_parser schedules) ---------------------
+
+
+@dataclass
+class _Edit:
+    """`[before:after:when]`; `before` is None for `[after:when]`."""
+
+    before: list | None
+    after: list
+    when: str  # the number as written: a "." makes it a fraction of the steps
+
+
+@dataclass
+class _Alternation:
+    """`[a|b|c]`: one option per step, in turn."""
+
+    options: list[list]
+
+
+class _NotAPrompt(Exception):
+    """The text does not follow A1111's prompt grammar there."""
+
+
+# A1111's NUMBER (lark's SIGNED_NUMBER), between optional whitespace
+_WHEN = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")
+
+
+def parse_schedule(text: str) -> list | None:
+    """A prompt as a list of plain strings, `_Edit`s and `_Alternation`s, or None when A1111's
+    grammar rejects it (a `|` outside `[...]`, a trailing backslash): A1111 then uses the whole
+    prompt as written, at every step.
+
+    At the top level unmatched brackets and colons are text, as in A1111; inside `[...]` and
+    `(...)` the content must itself be a prompt, else the opening bracket is text.
+    """
+    nodes: list = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            if i + 1 == len(text) or text[i + 1] == "\n":
+                return None
+            nodes.append(text[i : i + 2])
+            i += 2
+        elif char == "|":
+            return None
+        elif char == "[":
+            try:
+                group, i = _square(text, i)
+                nodes += group
+            except _NotAPrompt:
+                nodes.append(char)
+                i += 1
+        else:
+            nodes.append(char)
+            i += 1
+    return nodes
+
+
+def _sequence(text: str, i: int) -> tuple[list, int]:
+    """The prompt from `i` up to the next `:`, `|`, `]` or `)` of this level (or the end)."""
+    nodes: list = []
+    while i < len(text) and text[i] not in ":|])":
+        char = text[i]
+        if char == "\\":
+            if i + 1 == len(text) or text[i + 1] == "\n":
+                raise _NotAPrompt
+            nodes.append(text[i : i + 2])
+            i += 2
+        elif char == "[":
+            group, i = _square(text, i)
+            nodes += group
+        elif char == "(":
+            group, i = _round(text, i)
+            nodes += group
+        else:
+            nodes.append(char)
+            i += 1
+    return nodes, i
+
+
+def _round(text: str, i: int) -> tuple[list, int]:
+    """`(prompt)` or `(prompt:prompt)` from `i`: emphasis, kept as text."""
+    inner, i = _sequence(text, i + 1)
+    nodes = ["(", *inner]
+    if i < len(text) and text[i] == ":":
+        weight, i = _sequence(text, i + 1)
+        nodes += [":", *weight]
+    if i == len(text) or text[i] != ")":
+        raise _NotAPrompt
+    return [*nodes, ")"], i + 1
+
+
+def _square(text: str, i: int) -> tuple[list, int]:
+    """`[prompt]` (emphasis, kept as text), an edit or an alternation, from `i`."""
+    start = i
+    parts: list[list] = []
+    separators = ""
+    while True:
+        part, i = _sequence(text, i + 1)
+        parts.append(part)
+        if i == len(text) or text[i] == ")":
+            raise _NotAPrompt
+        if text[i] == "]":
+            break
+        separators += text[i]
+    end = i + 1
+    if not separators:
+        return ["[", *parts[0], "]"], end
+    if set(separators) == {"|"}:
+        return [_Alternation(parts)], end
+    if separators in (":", "::"):
+        number_start = text.rindex(":", start, end) + 1
+        when = _WHEN.fullmatch(text, number_start, end - 1)
+        if when:
+            before = parts[0] if separators == "::" else None
+            return [_Edit(before, parts[-2], when.group(1))], end
+    raise _NotAPrompt
+
+
+def _nodes(nodes: list):
+    """Every edit and alternation in `nodes`, nested ones included."""
+    for node in nodes:
+        if isinstance(node, _Edit):
+            yield node
+            yield from _nodes((node.before or []) + node.after)
+        elif isinstance(node, _Alternation):
+            yield node
+            for option in node.options:
+                yield from _nodes(option)
+
+
+def is_scheduled(text: str) -> bool:
+    """Whether `text` uses prompt editing or alternation (as A1111's grammar reads it)."""
+    if "[" not in text:
+        return False
+    nodes = parse_schedule(text)
+    return nodes is not None and any(True for _ in _nodes(nodes))
+
+
+def prompt_schedule(
+    text: str, steps: int, first_pass_steps: int | None = None
+) -> list[tuple[int, str]]:
+    """A1111's schedule of a prompt over `steps` sampler steps: (last step, text) entries, the
+    text being the prompt as it reads at that step. Sampler step s (0-based) uses the first
+    entry whose last step is >= s.
+
+    With `first_pass_steps`, this is the hires pass's schedule (A1111 since 1.6): a `when`
+    written with a "." counts from 1.0 (1.5: halfway through the hires pass), an integer from
+    the first pass's steps.
+    """
+    nodes = parse_schedule(text)
+    if nodes is None:
+        return [(steps, text)]
+    fraction_offset, step_offset = (0.0, 0) if first_pass_steps is None else (1.0, first_pass_steps)
+
+    def step_of(edit: _Edit) -> int:
+        value = float(edit.when)
+        if "." in edit.when:
+            value = (value - fraction_offset) * steps
+        else:
+            value -= step_offset
+        return min(steps, int(value))
+
+    ends = {steps}
+    for node in _nodes(nodes):
+        if isinstance(node, _Alternation):
+            ends.update(range(1, steps + 1))
+        elif step_of(node) >= 1:
+            ends.add(step_of(node))
+
+    def at(step: int, nodes: list) -> str:
+        out = []
+        for node in nodes:
+            if isinstance(node, _Edit):
+                out.append(at(step, (node.before or []) if step <= step_of(node) else node.after))
+            elif isinstance(node, _Alternation):
+                out.append(at(step, node.options[(step - 1) % len(node.options)]))
+            else:
+                out.append(node)
+        return "".join(out)
+
+    return [(end, at(end, nodes)) for end in sorted(ends)]
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -148,6 +299,11 @@ def needs_own_encoding(pipeline, prompts: list[str]) -> bool:
         if len(tokenizer(spelled_out, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
             return True
     return False
+
+
+def text_at(schedule: list[tuple[int, str]], step: int) -> str:
+    """The text of `prompt_schedule`'s first entry ending at or after `step` (else the last)."""
+    return next((text for end, text in schedule if end >= step), schedule[-1][1])
 
 
 @dataclass
@@ -219,13 +375,14 @@ def _encode_windows(
     return torch.cat(outputs, dim=1), pooled
 
 
-def _pad_windows(a: Chunks, b: Chunks, tokenizer) -> None:
-    """Give prompt and negative prompt the same number of windows (empty ones at the end)."""
+def _pad_windows(chunks: list[Chunks], tokenizer) -> None:
+    """Give all prompts the same number of windows (empty ones at the end)."""
     empty = tokenize_chunks("", tokenizer)
-    for chunks in (a, b):
-        while len(chunks.ids) < max(len(a.ids), len(b.ids)):
-            chunks.ids.append(list(empty.ids[0]))
-            chunks.weights.append(list(empty.weights[0]))
+    longest = max(len(c.ids) for c in chunks)
+    for each in chunks:
+        while len(each.ids) < longest:
+            each.ids.append(list(empty.ids[0]))
+            each.weights.append(list(empty.weights[0]))
 
 
 def _multi_vector(pipeline, text: str, tokenizer) -> str:
@@ -238,10 +395,18 @@ def _multi_vector(pipeline, text: str, tokenizer) -> str:
 @torch.no_grad()
 def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str, torch.Tensor]:
     """prompt_embeds / negative_prompt_embeds for SD 1.x/2.x (A1111 clip skip: 1 = last layer)."""
+    positive, negatives = encode_sd_texts(pipeline, [prompt, negative], clip_skip)
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negatives}
+
+
+@torch.no_grad()
+def encode_sd_texts(pipeline, texts: list[str], clip_skip: int) -> list[torch.Tensor]:
+    """Each text's hidden states for SD 1.x/2.x, all padded to the same number of windows."""
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
-    prompt, negative = (_multi_vector(pipeline, text, tokenizer) for text in (prompt, negative))
-    positive, negatives = tokenize_chunks(prompt, tokenizer), tokenize_chunks(negative, tokenizer)
-    _pad_windows(positive, negatives, tokenizer)
+    chunks = [
+        tokenize_chunks(_multi_vector(pipeline, text, tokenizer), tokenizer) for text in texts
+    ]
+    _pad_windows(chunks, tokenizer)
     device = encoder.device
 
     def encode(chunks: Chunks) -> torch.Tensor:
@@ -251,7 +416,7 @@ def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str,
         norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
         return _encode_windows(encoder, chunks, -clip_skip, device, norm)[0]
 
-    return {"prompt_embeds": encode(positive), "negative_prompt_embeds": encode(negatives)}
+    return [encode(each) for each in chunks]
 
 
 @torch.no_grad()
@@ -261,31 +426,12 @@ def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[st
     SDXL was trained on the penultimate layer, which is what A1111 and ComfyUI mean by clip
     skip 2: so 1 and 2 give SDXL's usual embeddings, and 3 or more go further back, in both
     encoders (as ComfyUI's CLIPSetLastLayer does)."""
-    layer = -max(clip_skip, 2)
-    device = pipeline.text_encoder_2.device
-    pairs = [  # the SDXL refiner has only the second
-        (tokenizer, encoder)
-        for tokenizer, encoder in (
-            (pipeline.tokenizer, pipeline.text_encoder),
-            (pipeline.tokenizer_2, pipeline.text_encoder_2),
-        )
-        if encoder is not None
-    ]
-    embeds, negative_embeds, pooled, negative_pooled = [], [], None, None
-    for tokenizer, encoder in pairs:
-        positive, negatives = (
-            tokenize_chunks(_multi_vector(pipeline, prompt, tokenizer), tokenizer),
-            tokenize_chunks(_multi_vector(pipeline, negative, tokenizer), tokenizer),
-        )
-        _pad_windows(positive, negatives, tokenizer)
-        hidden, pooled_out = _encode_windows(encoder, positive, layer, device)
-        negative_hidden, negative_pooled_out = _encode_windows(encoder, negatives, layer, device)
-        embeds.append(hidden)
-        negative_embeds.append(negative_hidden)
-        pooled, negative_pooled = pooled_out, negative_pooled_out
+    (embeds, pooled), (negative_embeds, negative_pooled) = encode_sdxl_texts(
+        pipeline, [prompt, negative], clip_skip
+    )
     result = {
-        "prompt_embeds": torch.cat(embeds, dim=-1),
-        "negative_prompt_embeds": torch.cat(negative_embeds, dim=-1),
+        "prompt_embeds": embeds,
+        "negative_prompt_embeds": negative_embeds,
         "pooled_prompt_embeds": pooled,
         "negative_pooled_prompt_embeds": negative_pooled,
     }
@@ -296,3 +442,32 @@ def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[st
             result["negative_pooled_prompt_embeds"]
         )
     return result
+
+
+@torch.no_grad()
+def encode_sdxl_texts(
+    pipeline, texts: list[str], clip_skip: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each text's (hidden states, pooled embedding) for SDXL (see `encode_sdxl`), all padded
+    to the same number of windows."""
+    layer = -max(clip_skip, 2)
+    device = pipeline.text_encoder_2.device
+    pairs = [  # the SDXL refiner has only the second
+        (tokenizer, encoder)
+        for tokenizer, encoder in (
+            (pipeline.tokenizer, pipeline.text_encoder),
+            (pipeline.tokenizer_2, pipeline.text_encoder_2),
+        )
+        if encoder is not None
+    ]
+    hidden: list[list[torch.Tensor]] = [[] for _ in texts]
+    pooled: list[torch.Tensor | None] = [None for _ in texts]
+    for tokenizer, encoder in pairs:
+        chunks = [
+            tokenize_chunks(_multi_vector(pipeline, text, tokenizer), tokenizer) for text in texts
+        ]
+        _pad_windows(chunks, tokenizer)
+        for index, each in enumerate(chunks):
+            states, pooled[index] = _encode_windows(encoder, each, layer, device)
+            hidden[index].append(states)
+    return [(torch.cat(states, dim=-1), last) for states, last in zip(hidden, pooled, strict=True)]
