@@ -39,6 +39,7 @@ from handler.loras import (
     embeddings_for,
     extract_inline_loras,
     job_additions,
+    unloadable_lycoris,
 )
 from handler.outputs import (
     JPEG_MAX_EXIF_BYTES,
@@ -381,7 +382,11 @@ class Engine:
                 "hash": self.registry.cached_hash(model),
             }
             try:
-                if model.path.suffix.lower() == ".safetensors":
+                is_safetensors = model.path.suffix.lower() == ".safetensors"
+                unloadable = unloadable_lycoris(model.path) if is_safetensors else None
+                if unloadable is not None:
+                    entry["base"], entry["reason"] = "unsupported", unloadable
+                elif is_safetensors:
                     entry["base"] = detect_lora(model.path)
                 elif self.settings.allow_pickle:
                     entry["base"] = "unknown"

@@ -160,14 +160,13 @@ class AppliedLora:
 def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
     """Refuse a LoRA made for another architecture, before the pipeline is touched."""
     is_safetensors = model.path.suffix.lower() == ".safetensors"
-    if is_safetensors:
-        algorithm = lycoris_algorithm(read_safetensors_header(model.path, field)[0])
-        if algorithm is not None:
-            raise LoraIncompatible(
-                f"{model.name} is a {algorithm} file (LyCORIS), which diffusers cannot load",
-                field=field,
-                accepted="LoRA and LoCon files (kohya, LyCORIS LoCon, or diffusers/peft)",
-            )
+    unloadable = unloadable_lycoris(model.path, field) if is_safetensors else None
+    if unloadable is not None:
+        raise LoraIncompatible(
+            f"{model.name} is {unloadable}",
+            field=field,
+            accepted="LoRA and LoCon files (kohya, LyCORIS LoCon, or diffusers/peft)",
+        )
     base = detect_lora(model.path, field) if is_safetensors else "unknown"
     family = LORA_FAMILIES[architecture]
     if base != "unknown" and base != family:
@@ -176,6 +175,15 @@ def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
             field=field,
             accepted=f"LoRAs made for {family}",
         )
+
+
+def unloadable_lycoris(path, field: str = "loras") -> str | None:
+    """What a LyCORIS file that diffusers cannot load is ("a LoHa file (LyCORIS), ..."), or
+    None for LoRA and LoCon files."""
+    algorithm = lycoris_algorithm(read_safetensors_header(path, field)[0])
+    if algorithm is None:
+        return None
+    return f"a {algorithm} file (LyCORIS), which diffusers cannot load"
 
 
 class ResidentAdapters:

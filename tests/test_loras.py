@@ -189,8 +189,11 @@ def test_lycoris_files_diffusers_cannot_load_are_named_as_such(engine, demo_volu
     try:
         with pytest.raises(LoraIncompatible) as info:
             engine.run(parse_job({**SD15, "prompt": f"a cube <lora:{path.stem}:0.8>"}))
+        listed = next(e for e in engine.list_models()["loras"] if e["name"] == path.stem)
     finally:
         path.unlink()
+    assert listed["base"] == "unsupported"
+    assert listed["reason"] == f"a {algorithm} file (LyCORIS), which diffusers cannot load"
     assert info.value.field == "prompt"
     assert (
         info.value.message
