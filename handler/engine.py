@@ -658,7 +658,7 @@ class Engine:
         `infotext_fields` are `a1111_infotext`'s size and extra fields (`_infotext_fields`).
         """
         model_hash = self.registry.cached_hash(loaded.model)
-        lora_info = [(lora.name, lora.scale, self._lora_hash(lora)) for lora in loras]
+        lora_info = [(lora.name, lora.scale, self.registry.lora_hash(lora.model)) for lora in loras]
 
         def encode(index: int, image, nsfw: bool | None):
             infotext = None
@@ -763,9 +763,6 @@ class Engine:
             raise type(error)(
                 f"{tag} of prompt {what}", field="prompt", accepted=error.accepted
             ) from None
-
-    def _lora_hash(self, lora: AppliedLora) -> str | None:
-        return self.registry.cached_hash(lora.model) or self.registry.compute_hash(lora.model)
 
     def _vae_for(self, job: Job, loaded: LoadedCheckpoint):
         """The job's VAE override, loaded once and kept (two at most), and its name; or None."""

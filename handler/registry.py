@@ -91,6 +91,7 @@ class Registry:
     settings: Settings
     _detections: dict[tuple[str, float, int], Detection] = field(default_factory=dict)
     _hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    _tensor_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -272,6 +273,32 @@ class Registry:
         key = file_key(model.path)
         if key in self._hashes:
             return self._hashes[key]
+        entry = self._hash_cache_entry(model, key)
+        if entry:
+            self._hashes[key] = entry["sha256"][:10]
+            if "tensor_sha256" in entry:
+                self._tensor_hashes[key] = entry["tensor_sha256"]
+            return self._hashes[key]
+        return None
+
+    def lora_hash(self, model: ModelFile) -> str:
+        """A LoRA's hash as A1111 writes it in `Lora hashes`: for a safetensors file, the first
+        12 hex digits of the sha256 of its tensor data (the file after its header: kohya's
+        hash, civitai's AutoV3), or of the `sshs_model_hash` the file records; else AutoV2."""
+        if model.path.suffix.lower() not in SAFE_EXTENSIONS:
+            return self.cached_hash(model) or self.compute_hash(model)
+        recorded = read_safetensors_header(model.path, "loras")[1].get("sshs_model_hash", "")
+        if len(recorded) >= 12 and all(c in "0123456789abcdefABCDEF" for c in recorded):
+            return recorded[:12]
+        key = file_key(model.path)
+        if key not in self._tensor_hashes:
+            self.cached_hash(model)
+        if key not in self._tensor_hashes:  # not cached, or cached before this hash was kept
+            self.compute_hash(model)
+        return self._tensor_hashes[key][:12]
+
+    def _hash_cache_entry(self, model: ModelFile, key: tuple) -> dict | None:
+        """The root's sidecar entry for this file, if it still describes the file."""
         entry = self._read_hash_cache(model.root).get(_relative(model))
         if (
             entry
@@ -279,27 +306,33 @@ class Registry:
             and entry.get("mtime") == key[1]
             and entry.get("ctime_ns", key[4]) == key[4]
         ):
-            self._hashes[key] = entry["sha256"][:10]
-            return self._hashes[key]
+            return entry
         return None
 
     def compute_hash(self, model: ModelFile) -> str:
-        """Hash the file, remember it, and record it in the root's sidecar (when writable)."""
+        """Hash the file, remember it, and record it in the root's sidecar (when writable).
+        A safetensors file's tensor data (after its header) is hashed too, in the same read."""
         key = file_key(model.path)
         digest = hashlib.sha256()
+        tensors = hashlib.sha256() if model.path.suffix.lower() in SAFE_EXTENSIONS else None
+        data_start = None  # where the tensor data begins: after the 8-byte length and header
+        offset = 0
         with open(model.path, "rb") as handle:
             while chunk := handle.read(16 * 1024 * 1024):
                 digest.update(chunk)
+                if tensors is not None:
+                    if data_start is None:
+                        data_start = 8 + struct.unpack("<Q", chunk[:8].ljust(8, b"\0"))[0]
+                    tensors.update(chunk[max(0, data_start - offset) :])
+                offset += len(chunk)
         sha256 = digest.hexdigest()
         self._hashes[key] = sha256[:10]
+        entry = {"size": key[2], "mtime": key[1], "ctime_ns": key[4], "sha256": sha256}
+        if tensors is not None:
+            self._tensor_hashes[key] = entry["tensor_sha256"] = tensors.hexdigest()
         with self._hash_lock:
             cache = self._read_hash_cache(model.root)
-            cache[_relative(model)] = {
-                "size": key[2],
-                "mtime": key[1],
-                "ctime_ns": key[4],
-                "sha256": sha256,
-            }
+            cache[_relative(model)] = entry
             target = model.root / HASH_CACHE_FILE
             try:
                 temporary = target.with_suffix(".tmp")

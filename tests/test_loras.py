@@ -156,7 +156,42 @@ def test_stack_of_two_in_both_formats_and_infotext_lists_them(engine):
     )
     infotext = read_infotext(base64.b64decode(result.images[0].image.split(",", 1)[1]))
     assert "<lora:demo_sd15_kohya:0.5>" in infotext and "<lora:demo_sd15_peft:-0.5>" in infotext
-    assert "Lora hashes:" in infotext
+    kohya, peft = (tensor_data_hash(engine, name) for name in ("demo_sd15_kohya", "demo_sd15_peft"))
+    assert f'Lora hashes: "demo_sd15_kohya: {kohya}, demo_sd15_peft: {peft}"' in infotext
+
+
+def tensor_data_hash(engine, name: str) -> str:
+    """A1111's `Lora hashes` entry, computed here as kohya defines it: the first 12 hex digits
+    of the sha256 of the safetensors file after its 8-byte length and its header."""
+    import hashlib
+    import struct
+
+    data = engine.registry.resolve("lora", name, "loras").path.read_bytes()
+    header_length = struct.unpack("<Q", data[:8])[0]
+    return hashlib.sha256(data[8 + header_length :]).hexdigest()[:12]
+
+
+def test_lora_hash_is_the_recorded_one_when_the_file_has_it(settings, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from handler.registry import Registry
+
+    (tmp_path / "loras").mkdir()
+    recorded = "0123456789abcdef" * 4
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 4)}
+    save_file(tensors, str(tmp_path / "loras" / "kohya.safetensors"), {"sshs_model_hash": recorded})
+    save_file(tensors, str(tmp_path / "loras" / "plain.safetensors"))
+    registry = Registry(replace(settings, models_dir=str(tmp_path)))
+    assert registry.lora_hash(registry.resolve("lora", "kohya", "loras")) == "0123456789ab"
+    plain = registry.resolve("lora", "plain", "loras")
+    computed = registry.lora_hash(plain)
+    assert len(computed) == 12 and computed != registry.cached_hash(plain)
+    # kept in the root's hash file beside the AutoV2 hash: a new worker does not read the file
+    fresh = Registry(replace(settings, models_dir=str(tmp_path)))
+    fresh.compute_hash = None  # would fail if called
+    assert fresh.lora_hash(fresh.resolve("lora", "plain", "loras")) == computed
 
 
 def test_incompatible_lora_fails_before_the_pipeline_is_touched(engine):
