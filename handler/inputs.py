@@ -296,7 +296,7 @@ def _resolve(host: str, port: int, field: str, settings: Settings, deadline: flo
     def lookup() -> None:
         try:
             found["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as error:
+        except (OSError, UnicodeError) as error:  # UnicodeError: a name IDNA cannot encode
             found["error"] = error
 
     thread = threading.Thread(target=lookup, name="input-dns", daemon=True)

@@ -313,6 +313,13 @@ def test_an_unresolvable_host_is_a_fetch_failure(monkeypatch, settings):
     assert info.value.field == "image" and info.value.accepted == "a resolvable host"
 
 
+def test_a_host_name_dns_cannot_encode_is_a_fetch_failure(settings):
+    # a label over 63 characters: getaddrinfo raises UnicodeError (IDNA), not gaierror
+    with pytest.raises(InputFetchFailed, match="cannot resolve") as info:
+        load_image("https://" + "a" * 64 + ".example/a.png", "image", settings)
+    assert info.value.field == "image"
+
+
 def test_a_trickled_tls_handshake_cannot_hold_the_job_past_the_timeout(trickle_server, local_fetch):
     # a TLS record header announcing 16 KB of handshake, then its bytes, slowly
     port = trickle_server(b"\x16\x03\x03\x40\x00" + b"\x00" * 200)
