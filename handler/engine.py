@@ -107,12 +107,13 @@ class PromptSteps:
     ends: list[int]
     args: list[dict[str, torch.Tensor]]
     offset: int = 0  # sampler steps before this pass's first (the refiner continues the base's)
+    rate: float = 1.0  # schedule steps per step of this pass (a refiner with its own count)
     steps_run: int = 0  # counted by the step callback
 
     def args_at(self, step: int) -> dict[str, torch.Tensor]:
         """The arguments for this pass's 0-based sampler step: the first entry ending at or
         after it (past the schedule's end, the last)."""
-        step += self.offset
+        step = self.offset + step * self.rate
         index = next((i for i, end in enumerate(self.ends) if end >= step), len(self.ends) - 1)
         return self.args[index]
 
@@ -1140,6 +1141,9 @@ class Engine:
                 refine_args["image"] = output.images
                 if refine_schedule is not None and job.high_noise_frac is not None:
                     refine_schedule.offset = schedule.steps_run
+                    if job.refiner_inference_steps:
+                        # its steps are counted in the base's: 4 of 8 stand for 2 each
+                        refine_schedule.rate = job.steps / job.refiner_inference_steps
                     refine_args.update(refine_schedule.args_at(0))
                 output = self._call(
                     refiner, "img2img", job, refine_args, on_step_end("refining", refine_schedule)

@@ -197,6 +197,24 @@ def test_the_refiner_goes_on_with_the_bases_schedule(engine):
     assert [equal(p, c) for p, c in zip(pooled, cat_pooled, strict=True)] == [1, 1, 1, 0]
 
 
+def test_a_refiner_with_its_own_step_count_reaches_the_bases_later_steps(engine):
+    """Ensemble at 0.5 over 8 steps, the refiner's schedule 4 steps long: the base runs steps
+    0-3, the refiner's two steps stand for the base's steps 4 and 6; "[a cat:a dog:5]" is a
+    dog from step 6, so on the refiner's second step (counted in refiner steps, never)."""
+    job = {
+        "steps": 8,
+        "refiner_checkpoint": "demo-sdxl-refiner",
+        "high_noise_frac": 0.5,
+        "refiner_inference_steps": 4,
+    }
+    _, hidden, _ = unet_calls(engine, "demo-sdxl", prompt="[a cat:a dog:5]", **job)
+    _, cat, _ = unet_calls(engine, "demo-sdxl", prompt="a cat", **job)
+    _, dog, _ = unet_calls(engine, "demo-sdxl", prompt="a dog", **job)
+    assert len(hidden) == 6
+    assert [equal(h, c) for h, c in zip(hidden, cat, strict=True)] == [1, 1, 1, 1, 1, 0]
+    assert equal(hidden[5], dog[5])
+
+
 def test_plain_prompts_take_the_usual_path_and_nothing_leaks_into_the_next_job(engine, monkeypatch):
     before, plain, _ = unet_calls(engine, "demo-sd15", prompt="a cat")
     unet_calls(engine, "demo-sd15", prompt="[a cat|a dog]", negative_prompt="[x:y:1]")
