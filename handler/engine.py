@@ -1000,16 +1000,23 @@ class Engine:
             embeds = encode_sdxl_texts(pipeline, texts, job.clip_skip)
         else:
             embeds = [(e, None) for e in encode_sd_texts(pipeline, texts, job.clip_skip)]
-        encoded = dict(zip(texts, embeds, strict=True))
+
+        def repeated(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor if tensor is None else tensor.repeat(count, *([1] * (tensor.dim() - 1)))
+
+        # repeated once per text, shared by its entries (an alternation has one per step)
+        encoded = {
+            text: (repeated(states), repeated(pooled))
+            for text, (states, pooled) in zip(texts, embeds, strict=True)
+        }
         # As in A1111: zeros only for a negative prompt that is empty at every step
         zeros = (
             sdxl
             and not job.negative_prompt
             and pipeline.config.get("force_zeros_for_empty_prompt", False)
         )
-
-        def repeated(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.repeat(count, *([1] * (tensor.dim() - 1)))
+        if zeros:
+            zero_pair = tuple(torch.zeros_like(t) for t in encoded[texts[0]])
 
         args = []
         for prompt, negative_prompt in pairs:
@@ -1018,17 +1025,14 @@ class Engine:
                 encoded[negative_prompt],
             )
             if zeros:
-                negative_embeds, negative_pooled = (
-                    torch.zeros_like(negative_embeds),
-                    torch.zeros_like(negative_pooled),
-                )
+                negative_embeds, negative_pooled = zero_pair
             entry = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
             if sdxl:
                 entry |= {
                     "pooled_prompt_embeds": pooled,
                     "negative_pooled_prompt_embeds": negative_pooled,
                 }
-            args.append({name: repeated(tensor) for name, tensor in entry.items()})
+            args.append(entry)
         return PromptSteps(ends, args)
 
     def _mask_for(self, job: Job, width: int, height: int):

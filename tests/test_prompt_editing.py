@@ -215,6 +215,22 @@ def test_a_refiner_with_its_own_step_count_reaches_the_bases_later_steps(engine)
     assert equal(hidden[5], dog[5])
 
 
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_an_alternation_holds_each_texts_embeddings_once(engine, checkpoint):
+    """150 steps of [a|b] for 8 images: 150 schedule entries share two texts' tensors, not a
+    batch-sized copy per step (on a real SDXL, gigabytes of GPU memory)."""
+    from handler.engine import Engine
+    from handler.pipelines import pipeline_for
+
+    pipeline = pipeline_for(engine.checkpoint(checkpoint)[0], "txt2img")
+    job = parse_job({**JOB, "checkpoint": checkpoint, "prompt": "[a cat|a dog]", "steps": 150})
+    schedule = Engine._prompt_steps(pipeline, job, 8, 150)
+    assert len(schedule.ends) == 150
+    tensors = [t for args in schedule.args for t in args.values()]
+    assert all(t.shape[0] == 8 for t in tensors)
+    assert len({t.data_ptr() for t in tensors}) <= 6  # a cat, a dog, the negative
+
+
 def test_plain_prompts_take_the_usual_path_and_nothing_leaks_into_the_next_job(engine, monkeypatch):
     before, plain, _ = unet_calls(engine, "demo-sd15", prompt="a cat")
     unet_calls(engine, "demo-sd15", prompt="[a cat|a dog]", negative_prompt="[x:y:1]")
