@@ -383,12 +383,12 @@ class Engine:
                 "hash": self.registry.cached_hash(model),
             }
             try:
-                is_safetensors = model.path.suffix.lower() == ".safetensors"
-                unloadable = unloadable_lycoris(model.path) if is_safetensors else None
-                if unloadable is not None:
-                    entry["base"], entry["reason"] = "unsupported", unloadable
-                elif is_safetensors:
-                    entry["base"] = detect_lora(model.path)
+                if model.path.suffix.lower() == ".safetensors":
+                    tensors = read_safetensors_header(model.path, "loras")[0]
+                    unloadable = unloadable_lycoris(tensors)
+                    entry["base"] = "unsupported" if unloadable else detect_lora(tensors)
+                    if unloadable:
+                        entry["reason"] = unloadable
                 elif self.settings.allow_pickle:
                     entry["base"] = "unknown"
                 else:

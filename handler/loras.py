@@ -159,15 +159,17 @@ class AppliedLora:
 
 def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
     """Refuse a LoRA made for another architecture, before the pipeline is touched."""
-    is_safetensors = model.path.suffix.lower() == ".safetensors"
-    unloadable = unloadable_lycoris(model.path, field) if is_safetensors else None
+    if model.path.suffix.lower() != ".safetensors":
+        return  # a pickle (ALLOW_PICKLE=1): its keys are not read before loading
+    tensors = read_safetensors_header(model.path, field)[0]
+    unloadable = unloadable_lycoris(tensors)
     if unloadable is not None:
         raise LoraIncompatible(
             f"{model.name} is {unloadable}",
             field=field,
             accepted="LoRA and LoCon files (kohya, LyCORIS LoCon, or diffusers/peft)",
         )
-    base = detect_lora(model.path, field) if is_safetensors else "unknown"
+    base = detect_lora(tensors)
     family = LORA_FAMILIES[architecture]
     if base != "unknown" and base != family:
         raise LoraIncompatible(
@@ -177,10 +179,10 @@ def check_compatible(model: ModelFile, architecture: str, field: str) -> None:
         )
 
 
-def unloadable_lycoris(path, field: str = "loras") -> str | None:
-    """What a LyCORIS file that diffusers cannot load is ("a LoHa file (LyCORIS), ..."), or
-    None for LoRA and LoCon files."""
-    algorithm = lycoris_algorithm(read_safetensors_header(path, field)[0])
+def unloadable_lycoris(tensors: dict[str, dict]) -> str | None:
+    """What a LyCORIS file that diffusers cannot load is ("a LoHa file (LyCORIS), ..."), from
+    its header's keys, or None for LoRA and LoCon files."""
+    algorithm = lycoris_algorithm(tensors)
     if algorithm is None:
         return None
     return f"a {algorithm} file (LyCORIS), which diffusers cannot load"

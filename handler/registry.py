@@ -92,6 +92,7 @@ class Registry:
     _detections: dict[tuple[str, float, int], Detection] = field(default_factory=dict)
     _hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     _tensor_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    _lora_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -287,15 +288,19 @@ class Registry:
         hash, civitai's AutoV3), or of the `sshs_model_hash` the file records; else AutoV2."""
         if model.path.suffix.lower() not in SAFE_EXTENSIONS:
             return self.cached_hash(model) or self.compute_hash(model)
+        key = file_key(model.path)
+        if key in self._lora_hashes:  # every job with the LoRA asks: read its header once
+            return self._lora_hashes[key]
         recorded = read_safetensors_header(model.path, "loras")[1].get("sshs_model_hash", "")
         if len(recorded) >= 12 and all(c in "0123456789abcdefABCDEF" for c in recorded):
+            self._lora_hashes[key] = recorded[:12]
             return recorded[:12]
-        key = file_key(model.path)
         if key not in self._tensor_hashes:
             self.cached_hash(model)
         if key not in self._tensor_hashes:  # not cached, or cached before this hash was kept
             self.compute_hash(model)
-        return self._tensor_hashes[key][:12]
+        self._lora_hashes[key] = self._tensor_hashes[key][:12]
+        return self._lora_hashes[key]
 
     def _hash_cache_entry(self, model: ModelFile, key: tuple) -> dict | None:
         """The root's sidecar entry for this file, if it still describes the file."""
@@ -800,13 +805,9 @@ def lycoris_algorithm(tensors: dict[str, dict]) -> str | None:
     return None
 
 
-def detect_lora(path: Path, field: str = "loras") -> str:
-    """The base architecture a LoRA was trained for, from its key names and shapes.
-
-    Returns sd15, sd2, sdxl, sdxl-refiner or "unknown"; an unreadable file is UnsupportedModel
-    naming `field`.
-    """
-    tensors, metadata = read_safetensors_header(path, field)
+def detect_lora(tensors: dict[str, dict]) -> str:
+    """The base architecture a LoRA was trained for, from its header's key names and shapes
+    (`read_safetensors_header`): sd15, sd2, sdxl, sdxl-refiner or "unknown"."""
     keys = list(tensors)
     if any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys):
         return "sdxl"
