@@ -39,3 +39,14 @@ def engine(settings):
     from handler.engine import Engine
 
     return Engine(replace(settings, gpu_checkpoints=2, cpu_checkpoints=2))
+
+
+@pytest.fixture(scope="module")
+def cuda_engines(settings):
+    """A graphed and an eager engine on CUDA, per test module (the GPU tests)."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    on_gpu = replace(settings, device="cuda", gpu_checkpoints=1, cpu_checkpoints=2)
+    return Engine(on_gpu), Engine(replace(on_gpu, cuda_graphs=False))

@@ -606,14 +606,6 @@ def test_a_job_whose_decode_runs_out_of_memory_is_delivered_with_a_warning(setti
 # -- on CUDA ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cuda_engines(settings):
-    from handler.engine import Engine
-
-    on_gpu = replace(settings, device="cuda", gpu_checkpoints=1, cpu_checkpoints=2)
-    return Engine(on_gpu), Engine(replace(on_gpu, cuda_graphs=False))
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])

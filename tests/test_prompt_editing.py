@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -246,14 +245,6 @@ def test_plain_prompts_take_the_usual_path_and_nothing_leaks_into_the_next_job(e
     monkeypatch.setattr(Engine, "_prompt_steps", staticmethod(refuse))
     for prompt in ("a (cube:1.2) [red]", "a \\[cat:dog:2\\]", "x | y [cat:dog:2]"):
         unet_calls(engine, "demo-sd15", prompt=prompt)
-
-
-@pytest.fixture(scope="module")
-def cuda_engines(settings):
-    from handler.engine import Engine
-
-    on_gpu = replace(settings, device="cuda", gpu_checkpoints=1, cpu_checkpoints=2)
-    return Engine(on_gpu), Engine(replace(on_gpu, cuda_graphs=False))
 
 
 @pytest.mark.gpu
