@@ -29,6 +29,7 @@ FIELD_ALIASES = {
     "sampler_name": "scheduler",
     "denoising_strength": "strength",
     "inpainting_mask_invert": "invert_mask",
+    "rescale_cfg": "guidance_rescale",  # Forge's built-in RescaleCFG
     # worker-sdxl
     "image_url": "image",
 }

@@ -178,6 +178,13 @@ class Predictor(BaseRunner):
         guidance_scale: float = Input(
             default=7.0, ge=0.0, le=30.0, description="Classifier-free guidance (CFG) scale."
         ),
+        guidance_rescale: float = Input(
+            default=0.0,
+            ge=0.0,
+            le=1.0,
+            description="CFG rescale (diffusers' guidance_rescale): 0 is off; about 0.7 suits "
+            "v-prediction and zero-terminal-SNR models. Needs guidance_scale above 1.",
+        ),
         scheduler: str = Input(
             default="DPM++ 2M Karras",
             choices=[
@@ -312,6 +319,7 @@ class Predictor(BaseRunner):
             "height": height,
             "steps": steps,
             "guidance_scale": guidance_scale,
+            "guidance_rescale": guidance_rescale,
             "scheduler": scheduler,
             "seed": seed,
             "num_images": num_images,

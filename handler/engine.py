@@ -58,6 +58,7 @@ from handler.pipelines import (
     load_checkpoint,
     lowercase_suffix,
     pipeline_for,
+    rescaled_guidance,
 )
 from handler.prompts import (
     check_syntax,
@@ -516,6 +517,12 @@ class Engine:
                 f"steps x strength = {job.steps} x {job.strength} leaves no denoising step",
                 field="strength",
                 accepted=f"strength of at least {1 / job.steps:.3f} for {job.steps} steps",
+            )
+        if job.guidance_rescale and job.guidance_scale <= 1:
+            raise InvalidInput(
+                f"guidance_scale {job.guidance_scale:g} runs no CFG, so there is none to rescale",
+                field="guidance_rescale",
+                accepted="0, or a guidance_scale above 1",
             )
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
@@ -1189,7 +1196,8 @@ class Engine:
         if loaded.graphs is not None and not loaded.graphs.disabled:
             fastpath.host_side_timesteps(pipeline.scheduler)
         try:
-            return pipeline(**args, callback_on_step_end=callback)
+            with rescaled_guidance(pipeline, job.guidance_rescale):
+                return pipeline(**args, callback_on_step_end=callback)
         finally:
             pipeline.scheduler = original
 
@@ -1283,6 +1291,8 @@ def _infotext_fields(
         extra["VAE"] = vae_name
     if mode != "txt2img":
         extra["Denoising strength"] = f"{job.strength:g}"
+    if job.guidance_rescale:
+        extra["Rescale CFG"] = f"{job.guidance_rescale:g}"  # Forge's name for it
     if job.clip_skip > 1:
         extra["Clip skip"] = job.clip_skip
     if mode == "inpaint":

@@ -576,3 +576,53 @@ class LatentDecoder:
             vae.tile_latent_min_size, vae.tile_sample_min_size = sizes
             if compiled is not None:
                 vae.decoder.forward = compiled
+
+
+@contextlib.contextmanager
+def rescaled_guidance(pipeline: Any, rescale: float):
+    """CFG rescale (diffusers' `guidance_rescale`, from "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed") for every pipeline, while the context lasts.
+
+    diffusers' SD 1.x/2.x img2img and inpainting pipelines have no `guidance_rescale`, so it is
+    applied here, around the UNet, for all of them alike: each guided call's prediction becomes
+    diffusers' rescaled one. The pipeline still combines the halves itself
+    (uncond + scale * (cond - uncond)); the cond half it gets back is chosen so that this
+    combination gives the rescaled prediction. The UNet's own forward (a CUDA graph or not) is
+    untouched, and put back as it was when the context ends.
+    """
+    if not rescale:
+        yield
+        return
+    unet = pipeline.unet
+    had_own_forward = "forward" in unet.__dict__
+    inner = unet.forward
+
+    def forward(*args: Any, **kwargs: Any):
+        output = inner(*args, **kwargs)
+        if not pipeline.do_classifier_free_guidance:
+            return output
+        prediction = rescale_guided(output[0], pipeline.guidance_scale, rescale)
+        if isinstance(output, tuple):
+            return (prediction, *output[1:])
+        return type(output)(sample=prediction)
+
+    unet.forward = forward
+    try:
+        yield
+    finally:
+        if had_own_forward:
+            unet.forward = inner
+        else:
+            unet.__dict__.pop("forward", None)
+
+
+def rescale_guided(prediction: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
+    """A guided UNet output [uncond; cond] with its cond half replaced so that the pipeline's
+    uncond + scale * (cond - uncond) gives diffusers' `rescale_noise_cfg` of the guided
+    prediction: its standard deviation moved towards the cond prediction's by `rescale`."""
+    uncond, cond = prediction.float().chunk(2)
+    guided = uncond + scale * (cond - uncond)
+    dims = list(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    target = rescale * matched + (1 - rescale) * guided
+    return torch.cat([uncond, uncond + (target - uncond) / scale]).to(prediction.dtype)

@@ -85,6 +85,13 @@ class Job(BaseModel):
     guidance_scale: float = Field(
         7.0, ge=0.0, le=30.0, description="Classifier-free guidance (CFG) scale."
     )
+    guidance_rescale: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="CFG rescale (diffusers' guidance_rescale): 0 is off; about 0.7 suits "
+        "v-prediction and zero-terminal-SNR models. Needs guidance_scale above 1.",
+    )
     scheduler: str = Field(
         DEFAULT_SCHEDULER,
         description="Sampler. A1111 names, worker-sdxl K_* names and diffusers class names are accepted.",
