@@ -9,7 +9,7 @@ import torch
 from handler.errors import InvalidInput
 from handler.pipelines import rescale_guided, rescaled_guidance
 from handler.schema import parse_job
-from tests.test_modes import INIT, data_uri, inpaint_job, pixels
+from tests.test_modes import HALF, INIT, data_uri, inpaint_job, pixels
 
 STEPS = 3
 
@@ -38,11 +38,28 @@ def native_and_ours(pipeline, **args):
     return native, ours, plain
 
 
-@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
-def test_the_rescale_is_diffusers_own_where_diffusers_has_it(engine, checkpoint):
+@pytest.mark.parametrize(
+    "checkpoint, mode",
+    [
+        ("demo-sd15", "txt2img"),
+        ("demo-sdxl", "txt2img"),
+        ("demo-sdxl", "img2img"),
+        ("demo-sdxl", "inpaint"),
+        ("demo-sdxl-inpaint", "inpaint"),
+    ],
+)
+def test_the_rescale_is_diffusers_own_where_diffusers_has_it(engine, checkpoint, mode):
+    from PIL import Image
+
+    from handler.pipelines import pipeline_for
+
     loaded, _ = engine.checkpoint(checkpoint)
-    size = {"width": 64, "height": 64}
-    native, ours, plain = native_and_ours(loaded.pipeline, **size)
+    args = {
+        "txt2img": {"width": 64, "height": 64},
+        "img2img": {"image": INIT, "strength": 0.8},
+        "inpaint": {"image": INIT, "mask_image": Image.fromarray(HALF), "strength": 0.9},
+    }[mode]
+    native, ours, plain = native_and_ours(pipeline_for(loaded, mode), **args)
     effect = (native - plain).abs().max()
     # float32 rounding apart (the pipeline undoes the division of the cond half by the scale)
     difference = (ours - native).abs().max()
