@@ -56,9 +56,11 @@ from handler.pipelines import (
     LatentDecoder,
     LoadedCheckpoint,
     load_checkpoint,
-    lowercase_suffix,
+    load_vae,
+    missing_vae,
     pipeline_for,
     rescaled_guidance,
+    unloadable_vae,
 )
 from handler.prompts import (
     check_syntax,
@@ -77,6 +79,7 @@ from handler.registry import (
     detect_lora,
     file_key,
     read_safetensors_header,
+    vae_sidecar,
 )
 from handler.schedulers import build_scheduler
 from handler.schema import Job, Result
@@ -241,6 +244,13 @@ class Engine:
             if not default:
                 names = self._generators()
                 default = names[0] if len(names) == 1 else None
+            if default and self._needs_a_job_vae(default, "DEFAULT_CHECKPOINT"):
+                log.warning(
+                    "DEFAULT_CHECKPOINT %s has no VAE weights and no VAE beside it: it loads "
+                    "with the first job, which must name a vae (as every job on it must)",
+                    default,
+                )
+                default = None
             if default:
                 started = time.perf_counter()
                 loaded, _ = self.checkpoint(default, "DEFAULT_CHECKPOINT")
@@ -253,8 +263,16 @@ class Engine:
                 self.startup_ms["load"] = loaded.load_ms
                 self.startup_ms["pipeline_import"] = loaded.import_ms
                 self.startup_ms["resolve_and_load"] = _ms(started)
-            if self.settings.refiner_checkpoint:
-                refiner, _ = self.checkpoint(self.settings.refiner_checkpoint, "REFINER_CHECKPOINT")
+            refiner_name = self.settings.refiner_checkpoint
+            if refiner_name and self._needs_a_job_vae(refiner_name, "REFINER_CHECKPOINT"):
+                log.warning(
+                    "REFINER_CHECKPOINT %s has no VAE weights and no VAE beside it: its jobs "
+                    "must name a vae",
+                    refiner_name,
+                )
+                refiner_name = None
+            if refiner_name:
+                refiner, _ = self.checkpoint(refiner_name, "REFINER_CHECKPOINT")
                 if refiner.architecture != "sdxl-refiner":
                     raise InvalidInput(
                         f"{refiner.name} is {refiner.architecture}, not an SDXL refiner",
@@ -266,6 +284,11 @@ class Engine:
         finally:
             self._starting = False
             self._hash_pending()
+
+    def _needs_a_job_vae(self, name: str, field: str) -> bool:
+        """Whether checkpoint `name` was saved without VAE weights and has no VAE beside it."""
+        model = self.registry.resolve("checkpoint", name, field)
+        return not self.registry.detect(model).has_vae and vae_sidecar(model) is None
 
     def warm_up(self, checkpoint: str) -> float:
         """Run a two-step job on `checkpoint` (delivered nowhere); returns its milliseconds."""
@@ -322,16 +345,31 @@ class Engine:
                 continue
         return names
 
-    def checkpoint(self, name: str, field: str = "checkpoint") -> tuple[LoadedCheckpoint, bool]:
-        """The loaded checkpoint `name` (from the cache when possible), and whether it was cached."""
+    def checkpoint(
+        self, name: str, field: str = "checkpoint", job_vae: str | None = None
+    ) -> tuple[LoadedCheckpoint, bool]:
+        """The loaded checkpoint `name` (from the cache when possible), and whether it was cached.
+
+        `job_vae` (the job's `vae`) is the VAE of a checkpoint saved without one and without its
+        VAE beside it; every job on such a checkpoint must name a VAE.
+        """
         model = self.registry.resolve("checkpoint", name, field)
         detection = self.registry.detect(model)
         key = file_key(model.path)
         config_dir = self.registry.config_folder(model, detection)
 
         def load() -> LoadedCheckpoint:
+            vae = None
+            if job_vae and not detection.has_vae and vae_sidecar(model) is None:
+                vae = self.registry.resolve("vae", job_vae, "vae")
             loaded = load_checkpoint(
-                model, detection, config_dir, self.device, self.dtype, self.settings.allow_pickle
+                model,
+                detection,
+                config_dir,
+                self.device,
+                self.dtype,
+                self.settings.allow_pickle,
+                job_vae=vae,
             )
             if self.settings.cuda_graphs:
                 loaded.graphs = fastpath.accelerate(
@@ -475,7 +513,7 @@ class Engine:
         if not name:
             name, warning = self.default_checkpoint_name()
             warnings += [warning] if warning else []
-        loaded, _ = self.checkpoint(name)
+        loaded, _ = self.checkpoint(name, job_vae=job.vae)
         if loaded.architecture in INPAINT_ARCHITECTURES and not job.mask:
             raise InvalidInput(
                 f"{loaded.name} is an inpainting checkpoint: it needs image and mask",
@@ -775,38 +813,21 @@ class Engine:
     def _vae_for(self, job: Job, loaded: LoadedCheckpoint):
         """The job's VAE override, loaded once and kept (two at most), and its name; or None."""
         if not job.vae:
+            if loaded.job_vae is not None:
+                raise missing_vae(loaded.model)
             return None, None
-        from diffusers import AutoencoderKL
-
         model = self.registry.resolve("vae", job.vae, "vae")
+        if loaded.job_vae == model.path:  # the VAE this checkpoint without one was loaded with
+            return loaded.pipeline.vae, model.name
         # A single-file VAE takes its config from the checkpoint's config folder, which a
         # sidecar `NAME.config/` may change (its scaling factor): part of what the VAE is.
         config = self.registry.config_folder(loaded.model, self.registry.detect(loaded.model))
         key = (*file_key(model.path), loaded.architecture, None if model.is_folder else config)
         if key not in self._vaes:
             try:
-                if model.path.is_dir():
-                    vae = AutoencoderKL.from_pretrained(
-                        str(model.path),
-                        torch_dtype=self.dtype,
-                        use_safetensors=not self.settings.allow_pickle,
-                    )
-                else:
-                    with lowercase_suffix(model.path) as path:
-                        vae = AutoencoderKL.from_single_file(
-                            str(path),
-                            config=str(config),
-                            subfolder="vae",
-                            torch_dtype=self.dtype,
-                            local_files_only=True,
-                        )
+                vae = load_vae(model.path, config, self.dtype, self.settings.allow_pickle)
             except Exception as error:  # a file that is no VAE fails in diffusers' own ways
-                raise InvalidInput(
-                    f"{model.name} could not be loaded as a VAE for {loaded.architecture} "
-                    f"({type(error).__name__})",
-                    field="vae",
-                    accepted="SD/SDXL VAE .safetensors files matching the checkpoint",
-                ) from None
+                raise unloadable_vae(model.name, loaded.architecture, error) from None
             self._vaes[key] = vae.to(self.device).eval()
             while len(self._vaes) > 2:
                 self._vaes.popitem(last=False)
@@ -834,13 +855,15 @@ class Engine:
                 f"refiner ignored: {base.name} is {base.architecture}, the refiner is for SDXL"
             )
             return None
-        refiner, _ = self.checkpoint(name, "refiner_checkpoint")
+        refiner, _ = self.checkpoint(name, "refiner_checkpoint", job_vae=job.vae)
         if refiner.architecture != "sdxl-refiner":
             raise InvalidInput(
                 f"{refiner.name} is {refiner.architecture}, not an SDXL refiner",
                 field="refiner_checkpoint",
                 accepted="an SDXL refiner checkpoint",
             )
+        if refiner.job_vae is not None and not job.vae:  # the job's VAE decodes its image
+            raise missing_vae(refiner.model)
         return refiner
 
     def _safety_checker_for(self, job: Job):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from handler.errors import UnsupportedModel
+from handler.errors import InvalidInput, UnsupportedModel
 from handler.registry import CONFIG_ROOT, Detection, ModelFile, vae_sidecar
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class LoadedCheckpoint:
     adapters: Any = None  # handler.loras.ResidentAdapters, set by the engine
     graphs: Any = None  # handler.fastpath.UNetGraphs on CUDA, set by the engine
     host_chunks: list[torch.Tensor] = field(default_factory=list)  # its weights, while offloaded
+    # A checkpoint without VAE weights or a VAE beside it: the job's VAE it was loaded with.
+    # Its jobs must name a VAE.
+    job_vae: Path | None = None
 
 
 @contextlib.contextmanager
@@ -125,9 +128,14 @@ def load_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     allow_pickle: bool = False,
+    job_vae: ModelFile | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint into a diffusers pipeline on `device`, with no hub access (and, unless
-    `allow_pickle`, from safetensors weights only)."""
+    `allow_pickle`, from safetensors weights only).
+
+    A single file saved without VAE weights takes the VAE beside it (`NAME.vae.safetensors`),
+    else `job_vae` (the VAE a job named); without either it is refused.
+    """
     import diffusers
 
     started = time.perf_counter()
@@ -138,22 +146,28 @@ def load_checkpoint(
         kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if not detection.has_vae and vae_sidecar(model) is None:
-        raise UnsupportedModel(
-            f"{model.name} has no VAE weights (it was saved without a baked VAE); put the VAE "
-            f"made for it beside it, named {model.path.stem}.vae.safetensors",
-            field="checkpoint",
-            accepted="checkpoints with VAE weights, or with their VAE beside them as "
-            "NAME.vae.safetensors",
-        )
+    vae_file = None
+    if not detection.has_vae:
+        sidecar = vae_sidecar(model)
+        if sidecar is None and job_vae is None:
+            raise missing_vae(model)
+        vae_file = sidecar or job_vae.path
+        try:
+            kwargs["vae"] = load_vae(vae_file, config_dir, dtype, allow_pickle)
+        except Exception as error:  # a file that is no VAE fails in diffusers' own ways
+            if sidecar is None:
+                raise unloadable_vae(job_vae.name, detection.architecture, error) from None
+            raise UnsupportedModel(
+                f"{model.name}'s VAE {sidecar.name} could not be loaded ({type(error).__name__})",
+                field="checkpoint",
+                accepted="a VAE .safetensors file matching the checkpoint beside it",
+            ) from None
     try:
         with _no_weight_init():
             if model.is_folder:
                 pipeline = pipeline_class.from_pretrained(str(model.path), **kwargs)
             else:
                 kwargs.update(_tokenizers(detection.architecture))
-                if not detection.has_vae:
-                    kwargs["vae"] = _load_vae_sidecar(model, config_dir, dtype)
                 with lowercase_suffix(model.path) as path:
                     pipeline = pipeline_class.from_single_file(
                         str(path), config=str(config_dir), **kwargs
@@ -189,20 +203,46 @@ def load_checkpoint(
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
         import_ms=(imported - started) * 1000,
+        job_vae=job_vae.path if job_vae and vae_file == job_vae.path else None,
     )
 
 
-def _load_vae_sidecar(model: ModelFile, config_dir, dtype: torch.dtype):
-    """The VAE beside a checkpoint saved without one, configured as the checkpoint's VAE."""
+def missing_vae(model: ModelFile) -> UnsupportedModel:
+    return UnsupportedModel(
+        f"{model.name} has no VAE weights (it was saved without a baked VAE): name one in the "
+        f"job's vae, or put the VAE made for it beside it, named "
+        f"{model.path.stem}.vae.safetensors",
+        field="checkpoint",
+        accepted="checkpoints with VAE weights; without them, a vae in every job, or the VAE "
+        "beside the checkpoint as NAME.vae.safetensors",
+    )
+
+
+def unloadable_vae(name: str, architecture: str, error: BaseException) -> InvalidInput:
+    return InvalidInput(
+        f"{name} could not be loaded as a VAE for {architecture} ({type(error).__name__})",
+        field="vae",
+        accepted="SD/SDXL VAE .safetensors files matching the checkpoint",
+    )
+
+
+def load_vae(path: Path, config_dir, dtype: torch.dtype, allow_pickle: bool = False):
+    """A VAE file or diffusers folder; a single file is configured by the checkpoint's config
+    folder (its scaling factor is part of what the VAE is). Raises what diffusers raises."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_single_file(
-        str(vae_sidecar(model)),
-        config=str(config_dir),
-        subfolder="vae",
-        torch_dtype=dtype,
-        local_files_only=True,
-    )
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(
+            str(path), torch_dtype=dtype, use_safetensors=not allow_pickle, local_files_only=True
+        )
+    with lowercase_suffix(path) as link:
+        return AutoencoderKL.from_single_file(
+            str(link),
+            config=str(config_dir),
+            subfolder="vae",
+            torch_dtype=dtype,
+            local_files_only=True,
+        )
 
 
 def _no_weight_init():

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from handler.engine import Engine
-from handler.errors import UnsupportedModel
+from handler.errors import InvalidInput, UnsupportedModel
 from handler.schedulers import build_scheduler
 from handler.schema import parse_job
 from handler.settings import Settings
@@ -62,11 +62,17 @@ def variants(demo_volume, tmp_path_factory):
         write(f"{base}-no-vae-sidecar", base, no_vae)
         vae = {k.removeprefix(VAE_PREFIX): v for k, v in state.items() if k.startswith(VAE_PREFIX)}
         save_file(vae, str(folder / f"{base}-no-vae-sidecar.vae.safetensors"))
+        (root / "vae").mkdir(exist_ok=True)
+        save_file(vae, str(root / "vae" / f"{base}-vae.safetensors"))
+        save_file({"not.a.vae": torch.zeros(2)}, str(root / "vae" / f"{base}-broken.safetensors"))
         marker = torch.zeros(0)
         write(f"{base}-vpred", base, {**state, "v_pred": marker})
         write(f"{base}-vpred-ztsnr", base, {**state, "v_pred": marker, "ztsnr": marker})
         for value in ("v", "v_prediction", "epsilon"):
             write(f"{base}-spec-{value}", base, state, {"modelspec.prediction_type": value})
+    refiner = load_file(str(demo_volume / "checkpoints" / "demo-sdxl-refiner.safetensors"))
+    no_vae = {k: v for k, v in refiner.items() if not k.startswith(VAE_PREFIX)}
+    write("demo-sdxl-refiner-no-vae", "demo-sdxl-refiner", no_vae)
     return root
 
 
@@ -75,11 +81,24 @@ def variant_engine(variants):
     return Engine(Settings(models_dir=str(variants), extra_roots=(), device="cpu"))
 
 
-def generate(engine: Engine, checkpoint: str, scheduler: str = "Euler") -> np.ndarray:
+def run(engine: Engine, checkpoint: str, scheduler: str = "Euler", **extra):
     job = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 7}
-    result = engine.run(parse_job({**job, "checkpoint": checkpoint, "scheduler": scheduler}))
+    return engine.run(parse_job({**job, "checkpoint": checkpoint, "scheduler": scheduler, **extra}))
+
+
+def image_of(result) -> np.ndarray:
     data = base64.b64decode(result.images[0].image.split(",", 1)[1])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def infotext_of(result) -> dict[str, str]:
+    from tests.test_modes import infotext_fields
+
+    return infotext_fields(result)
+
+
+def generate(engine: Engine, checkpoint: str, scheduler: str = "Euler", **extra) -> np.ndarray:
+    return image_of(run(engine, checkpoint, scheduler, **extra))
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -109,6 +128,49 @@ def test_a_checkpoint_without_vae_weights_names_the_vae_file_it_needs(variant_en
     assert max_difference(sidecar, generate(variant_engine, base)) == 0
     listed = variant_engine.registry.names("checkpoint")
     assert f"{base}-no-vae-sidecar" in listed and f"{base}-no-vae-sidecar.vae" not in listed
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_a_checkpoint_without_vae_weights_takes_the_jobs_vae_in_every_job(variants, base):
+    engine = Engine(Settings(models_dir=str(variants), extra_roots=(), device="cpu"))
+    original = generate(engine, base)
+    with_vae = {"checkpoint": f"{base}-no-vae", "vae": f"{base}-vae"}
+    with pytest.raises(InvalidInput) as error:  # a file that is no VAE: the job's fault
+        generate(engine, **{**with_vae, "vae": f"{base}-broken"})
+    assert error.value.field == "vae"
+    result = run(engine, **with_vae)
+    assert max_difference(image_of(result), original) == 0
+    assert infotext_of(result)["VAE"] == f"{base}-vae"
+    # loaded with that VAE, it still needs one named in every job: nothing is carried over
+    with pytest.raises(UnsupportedModel) as error:
+        generate(engine, f"{base}-no-vae")
+    assert "no VAE weights" in str(error.value) and "vae" in error.value.accepted
+    # another checkpoint's VAE is a VAE too: the usual per-job override
+    assert max_difference(image_of(run(engine, **with_vae)), original) == 0
+    assert max_difference(generate(engine, base), original) == 0
+
+
+def test_a_refiner_without_vae_weights_takes_the_jobs_vae_too(variant_engine):
+    job = {"refiner_checkpoint": "demo-sdxl-refiner-no-vae", "high_noise_frac": 0.5}
+    refined = run(variant_engine, "demo-sdxl", vae="demo-sdxl-vae", **job)
+    assert infotext_of(refined)["Refiner"] == "demo-sdxl-refiner-no-vae"
+    with pytest.raises(UnsupportedModel) as error:
+        run(variant_engine, "demo-sdxl", **job)
+    assert "demo-sdxl-refiner-no-vae has no VAE weights" in str(error.value)
+
+
+def test_a_default_checkpoint_without_a_vae_waits_for_a_job_naming_one(variants, caplog):
+    settings = Settings(
+        models_dir=str(variants),
+        extra_roots=(),
+        device="cpu",
+        default_checkpoint="demo-sd15-no-vae",
+    )
+    engine = Engine(settings)
+    engine.setup()
+    assert "has no VAE weights" in caplog.text and len(engine.cache) == 0
+    result = run(engine, checkpoint="demo-sd15-no-vae", vae="demo-sd15-vae")
+    assert result.checkpoint == "demo-sd15-no-vae"
 
 
 @pytest.mark.parametrize("base", BASES)
