@@ -696,7 +696,8 @@ def test_a_later_worker_takes_the_layout_choice_without_timing(cuda_engines, set
     result = later.run(job)
     loaded, _ = later.checkpoint("demo-sdxl")
     assert loaded.graphs.captures == 1  # no second capture for the other layout
-    assert loaded.graphs.layout_from_volume and not first.graphs.layout_from_volume
+    # (`first` may have taken it from the volume too: GPU test modules share the volume)
+    assert loaded.graphs.layout_from_volume
     assert loaded.graphs.layout_ms == {k: round(v, 3) for k, v in first.graphs.layout_ms.items()}
     weight = loaded.pipeline.unet.conv_in.weight
     assert weight.stride() == first.pipeline.unet.conv_in.weight.stride()
