@@ -407,7 +407,10 @@ class Engine:
                 entry["size_bytes"] = model.path.stat().st_size
                 entry["hash"] = self.registry.cached_hash(model)
             try:
-                entry["architecture"] = self.registry.detect(model).architecture
+                detection = self.registry.detect(model)
+                entry["architecture"] = detection.architecture
+                if not detection.has_vae and vae_sidecar(model) is None:
+                    entry["needs_vae"] = True  # saved without one: its jobs must name a vae
                 if model.is_folder:
                     self.registry.check_not_pickled(model.path, "checkpoint")
             except (UnsupportedModel, InvalidInput) as error:

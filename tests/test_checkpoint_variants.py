@@ -128,6 +128,9 @@ def test_a_checkpoint_without_vae_weights_names_the_vae_file_it_needs(variant_en
     assert max_difference(sidecar, generate(variant_engine, base)) == 0
     listed = variant_engine.registry.names("checkpoint")
     assert f"{base}-no-vae-sidecar" in listed and f"{base}-no-vae-sidecar.vae" not in listed
+    entries = {e["name"]: e for e in variant_engine.list_models()["checkpoints"]}
+    assert entries[f"{base}-no-vae"]["needs_vae"] is True
+    assert "needs_vae" not in entries[f"{base}-no-vae-sidecar"] and "needs_vae" not in entries[base]
 
 
 @pytest.mark.parametrize("base", BASES)
