@@ -192,3 +192,35 @@ def test_the_graphed_unet_is_rescaled_as_the_eager_one_without_a_new_capture(
     assert (graphed_rescaled != plain).any()
     assert np.abs(graphed_rescaled - pixels(eager.run(rescaled))).max() <= 4
     assert (pixels(graphed.run(parse_job(job))) == plain).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_compiled_worker_rescales_a_new_shape_compiled_and_saved_as_any(
+    cuda_engines, settings, tmp_path
+):
+    """With COMPILE=1 the rescale's wrapper is the UNet's `forward` while a new shape is
+    compiled, saved for later workers and captured; it must stay out of all three."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from handler.engine import Engine
+
+    _, eager = cuda_engines
+    compiled = Engine(
+        replace(settings, device="cuda", compile=True, compile_cache_dir=str(tmp_path))
+    )
+    job = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 5}
+    job["checkpoint"] = "demo-sd15"
+    plain = pixels(compiled.run(parse_job(job)))
+    wide = parse_job({**job, "width": 96, "guidance_rescale": 0.7})  # a new shape, rescaled
+    rescaled = pixels(compiled.run(wide))
+    loaded, _ = compiled.checkpoint("demo-sd15")
+    assert loaded.graphs.compiled
+    assert len(list(tmp_path.glob("*/precompiled/unet-*.bin"))) == 2
+    assert not list(tmp_path.glob("*/precompiled/*.failed"))
+    assert np.abs(rescaled - pixels(eager.run(wide))).max() <= 4
+    assert "forward" in loaded.pipeline.unet.__dict__  # the graphs, put back
+    assert loaded.pipeline.unet.forward is loaded.graphs
+    assert (pixels(compiled.run(parse_job(job))) == plain).all()
