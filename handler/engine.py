@@ -60,7 +60,6 @@ from handler.pipelines import (
     missing_vae,
     pipeline_for,
     rescaled_guidance,
-    unloadable_vae,
 )
 from handler.prompts import (
     check_syntax,
@@ -244,51 +243,49 @@ class Engine:
             if not default:
                 names = self._generators()
                 default = names[0] if len(names) == 1 else None
-            if default and self._needs_a_job_vae(default, "DEFAULT_CHECKPOINT"):
-                log.warning(
-                    "DEFAULT_CHECKPOINT %s has no VAE weights and no VAE beside it: it loads "
-                    "with the first job, which must name a vae (as every job on it must)",
-                    default,
-                )
+            if default and not self._preloadable(default, "DEFAULT_CHECKPOINT", refiner=False):
                 default = None
             if default:
                 started = time.perf_counter()
                 loaded, _ = self.checkpoint(default, "DEFAULT_CHECKPOINT")
-                if loaded.architecture == "sdxl-refiner":
-                    raise InvalidInput(
-                        f"{default} is an SDXL refiner, which cannot start a generation",
-                        field="DEFAULT_CHECKPOINT",
-                        accepted="a base checkpoint; set the refiner as REFINER_CHECKPOINT",
-                    )
                 self.startup_ms["load"] = loaded.load_ms
                 self.startup_ms["pipeline_import"] = loaded.import_ms
                 self.startup_ms["resolve_and_load"] = _ms(started)
-            refiner_name = self.settings.refiner_checkpoint
-            if refiner_name and self._needs_a_job_vae(refiner_name, "REFINER_CHECKPOINT"):
-                log.warning(
-                    "REFINER_CHECKPOINT %s has no VAE weights and no VAE beside it: its jobs "
-                    "must name a vae",
-                    refiner_name,
-                )
-                refiner_name = None
-            if refiner_name:
-                refiner, _ = self.checkpoint(refiner_name, "REFINER_CHECKPOINT")
-                if refiner.architecture != "sdxl-refiner":
-                    raise InvalidInput(
-                        f"{refiner.name} is {refiner.architecture}, not an SDXL refiner",
-                        field="REFINER_CHECKPOINT",
-                        accepted="an SDXL refiner checkpoint, or unset",
-                    )
+            refiner = self.settings.refiner_checkpoint
+            if refiner and self._preloadable(refiner, "REFINER_CHECKPOINT", refiner=True):
+                self.checkpoint(refiner, "REFINER_CHECKPOINT")
             if default and self.settings.warmup and self.device.type == "cuda":
                 self.startup_ms["warm_up"] = self.warm_up(default)
         finally:
             self._starting = False
             self._hash_pending()
 
-    def _needs_a_job_vae(self, name: str, field: str) -> bool:
-        """Whether checkpoint `name` was saved without VAE weights and has no VAE beside it."""
+    def _preloadable(self, name: str, field: str, refiner: bool) -> bool:
+        """Check a configured checkpoint's kind from its file, before anything loads. False for
+        one without VAE weights or a VAE beside it: it loads with its first job, which (as
+        every job on it) must name a VAE."""
         model = self.registry.resolve("checkpoint", name, field)
-        return not self.registry.detect(model).has_vae and vae_sidecar(model) is None
+        detection = self.registry.detect(model)
+        if refiner and detection.architecture != "sdxl-refiner":
+            raise InvalidInput(
+                f"{model.name} is {detection.architecture}, not an SDXL refiner",
+                field=field,
+                accepted="an SDXL refiner checkpoint, or unset",
+            )
+        if not refiner and detection.architecture == "sdxl-refiner":
+            raise InvalidInput(
+                f"{name} is an SDXL refiner, which cannot start a generation",
+                field=field,
+                accepted="a base checkpoint; set the refiner as REFINER_CHECKPOINT",
+            )
+        if detection.has_vae or vae_sidecar(model) is not None:
+            return True
+        log.warning(
+            "%s has no VAE weights and no VAE beside it: not preloaded; it loads with the first "
+            "job on it, which must name a vae, as every job on it must",
+            model.name,
+        )
+        return False
 
     def warm_up(self, checkpoint: str) -> float:
         """Run a two-step job on `checkpoint` (delivered nowhere); returns its milliseconds."""
@@ -351,17 +348,26 @@ class Engine:
         """The loaded checkpoint `name` (from the cache when possible), and whether it was cached.
 
         `job_vae` (the job's `vae`) is the VAE of a checkpoint saved without one and without its
-        VAE beside it; every job on such a checkpoint must name a VAE.
+        VAE beside it; every job on such a checkpoint must name a VAE. That is checked, and the
+        VAE loaded, before the cache makes room: a refused job pushes no checkpoint out.
         """
         model = self.registry.resolve("checkpoint", name, field)
         detection = self.registry.detect(model)
         key = file_key(model.path)
         config_dir = self.registry.config_folder(model, detection)
+        vae = vae_file = None
+        if not detection.has_vae:
+            sidecar = vae_sidecar(model)
+            # a sidecar added (or replaced) since the checkpoint was loaded means loading again
+            key += (file_key(sidecar) if sidecar else None,)
+            if sidecar is None:
+                if not job_vae:
+                    raise missing_vae(model)
+                vae_file = self.registry.resolve("vae", job_vae, "vae")
+                if key not in self.cache:
+                    vae = self._load_vae(vae_file, config_dir, detection.architecture)
 
         def load() -> LoadedCheckpoint:
-            vae = None
-            if job_vae and not detection.has_vae and vae_sidecar(model) is None:
-                vae = self.registry.resolve("vae", job_vae, "vae")
             loaded = load_checkpoint(
                 model,
                 detection,
@@ -369,8 +375,10 @@ class Engine:
                 self.device,
                 self.dtype,
                 self.settings.allow_pickle,
-                job_vae=vae,
+                vae=vae,
             )
+            if vae is not None:
+                loaded.job_vae = file_key(vae_file.path)
             if self.settings.cuda_graphs:
                 loaded.graphs = fastpath.accelerate(
                     loaded.pipeline,
@@ -816,26 +824,33 @@ class Engine:
     def _vae_for(self, job: Job, loaded: LoadedCheckpoint):
         """The job's VAE override, loaded once and kept (two at most), and its name; or None."""
         if not job.vae:
-            if loaded.job_vae is not None:
-                raise missing_vae(loaded.model)
             return None, None
         model = self.registry.resolve("vae", job.vae, "vae")
-        if loaded.job_vae == model.path:  # the VAE this checkpoint without one was loaded with
+        if loaded.job_vae == file_key(model.path):  # what this checkpoint without one holds
             return loaded.pipeline.vae, model.name
         # A single-file VAE takes its config from the checkpoint's config folder, which a
         # sidecar `NAME.config/` may change (its scaling factor): part of what the VAE is.
         config = self.registry.config_folder(loaded.model, self.registry.detect(loaded.model))
         key = (*file_key(model.path), loaded.architecture, None if model.is_folder else config)
         if key not in self._vaes:
-            try:
-                vae = load_vae(model.path, config, self.dtype, self.settings.allow_pickle)
-            except Exception as error:  # a file that is no VAE fails in diffusers' own ways
-                raise unloadable_vae(model.name, loaded.architecture, error) from None
+            vae = self._load_vae(model, config, loaded.architecture)
             self._vaes[key] = vae.to(self.device).eval()
             while len(self._vaes) > 2:
                 self._vaes.popitem(last=False)
         self._vaes.move_to_end(key)
         return self._vaes[key], model.name
+
+    def _load_vae(self, model, config_dir, architecture: str):
+        """A job's VAE, on the CPU; a file that is not one is the job's `vae` at fault."""
+        try:
+            return load_vae(model.path, config_dir, self.dtype, self.settings.allow_pickle)
+        except Exception as error:  # a file that is no VAE fails in diffusers' own ways
+            raise InvalidInput(
+                f"{model.name} could not be loaded as a VAE for {architecture} "
+                f"({type(error).__name__})",
+                field="vae",
+                accepted="SD/SDXL VAE .safetensors files matching the checkpoint",
+            ) from None
 
     def _refiner_for(
         self, job: Job, base: LoadedCheckpoint, warnings: list[str]
@@ -865,8 +880,6 @@ class Engine:
                 field="refiner_checkpoint",
                 accepted="an SDXL refiner checkpoint",
             )
-        if refiner.job_vae is not None and not job.vae:  # the job's VAE decodes its image
-            raise missing_vae(refiner.model)
         return refiner
 
     def _safety_checker_for(self, job: Job):

@@ -87,9 +87,9 @@ class LoadedCheckpoint:
     adapters: Any = None  # handler.loras.ResidentAdapters, set by the engine
     graphs: Any = None  # handler.fastpath.UNetGraphs on CUDA, set by the engine
     host_chunks: list[torch.Tensor] = field(default_factory=list)  # its weights, while offloaded
-    # A checkpoint without VAE weights or a VAE beside it: the job's VAE it was loaded with.
-    # Its jobs must name a VAE.
-    job_vae: Path | None = None
+    # A checkpoint without VAE weights or a VAE beside it: the file key of the job's VAE it was
+    # loaded with (its jobs must all name a VAE).
+    job_vae: tuple | None = None
 
 
 @contextlib.contextmanager
@@ -128,13 +128,13 @@ def load_checkpoint(
     device: torch.device,
     dtype: torch.dtype,
     allow_pickle: bool = False,
-    job_vae: ModelFile | None = None,
+    vae: Any = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint into a diffusers pipeline on `device`, with no hub access (and, unless
     `allow_pickle`, from safetensors weights only).
 
     A single file saved without VAE weights takes the VAE beside it (`NAME.vae.safetensors`),
-    else `job_vae` (the VAE a job named); without either it is refused.
+    else `vae` (a loaded VAE: the one its job named); without either it is refused.
     """
     import diffusers
 
@@ -146,22 +146,22 @@ def load_checkpoint(
         kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    vae_file = None
     if not detection.has_vae:
         sidecar = vae_sidecar(model)
-        if sidecar is None and job_vae is None:
+        if sidecar is not None:
+            try:
+                kwargs["vae"] = load_vae(sidecar, config_dir, dtype, allow_pickle)
+            except Exception as error:  # a file that is no VAE fails in diffusers' own ways
+                raise UnsupportedModel(
+                    f"{model.name}'s VAE {sidecar.name} could not be loaded "
+                    f"({type(error).__name__})",
+                    field="checkpoint",
+                    accepted="a VAE .safetensors file matching the checkpoint beside it",
+                ) from None
+        elif vae is not None:
+            kwargs["vae"] = vae
+        else:
             raise missing_vae(model)
-        vae_file = sidecar or job_vae.path
-        try:
-            kwargs["vae"] = load_vae(vae_file, config_dir, dtype, allow_pickle)
-        except Exception as error:  # a file that is no VAE fails in diffusers' own ways
-            if sidecar is None:
-                raise unloadable_vae(job_vae.name, detection.architecture, error) from None
-            raise UnsupportedModel(
-                f"{model.name}'s VAE {sidecar.name} could not be loaded ({type(error).__name__})",
-                field="checkpoint",
-                accepted="a VAE .safetensors file matching the checkpoint beside it",
-            ) from None
     try:
         with _no_weight_init():
             if model.is_folder:
@@ -203,26 +203,16 @@ def load_checkpoint(
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
         import_ms=(imported - started) * 1000,
-        job_vae=job_vae.path if job_vae and vae_file == job_vae.path else None,
     )
 
 
-def missing_vae(model: ModelFile) -> UnsupportedModel:
-    return UnsupportedModel(
-        f"{model.name} has no VAE weights (it was saved without a baked VAE): name one in the "
-        f"job's vae, or put the VAE made for it beside it, named "
-        f"{model.path.stem}.vae.safetensors",
-        field="checkpoint",
-        accepted="checkpoints with VAE weights; without them, a vae in every job, or the VAE "
-        "beside the checkpoint as NAME.vae.safetensors",
-    )
-
-
-def unloadable_vae(name: str, architecture: str, error: BaseException) -> InvalidInput:
+def missing_vae(model: ModelFile) -> InvalidInput:
+    """The error for a job on a checkpoint without VAE weights that names no VAE."""
     return InvalidInput(
-        f"{name} could not be loaded as a VAE for {architecture} ({type(error).__name__})",
+        f"{model.name} has no VAE weights (it was saved without a baked VAE), so its jobs must "
+        f"name one; or put the VAE made for it beside it, named {model.path.stem}.vae.safetensors",
         field="vae",
-        accepted="SD/SDXL VAE .safetensors files matching the checkpoint",
+        accepted="a VAE under vae/ in every job on this checkpoint",
     )
 
 

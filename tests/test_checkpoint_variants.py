@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from handler.engine import Engine
-from handler.errors import InvalidInput, UnsupportedModel
+from handler.errors import InvalidInput
 from handler.schedulers import build_scheduler
 from handler.schema import parse_job
 from handler.settings import Settings
@@ -119,9 +120,9 @@ def test_storage_dtypes_and_ema_keys_generate_the_originals_image(variant_engine
 
 @pytest.mark.parametrize("base", BASES)
 def test_a_checkpoint_without_vae_weights_names_the_vae_file_it_needs(variant_engine, base):
-    with pytest.raises(UnsupportedModel) as error:
+    with pytest.raises(InvalidInput) as error:
         generate(variant_engine, f"{base}-no-vae")
-    assert "no VAE weights" in str(error.value)
+    assert "no VAE weights" in str(error.value) and error.value.field == "vae"
     assert f"{base}-no-vae.vae.safetensors" in str(error.value)
     # with its VAE beside it (A1111's NAME.vae.safetensors), it makes the original's image
     sidecar = generate(variant_engine, f"{base}-no-vae-sidecar")
@@ -145,9 +146,9 @@ def test_a_checkpoint_without_vae_weights_takes_the_jobs_vae_in_every_job(varian
     assert max_difference(image_of(result), original) == 0
     assert infotext_of(result)["VAE"] == f"{base}-vae"
     # loaded with that VAE, it still needs one named in every job: nothing is carried over
-    with pytest.raises(UnsupportedModel) as error:
+    with pytest.raises(InvalidInput) as error:
         generate(engine, f"{base}-no-vae")
-    assert "no VAE weights" in str(error.value) and "vae" in error.value.accepted
+    assert "no VAE weights" in str(error.value) and error.value.field == "vae"
     # another checkpoint's VAE is a VAE too: the usual per-job override
     assert max_difference(image_of(run(engine, **with_vae)), original) == 0
     assert max_difference(generate(engine, base), original) == 0
@@ -157,9 +158,69 @@ def test_a_refiner_without_vae_weights_takes_the_jobs_vae_too(variant_engine):
     job = {"refiner_checkpoint": "demo-sdxl-refiner-no-vae", "high_noise_frac": 0.5}
     refined = run(variant_engine, "demo-sdxl", vae="demo-sdxl-vae", **job)
     assert infotext_of(refined)["Refiner"] == "demo-sdxl-refiner-no-vae"
-    with pytest.raises(UnsupportedModel) as error:
+    with pytest.raises(InvalidInput) as error:
         run(variant_engine, "demo-sdxl", **job)
     assert "demo-sdxl-refiner-no-vae has no VAE weights" in str(error.value)
+    assert error.value.field == "vae"
+
+
+def test_a_job_refused_over_its_vae_pushes_no_checkpoint_out(variants):
+    from handler.errors import ModelNotFound
+
+    settings = Settings(models_dir=str(variants), extra_roots=(), device="cpu")
+    engine = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    generate(engine, "demo-sd15")
+    refused = [
+        ({}, InvalidInput),  # no vae
+        ({"vae": "no-such-vae"}, ModelNotFound),
+        ({"vae": "demo-sd15-broken"}, InvalidInput),  # not a VAE
+    ]
+    for extra, error in refused:
+        with pytest.raises(error):
+            run(engine, "demo-sd15-no-vae", **extra)
+        assert len(engine.cache) == 1 and engine.checkpoint("demo-sd15")[1]  # still cached
+
+
+def test_a_vae_file_replaced_or_added_on_the_volume_is_what_the_next_job_gets(variants, tmp_path):
+    root = tmp_path / "root"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "vae").mkdir()
+    for name in ("demo-sd15", "demo-sd15-no-vae"):
+        shutil.copy(variants / "checkpoints" / f"{name}.safetensors", root / "checkpoints")
+        shutil.copytree(
+            variants / "checkpoints" / f"{name}.config", root / "checkpoints" / f"{name}.config"
+        )
+    vae_file = variants / "vae" / "demo-sd15-vae.safetensors"
+    shutil.copy(vae_file, root / "vae" / "swap.safetensors")
+    engine = Engine(Settings(models_dir=str(root), extra_roots=(), device="cpu"))
+    before = generate(engine, "demo-sd15-no-vae", vae="swap")
+    # the file is replaced by another VAE (its weights scaled): the next job decodes with it
+    scaled = {k: v * 0.9 for k, v in load_file(str(vae_file)).items()}
+    (root / "vae" / "swap.safetensors").unlink()  # a new file, as an upload makes one
+    save_file(scaled, str(root / "vae" / "swap.safetensors"))
+    after = generate(engine, "demo-sd15-no-vae", vae="swap")
+    assert max_difference(after, before) > 0
+    assert max_difference(after, generate(engine, "demo-sd15", vae="swap")) == 0
+    # its own VAE put beside it: jobs need no vae any more
+    shutil.copy(vae_file, root / "checkpoints" / "demo-sd15-no-vae.vae.safetensors")
+    assert max_difference(generate(engine, "demo-sd15-no-vae"), generate(engine, "demo-sd15")) == 0
+
+
+@pytest.mark.parametrize(
+    "variable, name",
+    [
+        ("default_checkpoint", "demo-sdxl-refiner-no-vae"),
+        ("refiner_checkpoint", "demo-sd15-no-vae"),
+    ],
+)
+def test_a_configured_checkpoint_of_the_wrong_kind_stops_the_worker_with_or_without_vae(
+    variants, variable, name
+):
+    settings = Settings(models_dir=str(variants), extra_roots=(), device="cpu")
+    engine = Engine(replace(settings, **{variable: name}))
+    with pytest.raises(InvalidInput) as error:
+        engine.setup()
+    assert error.value.field == variable.upper()
 
 
 def test_a_default_checkpoint_without_a_vae_waits_for_a_job_naming_one(variants, caplog):
