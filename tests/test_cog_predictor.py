@@ -392,6 +392,16 @@ def test_prediction_returns_images_with_seeds(cog):
     assert "<lora:demo_sd15_kohya:0.5>" in decode(body["output"][0]).info["parameters"]
 
 
+def test_cfg_rescale_runs_and_needs_cfg(cog):
+    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    body = predict(cog, {**job, "guidance_rescale": 0.7}).json()
+    assert body["status"] == "succeeded", body
+    assert "Rescale CFG: 0.7" in decode(body["output"][0]).info["parameters"]
+    assert predict(cog, {**job, "guidance_rescale": 1.5}).status_code == 422
+    body = predict(cog, {**job, "guidance_rescale": 0.7, "guidance_scale": 1.0}).json()
+    assert body["status"] == "failed" and "guidance_rescale" in body["error"], body
+
+
 def test_out_of_range_input_is_a_422_naming_the_field(cog):
     response = predict(cog, {"prompt": "x", "steps": 500})
     assert response.status_code == 422

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 
 import pytest
 import requests
@@ -175,6 +176,11 @@ def test_list_models_action(api):
             "invalid_input: num_inference_steps:",
         ),
         ({"prompt": "x", "scheduler": "warp drive"}, "invalid_input: scheduler:"),
+        (
+            {"prompt": "x", "steps": 2, "guidance_scale": 1, "rescale_cfg": 0.7},
+            "invalid_input: guidance_rescale:",
+        ),
+        ({"prompt": "x", "guidance_rescale": 2}, "invalid_input: guidance_rescale:"),
         ({"action": "reboot"}, "invalid_input: action:"),
         ({"prompt": "x", "image_url": "file:///etc/passwd"}, "invalid_input: image:"),
         ({"prompt": "x", "image_url": "https://127.0.0.1/x.png"}, "invalid_input: image:"),
@@ -302,3 +308,42 @@ def test_weighted_long_prompt_with_the_safety_checker_is_deterministic(api):
     assert len(images) == 2 and all("image" in image for image in images)  # blurred, not dropped
     assert decode(images[0]).tobytes() == decode(second["output"]["images"][0]).tobytes()
     assert not any("truncat" in w for w in first["output"]["warnings"])
+
+
+def test_cfg_rescale_by_forges_name_and_a_vae_on_a_checkpoint_without_one(api, demo_volume):
+    from safetensors.torch import load_file, save_file
+
+    job = {"prompt": "a cube", "checkpoint": "demo-sd15", "width": 64, "height": 64}
+    job.update(steps=3, seed=4)
+    plain = runsync(api, job)["output"]["images"][0]
+    rescaled = runsync(api, {**job, "rescale_cfg": 0.7})["output"]["images"][0]
+    assert "Rescale CFG: 0.7" in decode(rescaled).info["parameters"]
+    assert decode(rescaled).tobytes() != decode(plain).tobytes()
+
+    # the demo SD 1.5 checkpoint saved without its VAE, and that VAE under vae/
+    checkpoints = demo_volume / "checkpoints"
+    state = load_file(str(checkpoints / "demo-sd15.safetensors"))
+    vae = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    save_file(
+        {k: v for k, v in state.items() if k not in vae},
+        str(checkpoints / "api-no-vae.safetensors"),
+    )
+    shutil.copytree(checkpoints / "demo-sd15.config", checkpoints / "api-no-vae.config")
+    (demo_volume / "vae").mkdir(exist_ok=True)
+    save_file(
+        {k.removeprefix("first_stage_model."): v for k, v in vae.items()},
+        str(demo_volume / "vae" / "api-sd15-vae.safetensors"),
+    )
+    try:
+        listed = runsync(api, {"action": "list_models"})["output"]["checkpoints"]
+        assert {e["name"]: e for e in listed}["api-no-vae"]["needs_vae"] is True
+        refused = runsync(api, {**job, "checkpoint": "api-no-vae"})
+        assert refused["status"] == "FAILED"
+        assert refused["error"].startswith("invalid_input: vae:"), refused["error"]
+        with_vae = runsync(api, {**job, "checkpoint": "api-no-vae", "vae": "api-sd15-vae"})
+        image = with_vae["output"]["images"][0]
+        assert decode(image).tobytes() == decode(plain).tobytes()  # the same weights
+    finally:
+        (checkpoints / "api-no-vae.safetensors").unlink()
+        shutil.rmtree(checkpoints / "api-no-vae.config")
+        (demo_volume / "vae" / "api-sd15-vae.safetensors").unlink()
