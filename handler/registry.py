@@ -64,8 +64,9 @@ class Detection:
     architecture: str
     prediction_type: str = "epsilon"
     notes: tuple[str, ...] = ()
-    # Trained with zero terminal SNR (NoobAI-XL v-pred's `ztsnr` key): its noise schedule is
-    # rescaled so the last step is pure noise, as ComfyUI and reForge do for such files.
+    # Trained with zero terminal SNR (NoobAI-XL v-pred's `ztsnr` key, or kohya's
+    # `ss_zero_terminal_snr` metadata): its noise schedule is rescaled so the last step is pure
+    # noise, as ComfyUI and reForge do for such files.
     zero_terminal_snr: bool = False
     has_vae: bool = True  # False for a single file without VAE weights ("no baked VAE")
 
@@ -684,7 +685,8 @@ def detect_from_tensors(
         arch,
         prediction or "epsilon",
         tuple(notes),
-        zero_terminal_snr="ztsnr" in tensors,
+        zero_terminal_snr="ztsnr" in tensors
+        or metadata.get("ss_zero_terminal_snr", "").lower() == "true",
         has_vae=has("first_stage_model."),
     )
 

@@ -69,6 +69,8 @@ def variants(demo_volume, tmp_path_factory):
         marker = torch.zeros(0)
         write(f"{base}-vpred", base, {**state, "v_pred": marker})
         write(f"{base}-vpred-ztsnr", base, {**state, "v_pred": marker, "ztsnr": marker})
+        kohya = {"ss_v_parameterization": "True", "ss_zero_terminal_snr": "True"}
+        write(f"{base}-kohya-vpred-ztsnr", base, state, kohya)
         for value in ("v", "v_prediction", "epsilon"):
             write(f"{base}-spec-{value}", base, state, {"modelspec.prediction_type": value})
     refiner = load_file(str(demo_volume / "checkpoints" / "demo-sdxl-refiner.safetensors"))
@@ -267,6 +269,12 @@ def test_a_ztsnr_checkpoint_samples_the_zero_terminal_snr_schedule(variant_engin
     ztsnr = generate(variant_engine, "demo-sdxl-vpred-ztsnr")
     assert max_difference(ztsnr, generate(variant_engine, "vpred-ztsnr-folder")) == 0
     assert max_difference(ztsnr, generate(variant_engine, "demo-sdxl-vpred")) > 20
+
+
+def test_kohya_metadata_marks_v_prediction_and_zero_terminal_snr(variant_engine):
+    """sd-scripts records both in its `ss_*` metadata instead of marker keys."""
+    ztsnr = generate(variant_engine, "demo-sdxl-vpred-ztsnr")
+    assert max_difference(generate(variant_engine, "demo-sdxl-kohya-vpred-ztsnr"), ztsnr) == 0
 
 
 @pytest.mark.parametrize("scheduler", ["Heun", "DPM++ SDE Karras", "PNDM"])
