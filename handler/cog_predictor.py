@@ -69,6 +69,39 @@ def fetch_url_inputs_like_the_worker(settings: Settings) -> None:
     cog.types.File.validate = classmethod(validate)
 
 
+# The files cog wrote for `image` / `mask` inputs (uploads, data URIs, fetched URLs) and run()
+# has not read yet. cog turns any other string given for a `Path` input into a path on the
+# server; run() reads only these.
+_WRITTEN_BY_COG: set[str] = set()
+
+
+def read_only_files_cog_wrote() -> None:
+    """Record the files cog writes for `Path` inputs (`URLPath.convert`), so that run() can
+    refuse a path that names a file already on the server instead of reading it."""
+    import cog.types
+
+    cog_convert = cog.types.URLPath.convert
+
+    def convert(self):
+        path = cog_convert(self)
+        _WRITTEN_BY_COG.add(str(path))
+        return path
+
+    cog.types.URLPath.convert = convert
+
+
+def read_input_file(path: FilePath, field: str) -> bytes:
+    """The bytes cog wrote for the input `field`; anything else is refused, unread and unnamed."""
+    if str(path) not in _WRITTEN_BY_COG:
+        raise InvalidInput(
+            "takes an uploaded file or a URL; a path on the server is not read",
+            field=field,
+            accepted="an uploaded file, a data: URI or an https:// URL",
+        )
+    _WRITTEN_BY_COG.discard(str(path))
+    return FilePath(path).read_bytes()
+
+
 class _LogProgress:
     """Prints denoising progress to the prediction log, at most about twice a second."""
 
@@ -95,6 +128,7 @@ class Predictor(BaseRunner):
 
         settings = Settings.from_env()
         fetch_url_inputs_like_the_worker(settings)
+        read_only_files_cog_wrote()
         self.engine = Engine(settings)
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))
@@ -342,7 +376,7 @@ class Predictor(BaseRunner):
         }
         for name, path in (("image", image), ("mask", mask)):
             if path is not None:
-                payload[name] = base64.b64encode(FilePath(path).read_bytes()).decode("ascii")
+                payload[name] = base64.b64encode(read_input_file(path, name)).decode("ascii")
         # A WorkerError fails the prediction with "<code>: <field>: ..."; anything else, as on
         # RunPod, with internal_error and the traceback in the log only.
         try:

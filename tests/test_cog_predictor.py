@@ -550,6 +550,30 @@ def test_url_inputs_follow_the_worker_url_rules(cog):
         sink.close()
 
 
+def test_a_path_on_the_server_is_never_read(cog, tmp_path):
+    """cog makes a `Path` input of any string that is no data/http(s) URL, upper-case `HTTP://`
+    included: a path on the server. The predictor reads only the files cog wrote for uploads
+    and URLs, and refuses the rest alike, existing or not, without naming them."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(sink_png())
+    missing = tmp_path / "missing.png"
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "strength": 0.5}
+    upload = "data:image/png;base64," + base64.b64encode(sink_png()).decode("ascii")
+    for value in (str(secret), f"file://{secret}", str(missing), "HTTP://127.0.0.1:9/a.png"):
+        for field in ("image", "mask"):
+            inputs = {**job, field: value}
+            if field == "mask":
+                inputs["image"] = upload
+            body = predict(cog, inputs).json()
+            assert body["status"] == "failed", body
+            assert f"invalid_input: {field}: " in body["error"], body["error"]
+            assert "a path on the server is not read" in body["error"], body["error"]
+            assert str(tmp_path) not in body["error"] and "9/a.png" not in body["error"]
+    # uploads still work, for the image and the mask alike
+    body = predict(cog, {**job, "image": upload, "mask": upload}).json()
+    assert body["status"] == "succeeded", body
+
+
 def sink_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
