@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import struct
+import tempfile
 import threading
 import time
 import unicodedata
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 HASH_CACHE_FILE = ".sd-worker-hashes.json"
+MAX_LDM_CONFIG_BYTES = 64 * 1024  # A1111's NAME.yaml beside a checkpoint: about 2 KB
 
 # Each kind of model lives in one of these folders inside a root (ours, then A1111's name).
 FOLDERS: dict[str, tuple[str, ...]] = {
@@ -261,9 +263,9 @@ class Registry:
             if model.is_folder:
                 self._detections[key] = detect_diffusers_folder(model.path)
             elif model.path.suffix.lower() in SAFE_EXTENSIONS:
-                self._detections[key] = detect_checkpoint(model.path)
+                self._detections[key] = detect_checkpoint(model.path, model.root)
             else:  # a pickle, allowed by ALLOW_PICKLE=1 (resolve refuses it otherwise)
-                self._detections[key] = detect_pickled_checkpoint(model.path)
+                self._detections[key] = detect_pickled_checkpoint(model.path, model.root)
         return self._detections[key]
 
     # -- hashes -----------------------------------------------------------------------------
@@ -339,19 +341,16 @@ class Registry:
         with self._hash_lock:
             cache = self._read_hash_cache(model.root)
             cache[_relative(model)] = entry
-            target = model.root / HASH_CACHE_FILE
-            try:
-                temporary = target.with_suffix(".tmp")
-                temporary.write_text(json.dumps(cache, indent=1, sort_keys=True))
-                temporary.replace(target)
-            except OSError as error:  # a read-only volume: keep the hash in memory only
-                log.info("hash cache not written (%s)", type(error).__name__)
+            _write_hash_cache(model.root, cache)
         return sha256[:10]
 
     @staticmethod
     def _read_hash_cache(root: Path) -> dict:
+        file = root / HASH_CACHE_FILE
+        if file.is_symlink():  # never read (or, below, write) through a link out of the root
+            return {}
         try:
-            return json.loads((root / HASH_CACHE_FILE).read_text())
+            return json.loads(file.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
 
@@ -366,6 +365,24 @@ class Registry:
             _inside_root(sidecar, model.root, "checkpoint", model.name)
             return sidecar
         return CONFIG_ROOT / detection.architecture
+
+
+def _write_hash_cache(root: Path, cache: dict) -> None:
+    """Replace the root's hash cache file. The new content goes to a file of its own, created
+    here (never an existing name, which could be a link out of the root), then renamed over
+    the cache file (a link there is replaced, not followed)."""
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=HASH_CACHE_FILE, suffix=".tmp", dir=root)
+    except OSError as error:  # a read-only volume: keep the hashes in memory only
+        log.info("hash cache not written (%s)", type(error).__name__)
+        return
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(temporary, root / HASH_CACHE_FILE)
+    except OSError as error:
+        log.info("hash cache not written (%s)", type(error).__name__)
+        Path(temporary).unlink(missing_ok=True)
 
 
 def vae_sidecar(model: ModelFile) -> Path | None:
@@ -589,7 +606,7 @@ def _is_tensor_entry(entry: Any) -> bool:
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
-def detect_pickled_checkpoint(path: Path) -> Detection:
+def detect_pickled_checkpoint(path: Path, root: Path | None = None) -> Detection:
     """Architecture of a pickled .ckpt, loaded with weights_only=True (no code can run)."""
     import pickle
 
@@ -607,19 +624,20 @@ def detect_pickled_checkpoint(path: Path) -> Detection:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     tensors = {k: {"shape": list(v.shape)} for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return detect_from_tensors(tensors, {}, path)
+    return detect_from_tensors(tensors, {}, path, root)
 
 
-def detect_checkpoint(path: Path) -> Detection:
+def detect_checkpoint(path: Path, root: Path | None = None) -> Detection:
     """Architecture of a single-file checkpoint, from its key names and shapes only."""
     tensors, metadata = read_safetensors_header(path)
-    return detect_from_tensors(tensors, metadata, path)
+    return detect_from_tensors(tensors, metadata, path, root)
 
 
 def detect_from_tensors(
-    tensors: dict[str, dict], metadata: dict[str, str], path: Path
+    tensors: dict[str, dict], metadata: dict[str, str], path: Path, root: Path | None = None
 ) -> Detection:
-    """Architecture from tensor names and shapes ({name: {"shape": [...]}})."""
+    """Architecture from tensor names and shapes ({name: {"shape": [...]}}); `root` (the
+    checkpoint's folder when None) bounds where its `NAME.yaml` may lead."""
     keys = tensors.keys()
 
     def has(prefix: str) -> bool:
@@ -671,7 +689,7 @@ def detect_from_tensors(
     else:
         raise found("a UNet without a text encoder")
 
-    prediction = _recorded_prediction_type(tensors, metadata, path)
+    prediction = _recorded_prediction_type(tensors, metadata, path, root or path.parent)
     notes: list[str] = []
     if arch == "sd2":
         if prediction is None:
@@ -691,7 +709,9 @@ def detect_from_tensors(
     )
 
 
-def _recorded_prediction_type(tensors: dict, metadata: dict[str, str], path: Path) -> str | None:
+def _recorded_prediction_type(
+    tensors: dict, metadata: dict[str, str], path: Path, root: Path
+) -> str | None:
     """The prediction type the file records (modelspec / kohya metadata, a `v_pred` marker key,
     or A1111's sidecar `NAME.yaml`), or None when it records none."""
     spec = metadata.get("modelspec.prediction_type", "").lower()
@@ -702,8 +722,10 @@ def _recorded_prediction_type(tensors: dict, metadata: dict[str, str], path: Pat
     if metadata.get("ss_v_parameterization", "").lower() == "true" or "v_pred" in tensors:
         return "v_prediction"
     sidecar = path.with_suffix(".yaml")
-    if sidecar.is_file():
-        text = sidecar.read_text(errors="replace")
+    # a file (or a link to one) inside the root, and only as much as an LDM config takes
+    if sidecar.is_file() and _is_inside(sidecar, root):
+        with open(sidecar, "rb") as file:
+            text = file.read(MAX_LDM_CONFIG_BYTES).decode(errors="replace")
         for line in text.splitlines():
             if line.strip().startswith("parameterization:"):
                 value = line.split(":", 1)[1].split("#", 1)[0].strip().strip("\"'")

@@ -142,6 +142,54 @@ def test_refuses_symlinks_pointing_outside_the_root(registry, demo_volume, tmp_p
         link.unlink()
 
 
+def test_the_hash_cache_is_never_written_or_read_through_a_link(tmp_path):
+    """Someone who can write to the volume plants the cache's file names as links out of the
+    root: the worker neither overwrites nor reads what they point at."""
+    from handler.registry import HASH_CACHE_FILE
+    from handler.settings import Settings
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "checkpoints").mkdir(parents=True)
+    outside.mkdir()
+    _tiny(root / "checkpoints" / "tiny.safetensors", ["a"])
+    victim = outside / "victim.txt"
+    victim.write_text('{"checkpoints/tiny.safetensors": "not json the worker wrote"}')
+    (root / HASH_CACHE_FILE).symlink_to(victim)
+    (root / (HASH_CACHE_FILE.removesuffix(".json") + ".tmp")).symlink_to(outside / "tmp-victim")
+
+    registry = Registry(Settings(models_dir=str(root), extra_roots=(), device="cpu"))
+    model = registry.resolve("checkpoint", "tiny", "checkpoint")
+    short = registry.compute_hash(model)
+
+    assert victim.read_text().endswith('not json the worker wrote"}')
+    assert not (outside / "tmp-victim").exists()
+    cache = root / HASH_CACHE_FILE
+    assert not cache.is_symlink() and short in cache.read_text()
+    assert [p.name for p in root.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()] == []
+    # a fresh worker reads the hash back from the root's own file
+    fresh = Registry(Settings(models_dir=str(root), extra_roots=(), device="cpu"))
+    assert fresh.cached_hash(fresh.resolve("checkpoint", "tiny", "checkpoint")) == short
+
+
+def test_a_checkpoints_yaml_is_read_only_inside_the_root(tmp_path, demo_volume):
+    from safetensors.torch import load_file
+
+    root = tmp_path / "root"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "configs").mkdir()
+    state = load_file(demo_volume / "checkpoints" / "demo-sd2-768-v.safetensors")
+    checkpoint = root / "checkpoints" / "plain.safetensors"
+    save_file(state, str(checkpoint))  # SD 2.x with no recorded prediction type
+    epsilon = "model:\n  params:\n    parameterization: eps\n"
+    (tmp_path / "outside.yaml").write_text(epsilon)
+    (root / "checkpoints" / "plain.yaml").symlink_to(tmp_path / "outside.yaml")
+    assert detect_checkpoint(checkpoint, root).architecture == "sd2-768-v"  # not read
+    (root / "checkpoints" / "plain.yaml").unlink()
+    (root / "configs" / "eps.yaml").write_text(epsilon)
+    (root / "checkpoints" / "plain.yaml").symlink_to(root / "configs" / "eps.yaml")
+    assert detect_checkpoint(checkpoint, root).architecture == "sd2-512"  # a link inside: read
+
+
 def test_refuses_pickles_unless_allowed(settings, demo_volume):
     pickle = demo_volume / "checkpoints" / "old.ckpt"
     pickle.write_bytes(b"\x80\x02}q\x00.")
