@@ -374,8 +374,11 @@ def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any])
                 continue
         elif first_pass is not None and given[name] == data.get(first_pass):
             continue
+        shown = f"{name}={given[name]!r}"  # a sampler's or a checkpoint's name
+        if name.endswith("prompt"):  # prompt text is never quoted
+            shown = f"{name} differs from {first_pass}"
         raise InvalidInput(
-            f"{name}={given[name]!r}: a different hires pass is not supported",
+            f"{shown}: a different hires pass is not supported",
             field=name,
             accepted=f"{name} omitted, or {same[-1]!r} (the hires pass reuses the first pass's "
             "sampler, prompts and checkpoint)",

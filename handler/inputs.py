@@ -240,7 +240,13 @@ def fetch_url(url: str, field: str, settings: Settings) -> bytes:
     INPUT_TIMEOUT_S (a server that trickles bytes cannot hold the job)."""
     deadline = time.monotonic() + settings.input_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises for a port out of range or not a number
+        except ValueError:  # also an unclosed "[" of an IPv6 host; the URL is not quoted
+            raise InvalidInput(
+                "the URL is malformed", field=field, accepted="https://host[:port]/path"
+            ) from None
         if parts.scheme != "https" and not (parts.scheme == "http" and settings.allow_http_inputs):
             raise InvalidInput(
                 f"{parts.scheme}:// URLs are not accepted",
@@ -250,7 +256,7 @@ def fetch_url(url: str, field: str, settings: Settings) -> bytes:
             )
         if not parts.hostname:
             raise InvalidInput("the URL has no host", field=field, accepted="https://host/path")
-        address = _public_address(parts.hostname, parts.port, field, settings, deadline)
+        address = _public_address(parts.hostname, port, field, settings, deadline)
         status, location, body = _get(parts, address, field, settings, deadline)
         if status in (301, 302, 303, 307, 308) and location:
             url = urljoin(url, location)

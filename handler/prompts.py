@@ -29,6 +29,9 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")
 # A1111's extra-network tags; <lora:...> and <lyco:...> are read before (handler.loras)
 EXTRA_NETWORK = re.compile(r"<(\w+):[^>]+>")
+# the other kinds A1111 and its extensions know, named in warnings; any other tag's name is
+# prompt text, and stays out of logs
+KNOWN_EXTRA_NETWORKS = ("hypernet", "lycoris", "locon", "loha", "lokr")
 _AND = re.compile(r"\bAND\b")
 
 
@@ -40,7 +43,8 @@ def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
     if kinds:
         # the tags' kinds only: their text is prompt text, which stays out of logs
         text = re.sub(r"\s{2,}", " ", EXTRA_NETWORK.sub("", text)).strip()
-        shown = ", ".join(f"<{kind}:...>" for kind in kinds)
+        known = [kind for kind in kinds if kind.lower() in KNOWN_EXTRA_NETWORKS]
+        shown = ", ".join([f"<{kind}:...>" for kind in known] + ["other"] * (known != kinds))
         warnings.append(f"{field}: {shown} tags removed: only LoRA extra networks are supported")
     if _AND.search(text):
         warnings.append(

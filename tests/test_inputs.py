@@ -313,6 +313,15 @@ def test_an_unresolvable_host_is_a_fetch_failure(monkeypatch, settings):
     assert info.value.field == "image" and info.value.accepted == "a resolvable host"
 
 
+@pytest.mark.parametrize(
+    "url", ["https://example.com:99999/a.png?sig=SECRET", "https://[::1/a.png?sig=SECRET"]
+)
+def test_a_malformed_url_is_invalid_input_without_quoting_it(settings, url):
+    with pytest.raises(InvalidInput, match="malformed") as info:
+        load_image(url, "image", settings)
+    assert info.value.field == "image" and "SECRET" not in str(info.value)
+
+
 def test_a_host_name_dns_cannot_encode_is_a_fetch_failure(settings):
     # a label over 63 characters: getaddrinfo raises UnicodeError (IDNA), not gaierror
     with pytest.raises(InputFetchFailed, match="cannot resolve") as info:

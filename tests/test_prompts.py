@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.prompts import parse_attention, tokenize_chunks
+from handler.prompts import check_syntax, parse_attention, tokenize_chunks
 from handler.schema import parse_job
 
 
@@ -270,6 +270,11 @@ def test_other_extra_network_tags_are_removed_with_a_warning_and_and_is_named(en
     assert (pixels(tagged) == pixels(plain)).all()
     assert tagged.warnings == [
         "prompt: <hypernet:...> tags removed: only LoRA extra networks are supported"
+    ]
+    # a tag of a kind A1111 does not know is named only as "other": its name is prompt text
+    _, warnings = check_syntax("my pin is <PIN4711:x> and <hypernet:a:1>", "prompt")
+    assert warnings == [
+        "prompt: <hypernet:...>, other tags removed: only LoRA extra networks are supported"
     ]
     composed = engine.run(parse_job({**job, "prompt": "a cube AND a sphere"}))
     assert any("AND (A1111's composable diffusion)" in w for w in composed.warnings)
