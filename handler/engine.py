@@ -343,9 +343,14 @@ class Engine:
         return names
 
     def checkpoint(
-        self, name: str, field: str = "checkpoint", job_vae: str | None = None
+        self,
+        name: str,
+        field: str = "checkpoint",
+        job_vae: str | None = None,
+        beside: LoadedCheckpoint | None = None,
     ) -> tuple[LoadedCheckpoint, bool]:
         """The loaded checkpoint `name` (from the cache when possible), and whether it was cached.
+        `beside`: the job's base, which its refiner must not push off the device.
 
         `job_vae` (the job's `vae`) is the VAE of a checkpoint saved without one and without its
         VAE beside it; every job on such a checkpoint must name a VAE. That is checked, and the
@@ -390,7 +395,7 @@ class Engine:
                 )
             return loaded
 
-        loaded, cached = self.cache.get(key, load)
+        loaded, cached = self.cache.get(key, load, beside)
         if not cached and not model.is_folder and self.registry.cached_hash(model) is None:
             # The AutoV2 hash (for infotext and list_models) is computed off the job's path,
             # and not while the worker starts, where it would compete with loading.
@@ -873,13 +878,15 @@ class Engine:
                 f"refiner ignored: {base.name} is {base.architecture}, the refiner is for SDXL"
             )
             return None
-        refiner, _ = self.checkpoint(name, "refiner_checkpoint", job_vae=job.vae)
-        if refiner.architecture != "sdxl-refiner":
+        model = self.registry.resolve("checkpoint", name, "refiner_checkpoint")
+        architecture = self.registry.detect(model).architecture
+        if architecture != "sdxl-refiner":  # refused before anything loads
             raise InvalidInput(
-                f"{refiner.name} is {refiner.architecture}, not an SDXL refiner",
+                f"{model.name} is {architecture}, not an SDXL refiner",
                 field="refiner_checkpoint",
                 accepted="an SDXL refiner checkpoint",
             )
+        refiner, _ = self.checkpoint(name, "refiner_checkpoint", job_vae=job.vae, beside=base)
         return refiner
 
     def _safety_checker_for(self, job: Job):

@@ -276,32 +276,40 @@ class CheckpointCache:
         return key in self._on_device
 
     def get(
-        self, key: tuple, load: Callable[[], LoadedCheckpoint]
+        self,
+        key: tuple,
+        load: Callable[[], LoadedCheckpoint],
+        beside: LoadedCheckpoint | None = None,
     ) -> tuple[LoadedCheckpoint, bool]:
-        """The entry for `key` on the device, loading it on a miss; returns (entry, was_cached)."""
+        """The entry for `key` on the device, loading it on a miss; returns (entry, was_cached).
+        `beside` (a job's base, when this is its refiner) stays on the device with it, even
+        beyond the device's slots."""
+        kept = {k for k, entry in self._entries.items() if entry is beside}
         if key in self._entries:
             self._entries.move_to_end(key)
             entry = self._entries[key]
             if key not in self._on_device:
-                self._make_room(keep=key)
+                self._make_room(keep={key} | kept)
                 move_to_device(_modules(entry), self.device)
                 self.host.give_back(entry.host_chunks)
                 entry.host_chunks = []
                 self._on_device.add(key)
             return entry, True
-        # Make room first, so two full pipelines never sit on the device at once.
-        self._make_room(keep=None)
+        # Make room first, so two full pipelines (but a base and its refiner) never sit on the
+        # device at once.
+        self._make_room(keep=kept)
         entry = load()
         self._entries[key] = entry
         self._on_device.add(key)
         return entry, False
 
-    def _make_room(self, keep: tuple | None) -> None:
-        """Offload least-recently-used entries until one more fits on the device."""
+    def _make_room(self, keep: set[tuple]) -> None:
+        """Offload least-recently-used entries, but those in `keep`, until one more fits on the
+        device (beside those kept)."""
         for key in list(self._entries):
-            if len(self._on_device - {keep}) < self.device_slots:
+            if len(self._on_device - keep) < self.device_slots:
                 break
-            if key == keep or key not in self._on_device:
+            if key in keep or key not in self._on_device:
                 continue
             entry = self._entries[key]
             self._on_device.discard(key)
@@ -310,7 +318,7 @@ class CheckpointCache:
                 if entry.graphs is not None:
                     entry.graphs.clear()  # the graphs point at the weights' device memory
                 entry.host_chunks = move_to_host(_modules(entry), self.host)
-        offloaded = [k for k in self._entries if k not in self._on_device and k != keep]
+        offloaded = [k for k in self._entries if k not in self._on_device and k not in keep]
         while len(offloaded) > self.ram_slots:
             evicted = self._entries.pop(offloaded.pop(0))
             log.info("evicting checkpoint %s", evicted.name)

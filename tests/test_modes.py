@@ -438,6 +438,36 @@ def test_refiner_ensemble_and_refine_after_each_change_the_image_deterministical
     assert np.abs(pixels(ensemble) - pixels(after)).max() > 0
 
 
+@pytest.mark.parametrize("ram_slots", [1, 0])
+def test_a_jobs_refiner_never_pushes_its_base_off_the_device(settings, monkeypatch, ram_slots):
+    """With one device slot and no REFINER_CHECKPOINT (the defaults), a job naming its refiner
+    runs with both on the device: loading the refiner does not offload (or, without a RAM
+    tier, drop) the base the job is using. The next jobs find both where they were."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    engine = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=ram_slots))
+    ensemble = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "high_noise_frac": 0.5}
+    seen = []
+    denoise = engine._denoise
+
+    def spy(loaded, refiner, *args):
+        seen.append([engine.cache.on_device(key) for key in engine.cache._entries])
+        return denoise(loaded, refiner, *args)
+
+    monkeypatch.setattr(engine, "_denoise", spy)
+    first = engine.run(parse_job(ensemble))
+    assert seen == [[True, True]]  # the base and the refiner, both on the device
+    again = engine.run(parse_job(ensemble))
+    assert seen[-1] == [True, True] and (pixels(first) == pixels(again)).all()
+    assert engine.run(parse_job(REFINE)).images  # the base alone: still cached
+    other = engine.run(parse_job({**REFINE, "checkpoint": "demo-sd15"}))
+    assert other.images and engine.cache.on_device(list(engine.cache._entries)[-1])
+    assert sum(engine.cache.on_device(k) for k in engine.cache._entries) == 1
+    assert len(engine.cache) == 1 + ram_slots
+
+
 def test_refiner_fields_without_a_refiner_are_ignored_with_a_warning(engine):
     result = engine.run(parse_job({**REFINE, "high_noise_frac": 0.8}))
     assert any("no refiner checkpoint" in w for w in result.warnings)
