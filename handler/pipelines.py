@@ -567,14 +567,18 @@ class LatentDecoder:
         """One PIL image from latents of shape [1, C, h, w]."""
         image = self._decode(latents)
         finite = bool(torch.isfinite(image).all())
-        if self.may_upcast and not self.upcast and not finite:
-            log.info(
-                "fp16 VAE decode overflowed; this VAE decodes in %s from now on", self.wide_dtype
-            )
-            self.vae._sd_worker_overflows = True
+        # Non-finite latents (a job's extreme prompt weight or LoRA scale) are no overflow of
+        # the VAE's: no wider dtype mends them, and they must not change later jobs' decodes.
+        if self.may_upcast and not self.upcast and not finite and latents.isfinite().all():
             self._upcast()
             image = self._decode(latents)
             finite = bool(torch.isfinite(image).all())
+            if finite:
+                log.info(
+                    "fp16 VAE decode overflowed; this VAE decodes in %s from now on",
+                    self.wide_dtype,
+                )
+                self.vae._sd_worker_overflows = True
         self.last_was_finite = finite
         return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
 

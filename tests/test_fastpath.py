@@ -513,6 +513,11 @@ def test_fp16_vae_decodes_again_in_fp32_only_when_it_overflows(device):
     with torch.inference_mode(), LatentDecoder(Pipeline) as decoder:
         decoder.decode(latents)
         assert not decoder.upcast  # finite in fp16: no fp32 pass
+        # Non-finite latents (an extreme prompt weight) are no overflow of the VAE's: not
+        # decoded again, and nothing is remembered for later jobs
+        decoder.decode(torch.full_like(latents, float("nan")))
+        assert not decoder.upcast and not decoder.last_was_finite
+    assert not getattr(vae, "_sd_worker_overflows", False)
     with torch.no_grad():
         vae.post_quant_conv.weight.mul_(6e4)  # now fp16 activations overflow
     weights = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
