@@ -74,6 +74,7 @@ from handler.prompts import (
 )
 from handler.registry import (
     NATIVE_SIZE,
+    ModelFile,
     Registry,
     detect_lora,
     file_key,
@@ -523,36 +524,43 @@ class Engine:
         timings: dict[str, float] = {}
         warnings: list[str] = list(job._notes)
 
-        # 1. Resolve and load the checkpoint(s)
+        # 1. Check what the job alone decides, and read its images, before any model loads: a
+        # refused job pushes no checkpoint out of the cache.
         progress(Progress("loading", 0, 1))
-        name = job.checkpoint
-        if not name:
-            name, warning = self.default_checkpoint_name()
-            warnings += [warning] if warning else []
-        loaded, _ = self.checkpoint(name, job_vae=job.vae)
-        if loaded.architecture in INPAINT_ARCHITECTURES and not job.mask:
-            raise InvalidInput(
-                f"{loaded.name} is an inpainting checkpoint: it needs image and mask",
-                field="checkpoint",
-                accepted="image + mask with this checkpoint, or an SD 1.x/2.x/XL base checkpoint",
-            )
-        if loaded.architecture not in GENERATOR_ARCHITECTURES + INPAINT_ARCHITECTURES:
-            raise InvalidInput(
-                f"{loaded.name} is an {loaded.architecture} checkpoint, which cannot start a generation",
-                field="checkpoint",
-                accepted="SD 1.x, SD 2.x or SDXL base checkpoints",
-            )
         if job.mask and not job.image:
             raise InvalidInput(
                 "a mask needs the image it masks", field="mask", accepted="image and mask together"
             )
+        if job.guidance_rescale and job.guidance_scale <= 1:
+            raise InvalidInput(
+                f"guidance_scale {job.guidance_scale:g} runs no CFG, so there is none to rescale",
+                field="guidance_rescale",
+                accepted="0, or a guidance_scale above 1",
+            )
+        init_image = load_image(job.image, "image", self.settings) if job.image else None
+        if init_image is not None and int(job.steps * job.strength) < 1:
+            raise InvalidInput(
+                f"steps x strength = {job.steps} x {job.strength} leaves no denoising step",
+                field="strength",
+                accepted=f"strength of at least {1 / job.steps:.3f} for {job.steps} steps",
+            )
+        job_mask = load_image(job.mask, "mask", self.settings, as_mask=True) if job.mask else None
+
+        # 2. Resolve and load the checkpoint(s)
+        name = job.checkpoint
+        if not name:
+            name, warning = self.default_checkpoint_name()
+            warnings += [warning] if warning else []
+        self._check_generator(self.registry.resolve("checkpoint", name, "checkpoint"), job)
+        if job.refiner_checkpoint:
+            self._check_refiner(job.refiner_checkpoint)
+        loaded, _ = self.checkpoint(name, job_vae=job.vae)
         refiner = self._refiner_for(job, loaded, warnings)
         job, loras, embeddings = self._additions_for(job, loaded, warnings)
         vae, vae_name = self._vae_for(job, loaded)
         timings["load"] = _ms(started)
 
-        # 2. Check the request against this checkpoint
-        init_image = load_image(job.image, "image", self.settings) if job.image else None
+        # 3. Check the request against this checkpoint
         native = NATIVE_SIZE[loaded.architecture]
         default_w, default_h = (
             (native, native)
@@ -566,18 +574,6 @@ class Engine:
                 field="width",
                 accepted=f"width x height up to {self.settings.max_pixels} pixels",
             )
-        if init_image is not None and int(job.steps * job.strength) < 1:
-            raise InvalidInput(
-                f"steps x strength = {job.steps} x {job.strength} leaves no denoising step",
-                field="strength",
-                accepted=f"strength of at least {1 / job.steps:.3f} for {job.steps} steps",
-            )
-        if job.guidance_rescale and job.guidance_scale <= 1:
-            raise InvalidInput(
-                f"guidance_scale {job.guidance_scale:g} runs no CFG, so there is none to rescale",
-                field="guidance_rescale",
-                accepted="0, or a guidance_scale above 1",
-            )
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
             if int(refine_steps * REFINE_AFTER_STRENGTH) < 1:
@@ -588,7 +584,7 @@ class Engine:
                 )
         if init_image is not None:
             init_image = fit_image(init_image, width, height, job.resize_mode)
-        mask = self._mask_for(job, width, height) if job.mask else None
+        mask = self._mask_for(job, job_mask, width, height) if job_mask else None
         final_w, final_h = self._check_hires(job, width, height)
         hires_steps = self._hires_schedule(loaded, job)[0] if job.hires else None
         if job.hires and hires_steps < (job.hires.steps or job.steps):
@@ -878,14 +874,7 @@ class Engine:
                 f"refiner ignored: {base.name} is {base.architecture}, the refiner is for SDXL"
             )
             return None
-        model = self.registry.resolve("checkpoint", name, "refiner_checkpoint")
-        architecture = self.registry.detect(model).architecture
-        if architecture != "sdxl-refiner":  # refused before anything loads
-            raise InvalidInput(
-                f"{model.name} is {architecture}, not an SDXL refiner",
-                field="refiner_checkpoint",
-                accepted="an SDXL refiner checkpoint",
-            )
+        self._check_refiner(name)
         refiner, _ = self.checkpoint(name, "refiner_checkpoint", job_vae=job.vae, beside=base)
         return refiner
 
@@ -1088,9 +1077,36 @@ class Engine:
             args.append(entry)
         return PromptSteps(ends, args)
 
-    def _mask_for(self, job: Job, width: int, height: int):
-        """The job's mask as an L image of the output size: white repaints; blurred if asked."""
-        mask = load_image(job.mask, "mask", self.settings, as_mask=True)
+    def _check_refiner(self, name: str) -> None:
+        """Refuse a refiner that is no SDXL refiner, from its file alone (nothing loads)."""
+        model = self.registry.resolve("checkpoint", name, "refiner_checkpoint")
+        architecture = self.registry.detect(model).architecture
+        if architecture != "sdxl-refiner":
+            raise InvalidInput(
+                f"{model.name} is {architecture}, not an SDXL refiner",
+                field="refiner_checkpoint",
+                accepted="an SDXL refiner checkpoint",
+            )
+
+    def _check_generator(self, model: ModelFile, job: Job) -> None:
+        """Refuse a checkpoint that cannot run this job, from its file alone (nothing loads)."""
+        architecture = self.registry.detect(model).architecture
+        if architecture in INPAINT_ARCHITECTURES and not job.mask:
+            raise InvalidInput(
+                f"{model.name} is an inpainting checkpoint: it needs image and mask",
+                field="checkpoint",
+                accepted="image + mask with this checkpoint, or an SD 1.x/2.x/XL base checkpoint",
+            )
+        if architecture not in GENERATOR_ARCHITECTURES + INPAINT_ARCHITECTURES:
+            raise InvalidInput(
+                f"{model.name} is an {architecture} checkpoint, which cannot start a generation",
+                field="checkpoint",
+                accepted="SD 1.x, SD 2.x or SDXL base checkpoints",
+            )
+
+    @staticmethod
+    def _mask_for(job: Job, mask, width: int, height: int):
+        """The job's mask (an L image) at the output size: white repaints; blurred if asked."""
         mask = fit_image(mask, width, height, job.resize_mode, resample=Image.NEAREST)
         if job.invert_mask:
             mask = ImageOps.invert(mask)

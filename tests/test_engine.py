@@ -132,6 +132,37 @@ def test_inpainting_checkpoint_refuses_txt2img(engine):
     assert info.value.field == "checkpoint"
 
 
+def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
+    """Jobs refused for what they ask, not for what their checkpoint holds, are refused before
+    their checkpoint loads: the warm checkpoint stays where it was, the next job finds it."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    engine = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 1}
+    engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
+    warm = list(engine.cache._entries)
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    image = base64.b64encode(png.getvalue()).decode()
+    refused = [
+        ({"guidance_rescale": 0.7, "guidance_scale": 1}, "guidance_rescale"),
+        ({"image": "bm90IGFuIGltYWdl"}, "image"),
+        ({"image": image, "mask": "bm90IGFuIGltYWdl"}, "mask"),
+        ({"mask": image}, "mask"),
+        ({"image": image, "strength": 0.1}, "strength"),
+        ({"checkpoint": "demo-sdxl-inpaint"}, "checkpoint"),
+        ({"checkpoint": "demo-sdxl-refiner"}, "checkpoint"),
+        ({"refiner_checkpoint": "demo-sd15", "high_noise_frac": 0.5}, "refiner_checkpoint"),
+    ]
+    for extra, field in refused:
+        with pytest.raises(InvalidInput) as info:
+            engine.run(parse_job({**job, "checkpoint": "demo-sdxl", **extra}))
+        assert info.value.field == field, (extra, info.value)
+        assert list(engine.cache._entries) == warm and engine.cache.on_device(warm[0]), extra
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_output_formats(engine, fmt):
     result = engine.run(parse_job({**BASE, "seed": 1, "output_format": fmt}))
