@@ -216,7 +216,8 @@ def prompt_schedule(
             value = (value - fraction_offset) * steps
         else:
             value -= step_offset
-        return min(steps, int(value))
+        # past either end (1e999 is inf) is the same as at it: no int() of an infinite float
+        return int(max(-1.0, min(float(steps), value)))
 
     ends = {steps}
     for node in _nodes(nodes):

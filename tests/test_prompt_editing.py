@@ -32,6 +32,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
         ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
         ("[a|(b:1.1)]", [(s, "a" if s % 2 else "(b:1.1)") for s in range(1, 11)]),
         ("[fe|]male", [(s, "female" if s % 2 else "male") for s in range(1, 11)]),
+        # numbers past either end switch there (1e999 is an infinite float)
+        ("a [b:c:1e999]", [(10, "a b")]),
+        ("a [b:c:1" + "0" * 400 + "]", [(10, "a b")]),
+        ("[a::1e999]", [(10, "a")]),
         ("[fe|||]male", [(s, "female" if s % 4 == 1 else "male") for s in range(1, 11)]),
         # A1111's wiki example (100 steps)
         (
