@@ -161,10 +161,14 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 field="refiner_switch_at",
                 accepted="one of them",
             )
-        if switch_at == 1:  # A1111 never switches: no refiner
+        if switch_at == 1 and not isinstance(switch_at, bool):  # A1111 never switches
             data.pop("refiner_checkpoint")
             warnings.append("refiner_switch_at 1: the refiner does not run (as in A1111)")
-        elif not isinstance(switch_at, int | float) or not 0.05 <= switch_at <= 0.95:
+        elif (
+            not isinstance(switch_at, int | float)
+            or isinstance(switch_at, bool)
+            or not 0.05 <= switch_at <= 0.95
+        ):
             raise InvalidInput(
                 f"refiner_switch_at {switch_at!r} is out of range",
                 field="refiner_switch_at",
@@ -210,7 +214,7 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 accepted="whole numbers from 1 up, with batch_size x n_iter from 1 to 8",
             )
         data["num_images"] = batch * iterations
-    if "resize_mode" in data and isinstance(data["resize_mode"], int):
+    if "resize_mode" in data and type(data["resize_mode"]) is int:  # A1111's index, not a bool
         modes = {0: "just_resize", 1: "crop", 2: "fill", 3: "just_resize"}
         if data["resize_mode"] not in modes:
             raise InvalidInput(

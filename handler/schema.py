@@ -24,7 +24,22 @@ MAX_SEED = 2**64 - 1
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
-class LoraSpec(BaseModel):
+class JobModel(BaseModel):
+    """A part of a job's input. pydantic would take `true` for 1 in a number field: a client's
+    bug that should be an error, not one step or one image (Cog's form refuses it too)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = typing.get_args(annotation) or (annotation,)
+            if bool not in kinds and (int in kinds or float in kinds):
+                raise ValueError("must be a number, not true or false")
+        return value
+
+
+class LoraSpec(JobModel):
     """One LoRA of a job's stack."""
 
     model_config = ConfigDict(extra="forbid")
@@ -33,7 +48,7 @@ class LoraSpec(BaseModel):
     scale: float = Field(1.0, ge=-4.0, le=4.0, description="LoRA strength.")
 
 
-class HiresFix(BaseModel):
+class HiresFix(JobModel):
     """A1111's hires fix: generate, upscale, then an img2img pass at the larger size."""
 
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +67,7 @@ class HiresFix(BaseModel):
     )
 
 
-class Job(BaseModel):
+class Job(JobModel):
     """One generation job, after validation."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
@@ -349,7 +364,7 @@ def invalid_input_from(error: ValidationError) -> InvalidInput:
         )
     first = errors[0]
     field = field_path(first["loc"])
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")  # our own validators' messages
     if first["type"] == "missing":
         message = "is required"
     return InvalidInput(message, field=field, accepted=_accepted(first))

@@ -439,3 +439,30 @@ def test_a1111_batch_size_and_n_iter_outside_1_to_8_images_name_batch_size(batch
 
 def test_a1111_batch_size_times_n_iter_is_num_images():
     assert parse_job({"prompt": "x", "batch_size": 2, "n_iter": 4}).num_images == 8
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"steps": True}, "steps"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"seed": False}, "seed"),
+        ({"num_images": True}, "num_images"),
+        ({"width": True}, "width"),
+        ({"resize_mode": True}, "resize_mode"),
+        ({"loras": [{"name": "x", "scale": True}]}, "loras[0].scale"),
+        ({"enable_hr": True, "hr_scale": True}, "hires.scale"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": True}, "refiner_switch_at"),
+    ],
+)
+def test_true_or_false_is_no_number(payload, field):
+    """pydantic would read true as 1: one step, one image, a refiner switched off."""
+    error = error_of({"prompt": "x", **payload})
+    assert error.field == field
+    assert "true or false" in str(error) or "resize_mode" == field or "switch" in field
+
+
+def test_booleans_and_numbers_as_text_still_go_where_they_belong():
+    job = parse_job({"prompt": "x", "steps": "20", "enable_hr": True, "tiling": False})
+    assert job.steps == 20 and job.hires is not None
+    assert "Value error" not in str(error_of({"prompt": "x", "image": " "}))
