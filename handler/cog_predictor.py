@@ -20,6 +20,7 @@ from cog import BaseRunner, Input, Path
 
 from handler.errors import InternalError, InvalidInput, WorkerError
 from handler.registry import prefetch_default_checkpoint
+from handler.schedulers import split_schedule
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -241,6 +242,12 @@ class Predictor(BaseRunner):
             ],
             description="Sampler (A1111 names).",
         ),
+        schedule_type: str = Input(
+            default="Automatic",
+            choices=["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform"],
+            description="A1111's schedule type for the sampler: Automatic keeps the sampler's "
+            "own (Karras for 'DPM++ 2M Karras').",
+        ),
         seed: int | None = Input(
             default=None,
             ge=0,
@@ -339,6 +346,14 @@ class Predictor(BaseRunner):
         ),
     ) -> list[Path]:
         """Generate images; each file's name and infotext carry its seed."""
+        if schedule_type != "Automatic":
+            if split_schedule(scheduler)[1] is not None:
+                raise InvalidInput(
+                    f"{scheduler} already names its schedule type",
+                    field="schedule_type",
+                    accepted="Automatic with it, or the sampler without one (DPM++ 2M)",
+                )
+            scheduler = f"{scheduler} {schedule_type}"  # the schema checks the sampler takes it
         if hires_scale is None and hires_strength != HIRES_STRENGTH_DEFAULT:
             raise InvalidInput(
                 "hires_strength only applies to the hires fix's second pass",

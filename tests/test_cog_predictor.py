@@ -24,7 +24,7 @@ from tests.servers import REPO, Server, free_port
 
 # Form inputs that stand for part of a schema field: LoRAs as a "name:scale, ..." string,
 # the hires fix's object as two inputs, and the safety checker as an API-only opt-out.
-COG_ONLY = {"loras", "hires_scale", "hires_strength", "disable_safety_checker"}
+COG_ONLY = {"loras", "hires_scale", "hires_strength", "disable_safety_checker", "schedule_type"}
 # Schema fields not in the form, and why.
 NOT_IN_FORM = {
     "destination": "Replicate hosts the output files itself",
@@ -400,6 +400,24 @@ def test_cfg_rescale_runs_and_needs_cfg(cog):
     assert predict(cog, {**job, "guidance_rescale": 1.5}).status_code == 422
     body = predict(cog, {**job, "guidance_rescale": 0.7, "guidance_scale": 1.0}).json()
     assert body["status"] == "failed" and "guidance_rescale" in body["error"], body
+
+
+def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
+    from handler.schedulers import SCHEDULE_TYPES
+
+    assert cog_inputs()["schedule_type"].choices == ["Automatic", *SCHEDULE_TYPES]
+    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    body = predict(cog, {**job, "scheduler": "DPM++ 2M", "schedule_type": "Exponential"}).json()
+    assert body["status"] == "succeeded", body
+    parameters = decode(body["output"][0]).info["parameters"]
+    assert "Sampler: DPM++ 2M, Schedule type: Exponential" in parameters
+    for scheduler, schedule, field in (
+        ("DPM++ 2M Karras", "Beta", "schedule_type"),  # names its own already
+        ("Euler a", "Karras", "scheduler"),  # has no Karras schedule
+    ):
+        inputs = {**job, "scheduler": scheduler, "schedule_type": schedule}
+        body = predict(cog, inputs).json()
+        assert body["status"] == "failed" and f"invalid_input: {field}: " in body["error"], body
 
 
 def test_out_of_range_input_is_a_422_naming_the_field(cog):
