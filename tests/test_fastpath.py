@@ -656,7 +656,19 @@ def test_hires_img2img_inpainting_and_the_refiner_run_graphed_as_eager(cuda_engi
         },
     }[mode]
     job = parse_job({**JOB, "checkpoint": "demo-sd15", **extra})
-    first, again = graphed.run(job), graphed.run(job)
+    devices = []
+    denoise = graphed._denoise
+
+    def spy(loaded, refiner, *args):  # where the job's UNets are while it denoises
+        devices.append({m.pipeline.unet.device.type for m in (loaded, refiner) if m})
+        return denoise(loaded, refiner, *args)
+
+    graphed._denoise = spy
+    try:
+        first, again = graphed.run(job), graphed.run(job)
+    finally:
+        del graphed._denoise
+    assert devices == [{"cuda"}, {"cuda"}]  # a refiner never pushes its base off the GPU
     assert (pixels(first) == pixels(again)).all()
     assert np.abs(pixels(first) - pixels(eager.run(job))).max() <= 4
 
