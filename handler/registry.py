@@ -817,6 +817,9 @@ LYCORIS_KEY_PARTS = {
     ".on_input": "(IA)^3",
     ".diff.": "full-weight difference",  # a whole name part: not `model.diffusion_model.`
     ".diff_b.": "full-weight difference",
+    # diffusers drops a kohya DoRA's magnitudes with a log line and loads it as a plain LoRA
+    ".dora_scale": "DoRA",
+    ".lora_magnitude_vector": "DoRA",  # peft's name
 }
 
 

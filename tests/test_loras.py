@@ -207,6 +207,7 @@ LYCORIS_KEYS = {  # one layer of each algorithm, named as LyCORIS writes its koh
     "LoHa": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
     "LoKr": ("lokr_w1", "lokr_w2_a", "lokr_w2_b"),
     "full-weight difference": ("diff", "diff_b"),
+    "DoRA": ("lora_down.weight", "lora_up.weight", "dora_scale"),
 }
 
 
