@@ -611,7 +611,8 @@ def embeddings_in(prompts: list[str], available: list[ModelFile]) -> list[ModelF
     used = []
     for embedding in available:
         token = Path(embedding.name).name
-        pattern = re.compile(rf"(?<![\w-]){re.escape(token)}(?![\w-])")
+        # in any case, as A1111 finds them (its tokenizer lowercases)
+        pattern = re.compile(rf"(?<![\w-]){re.escape(token)}(?![\w-])", re.IGNORECASE)
         if any(pattern.search(p) for p in prompts):
             used.append(embedding)
     return used

@@ -294,13 +294,15 @@ def is_break(text: str, weight: float) -> bool:
 
 
 def needs_own_encoding(pipeline, prompts: list[str]) -> bool:
-    """True when a prompt uses A1111 syntax or is longer than one 77-token window, counted
-    with its multi-vector embeddings spelled out (diffusers would cut what goes past)."""
+    """True when a prompt uses A1111 syntax, a multi-vector embedding, or is longer than one
+    77-token window (diffusers would cut what goes past)."""
     tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
     for prompt in prompts:
         if _SYNTAX.search(prompt):
             return True
-        spelled_out = _multi_vector(pipeline, prompt, tokenizer)
+        spelled_out = _multi_vector(prompt, tokenizer)
+        if spelled_out != prompt:  # never diffusers' own spelling out (`_multi_vector`)
+            return True
         if len(tokenizer(spelled_out, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
             return True
     return False
@@ -390,11 +392,24 @@ def _pad_windows(chunks: list[Chunks], tokenizer) -> None:
             each.weights.append(list(empty.weights[0]))
 
 
-def _multi_vector(pipeline, text: str, tokenizer) -> str:
+def _multi_vector(text: str, tokenizer) -> str:
     """A multi-vector embedding's name spelled out as all its tokens ("emb" -> "emb emb_1"),
-    as diffusers does before its own encoding; weights around the name cover them all."""
-    convert = getattr(pipeline, "maybe_convert_prompt", None)
-    return convert(text, tokenizer) if convert and text else text
+    as diffusers' `maybe_convert_prompt` does, but only where the name is a whole word, in any
+    case, as embeddings are found (`loras.embeddings_in`): diffusers replaces it inside other
+    words too (EasyNegative inside EasyNegativeV2). Weights around the name cover them all."""
+    added = tokenizer.added_tokens_encoder
+    spelled: dict[str, str] = {}
+    for name in added:
+        count = 1
+        while f"{name}_{count}" in added:
+            count += 1
+        if count > 1:
+            spelled[name.lower()] = " ".join([name] + [f"{name}_{i}" for i in range(1, count)])
+    if not spelled or not text:
+        return text
+    names = "|".join(re.escape(name) for name in sorted(spelled, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w-])({names})(?![\w-])", re.IGNORECASE)
+    return pattern.sub(lambda match: spelled[match.group(1).lower()], text)
 
 
 @torch.no_grad()
@@ -409,7 +424,7 @@ def encode_sd_texts(pipeline, texts: list[str], clip_skip: int) -> list[torch.Te
     """Each text's hidden states for SD 1.x/2.x, all padded to the same number of windows."""
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
     chunks = [
-        tokenize_chunks(_multi_vector(pipeline, text, tokenizer), tokenizer) for text in texts
+        tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts
     ]
     _pad_windows(chunks, tokenizer)
     device = encoder.device
@@ -469,7 +484,7 @@ def encode_sdxl_texts(
     pooled: list[torch.Tensor | None] = [None for _ in texts]
     for tokenizer, encoder in pairs:
         chunks = [
-            tokenize_chunks(_multi_vector(pipeline, text, tokenizer), tokenizer) for text in texts
+            tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts
         ]
         _pad_windows(chunks, tokenizer)
         for index, each in enumerate(chunks):

@@ -361,12 +361,36 @@ def test_embedding_by_name_in_the_prompt_then_removed(engine, base, embedding):
 @pytest.mark.parametrize(
     ("base", "embedding"), [(SD15, "demo-sd15-embedding"), (SDXL, "demo-sdxl-embedding")]
 )
-def test_multi_vector_embeddings_use_every_vector_in_weighted_prompts(engine, base, embedding):
-    """The demo embeddings have two vectors: A1111 syntax (our own encoder) must use both, as
-    diffusers' plain encoding does, so a neutral weight changes nothing."""
-    plain = engine.run(parse_job({**base, "prompt": f"a cube, {embedding}"}))
+def test_multi_vector_embeddings_use_every_vector_in_weighted_prompts(
+    engine, base, embedding, monkeypatch
+):
+    """The demo embeddings have two vectors: our own encoder (which every prompt with one
+    takes) must use both, as diffusers' plain encoding does, so the images are the same."""
+    ours = engine.run(parse_job({**base, "prompt": f"a cube, {embedding}"}))
     weighted = engine.run(parse_job({**base, "prompt": f"a (cube:1.0), {embedding}"}))
-    assert (pixels(weighted) == pixels(plain)).all()
+    assert (pixels(weighted) == pixels(ours)).all()
+    in_any_case = engine.run(parse_job({**base, "prompt": f"a cube, {embedding.upper()}"}))
+    assert (pixels(in_any_case) == pixels(ours)).all()  # found, and spelled out, in any case
+    monkeypatch.setattr("handler.engine.needs_own_encoding", lambda *args: False)
+    diffusers_own = engine.run(parse_job({**base, "prompt": f"a cube, {embedding}"}))
+    assert (pixels(diffusers_own) == pixels(ours)).all()
+
+
+def test_a_multi_vector_embedding_is_spelled_out_only_as_a_whole_word(engine):
+    """diffusers' maybe_convert_prompt replaces the name inside other words and names too
+    (EasyNegative inside EasyNegativeV2); A1111 matches whole words, in any case."""
+    from handler.prompts import _multi_vector
+
+    loaded, _ = engine.checkpoint("demo-sd15")
+    tokenizer = loaded.pipeline.tokenizer.__class__.from_pretrained(
+        loaded.pipeline.tokenizer.name_or_path
+    )
+    tokenizer.add_tokens(["zqxemb", "zqxemb_1", "zqxembv2", "zqxembv2_1", "zqxembv2_2"])
+    text = "zqxemb, zqxembV2, (ZQXEMB:1.2), zqxembroidery, my-zqxemb"
+    assert _multi_vector(text, tokenizer) == (
+        "zqxemb zqxemb_1, zqxembv2 zqxembv2_1 zqxembv2_2, (zqxemb zqxemb_1:1.2), zqxembroidery, "
+        "my-zqxemb"
+    )
 
 
 def test_vae_override_applies_and_is_restored(engine):
