@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -594,6 +594,10 @@ class Engine:
             )
         mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
         infotext_fields = _infotext_fields(job, mode, refiner, vae_name, width, height, hires_steps)
+        if embeddings and not job.strip_metadata:  # A1111's TI hashes: small files, hashed now
+            infotext_fields["embeddings"] = [
+                (PurePosixPath(e.name).name, self.registry.short_hash(e)) for e in embeddings
+            ]
         if job.output_format == "jpeg" and not job.strip_metadata:
             _check_fits_a_jpeg(job, loaded, loras, infotext_fields)
         safety = self._safety_checker_for(job)
@@ -1359,6 +1363,8 @@ def _infotext_fields(
         extra["Clip skip"] = job.clip_skip
     if mode == "inpaint":
         extra["Mask blur"] = job.mask_blur
+        if job.invert_mask:  # A1111 reads no Mask mode as "Inpaint masked"
+            extra["Mask mode"] = "Inpaint not masked"
     if job.hires:
         # A1111's hires fix follows txt2img, where "Denoising strength" is the hires pass's
         key = "Denoising strength" if mode == "txt2img" else "Hires denoising strength"

@@ -18,11 +18,13 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 
+from handler.aliases import A1111_AUTOMATIC_SCHEDULES
 from handler.errors import Cancelled, InvalidInput, OutputTooLarge, UploadFailed
 from handler.schedulers import split_schedule
 from handler.schema import ImageResult
@@ -186,27 +188,49 @@ def a1111_infotext(
     model: str,
     model_hash: str | None,
     loras: list[tuple[str, float, str | None]] = (),
+    embeddings: list[tuple[str, str]] = (),
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """The "parameters" text A1111 writes, so dropping the file into A1111 restores the settings."""
+    """The "parameters" text A1111 writes, so dropping the file into A1111 restores the settings.
+
+    LoRAs are named by file name, without subfolders, as A1111 finds them; a value with a comma,
+    a colon or a line break is quoted, as A1111 quotes it, so that its parser reads it whole.
+    """
+    loras = [(PurePosixPath(name).name, scale, digest) for name, scale, digest in loras]
     prompt_line = prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
     fields: dict[str, Any] = {"Steps": steps}
     fields["Sampler"], schedule = split_schedule(sampler)
+    if schedule is None and fields["Sampler"] in A1111_AUTOMATIC_SCHEDULES:
+        # without it A1111 reads "Automatic": Karras (or Exponential) for these samplers
+        schedule = "Uniform"
     if schedule:
         fields["Schedule type"] = schedule
     fields.update({"CFG scale": f"{cfg_scale:g}", "Seed": seed, "Size": f"{width}x{height}"})
     if model_hash:
         fields["Model hash"] = model_hash
     fields["Model"] = model
-    hashes = [f"{name}: {digest}" for name, _, digest in loras if digest]
+    hashes = [f"{_hash_name(name)}: {digest}" for name, _, digest in loras if digest]
     if hashes:
-        fields["Lora hashes"] = '"' + ", ".join(hashes) + '"'
+        fields["Lora hashes"] = ", ".join(hashes)
+    if embeddings:
+        fields["TI hashes"] = ", ".join(f"{_hash_name(n)}: {d}" for n, d in embeddings)
     fields.update(extra or {})
     lines = [prompt_line]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def _quote(value: Any) -> Any:
+    """A1111's `quote`: JSON-quoted when a comma, colon or line break would split it."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else value
+
+
+def _hash_name(name: str) -> str:
+    """A name as A1111 writes it in `Lora hashes` / `TI hashes`: without , and :."""
+    return name.replace(":", "").replace(",", "")
 
 
 # -- delivery ------------------------------------------------------------------------------------

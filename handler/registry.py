@@ -93,7 +93,7 @@ class Registry:
 
     settings: Settings
     _detections: dict[tuple[str, float, int], Detection] = field(default_factory=dict)
-    _hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    _hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)  # whole sha256s
     _tensor_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     _lora_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -272,25 +272,36 @@ class Registry:
 
     def cached_hash(self, model: ModelFile) -> str | None:
         """The AutoV2 hash (first 10 hex digits of sha256) if known; never reads the weights."""
+        sha256 = self._cached_sha256(model)
+        return sha256[:10] if sha256 else None
+
+    def _cached_sha256(self, model: ModelFile) -> str | None:
         if model.is_folder:
             return None
         key = file_key(model.path)
-        if key in self._hashes:
-            return self._hashes[key]
-        entry = self._hash_cache_entry(model, key)
-        if entry:
-            self._hashes[key] = entry["sha256"][:10]
+        if key not in self._hashes:
+            entry = self._hash_cache_entry(model, key)
+            if not entry:
+                return None
+            self._hashes[key] = entry["sha256"]
             if "tensor_sha256" in entry:
                 self._tensor_hashes[key] = entry["tensor_sha256"]
-            return self._hashes[key]
-        return None
+        return self._hashes[key]
+
+    def short_hash(self, model: ModelFile) -> str:
+        """The first 12 hex digits of the whole file's sha256, as A1111 writes an embedding's in
+        `TI hashes` (and a LoRA's that is no safetensors file); hashed now if not known."""
+        if self._cached_sha256(model) is None:
+            self.compute_hash(model)
+        return self._hashes[file_key(model.path)][:12]
 
     def lora_hash(self, model: ModelFile) -> str:
         """A LoRA's hash as A1111 writes it in `Lora hashes`: for a safetensors file, the first
         12 hex digits of the sha256 of its tensor data (the file after its header: kohya's
-        hash, civitai's AutoV3), or of the `sshs_model_hash` the file records; else AutoV2."""
+        hash, civitai's AutoV3), or of the `sshs_model_hash` the file records; else the whole
+        file's (`short_hash`)."""
         if model.path.suffix.lower() not in SAFE_EXTENSIONS:
-            return self.cached_hash(model) or self.compute_hash(model)
+            return self.short_hash(model)
         key = file_key(model.path)
         if key in self._lora_hashes:  # every job with the LoRA asks: read its header once
             return self._lora_hashes[key]
@@ -334,7 +345,7 @@ class Registry:
                     tensors.update(chunk[max(0, data_start - offset) :])
                 offset += len(chunk)
         sha256 = digest.hexdigest()
-        self._hashes[key] = sha256[:10]
+        self._hashes[key] = sha256
         entry = {"size": key[2], "mtime": key[1], "ctime_ns": key[4], "sha256": sha256}
         if tensors is not None:
             self._tensor_hashes[key] = entry["tensor_sha256"] = tensors.hexdigest()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import shutil
 
 import numpy as np
@@ -285,13 +287,25 @@ def test_hires_second_pass_has_its_own_limit(engine):
     assert info.value.field == "hires.scale"
 
 
+# A1111's `parse_generation_parameters`: `name: value` pairs, a value JSON-quoted when it holds
+# a comma, colon or line break
+A1111_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(line: str) -> dict[str, str]:
+    """The last line of an A1111 infotext, read as A1111's PNG Info reads it."""
+    return {
+        key: json.loads(value) if value.startswith('"') else value
+        for key, value in A1111_PARAMETER.findall(line)
+    }
+
+
 def infotext_fields(result) -> dict[str, str]:
-    """The last line of an image's A1111 infotext, as A1111's PNG Info splits it."""
+    """The last line of an image's A1111 infotext, as A1111's PNG Info reads it."""
     from handler.outputs import read_infotext
 
     data = base64.b64decode(result.images[0].image.split(",", 1)[1])
-    line = read_infotext(data).splitlines()[-1]
-    return dict(field.split(": ", 1) for field in line.split(", "))
+    return parse_parameters(read_infotext(data).splitlines()[-1])
 
 
 def test_hires_infotext_is_a1111s_first_pass_size_and_hires_fields(engine):

@@ -3,6 +3,7 @@ through a fault-injecting proxy; encoding and infotext."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.client
 import io
@@ -810,3 +811,66 @@ def test_sidecar_inputs_keep_no_url_credentials_signatures_or_image_data():
     inputs = _public_inputs(job)
     assert inputs["image"] == "https://img.example.com:8443/a.png"
     assert inputs["mask"] == "<inline image, 26 characters>"
+
+
+def test_infotext_is_read_back_whole_by_a1111s_parser():
+    """Values with commas or colons are quoted as A1111 quotes them; LoRAs are named by file
+    name, as A1111 finds them; a plain schedule says Uniform, else A1111 reads Automatic
+    (Karras for DPM++ 2M); embeddings get A1111's TI hashes."""
+    from handler.outputs import a1111_infotext
+    from tests.test_modes import parse_parameters
+
+    text = a1111_infotext(
+        prompt="a cube",
+        negative_prompt="",
+        steps=20,
+        sampler="DPM++ 2M",
+        cfg_scale=7,
+        seed=1,
+        width=64,
+        height=64,
+        model="RealVision, v5.1 (fp16)",
+        model_hash="0123456789",
+        loras=[("styles/My Style, v2", 0.5, "abcdefabcdef")],
+        embeddings=[("easy:neg", "fedcbafedcba")],
+        extra={"VAE": "vae-ft-mse, fixed", "Mask mode": "Inpaint not masked"},
+    )
+    prompt_line, parameters = text.splitlines()
+    assert prompt_line == "a cube <lora:My Style, v2:0.5>"
+    fields = parse_parameters(parameters)
+    assert fields["Model"] == "RealVision, v5.1 (fp16)" and fields["VAE"] == "vae-ft-mse, fixed"
+    assert fields["Sampler"] == "DPM++ 2M" and fields["Schedule type"] == "Uniform"
+    assert fields["Lora hashes"] == "My Style v2: abcdefabcdef"
+    assert fields["TI hashes"] == "easyneg: fedcbafedcba"
+    assert fields["Mask mode"] == "Inpaint not masked" and fields["Seed"] == "1"
+    euler = a1111_infotext(
+        prompt="x",
+        negative_prompt="",
+        steps=2,
+        sampler="Euler",
+        cfg_scale=7,
+        seed=1,
+        width=64,
+        height=64,
+        model="m",
+        model_hash=None,
+    )
+    assert "Schedule type" not in parse_parameters(euler.splitlines()[-1])  # Automatic: Normal
+
+
+def test_embeddings_and_an_inverted_mask_reach_the_infotext(engine):
+    import hashlib
+
+    from tests.test_modes import infotext_fields
+
+    job = {"prompt": "a cube, demo-sd15-embedding", "width": 64, "height": 64, "steps": 2}
+    fields = infotext_fields(engine.run(parse_job({**job, "checkpoint": "demo-sd15"})))
+    path = engine.registry.resolve("embedding", "demo-sd15-embedding", "prompt").path
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert fields["TI hashes"] == f"demo-sd15-embedding: {digest}"
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(png, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    inpaint = {**job, "prompt": "a cube", "image": image, "mask": image, "invert_mask": True}
+    fields = infotext_fields(engine.run(parse_job({**inpaint, "checkpoint": "demo-sd15"})))
+    assert fields["Mask mode"] == "Inpaint not masked"
