@@ -64,16 +64,33 @@ def load_image(value: str, field: str, settings: Settings, as_mask: bool = False
 def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = False) -> Image.Image:
     """Open image bytes, refusing decompression bombs before any pixel is decoded; turned
     upright by their EXIF orientation, as viewers show them."""
-    if Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS < settings.max_input_pixels:
-        # Pillow's own bomb limit must not refuse what MAX_INPUT_PIXELS accepts (it is global:
-        # only ever raised here, never lowered)
-        Image.MAX_IMAGE_PIXELS = settings.max_input_pixels
+    if Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS < 4 * settings.max_input_pixels:
+        # Pillow's own bomb limit (an error at twice it) must not refuse what is accepted: any
+        # image up to MAX_INPUT_PIXELS, and a JPEG up to 8 times it, decoded at a fraction of
+        # its size (below). It is global: only ever raised here, never lowered.
+        Image.MAX_IMAGE_PIXELS = 4 * settings.max_input_pixels
     try:
         image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _over_pixel_cap("has more pixels than the input cap", field, settings) from None
     except Exception:
         raise InvalidInput("is not a readable image", field=field, accepted=IMAGE_FORMATS) from None
+    pixels = image.width * image.height
+    if (
+        image.format == "JPEG"
+        and settings.max_input_pixels < pixels <= 8 * settings.max_input_pixels
+    ):
+        # A camera photo (24-100 MP): decoded at 1/2, 1/4 or 1/8 of its size, as large as fits,
+        # which the JPEG format does cheaply. The job scales it down to its size anyway.
+        scale = next(
+            (
+                s
+                for s in (2, 4, 8)
+                if (image.width // s) * (image.height // s) <= settings.max_input_pixels
+            ),
+            8,
+        )
+        image.draft(image.mode, (image.width // scale, image.height // scale))
     if image.width * image.height > settings.max_input_pixels:
         raise _over_pixel_cap(
             f"is {image.width}x{image.height} pixels, over the input cap", field, settings

@@ -406,6 +406,20 @@ def test_the_worker_pixel_cap_decides_not_pillows_bomb_limit(settings, monkeypat
         load_image(square, "image", replace(settings, max_input_pixels=1000))
 
 
+def test_a_camera_jpeg_over_the_cap_is_decoded_smaller_other_images_are_refused(settings):
+    """A 24-100 MP photo is a phone's or a camera's, not a bomb: a JPEG over MAX_INPUT_PIXELS,
+    up to 8 times it, is decoded at 1/2, 1/4 or 1/8 of its size, the largest that fits."""
+    capped = replace(settings, max_input_pixels=100 * 75)
+    photo = Image.radial_gradient("L").resize((280, 210)).convert("RGB")  # 7.8 times the cap
+    assert load_image(_encoded(photo, "JPEG"), "image", capped).size == (70, 53)  # a quarter
+    four_times = photo.resize((200, 150))
+    assert load_image(_encoded(four_times, "JPEG"), "image", capped).size == (100, 75)  # a half
+    with pytest.raises(InvalidInput, match="input cap"):  # any other format is refused
+        load_image(_encoded(four_times), "image", capped)
+    with pytest.raises(InvalidInput, match="input cap"):  # over 8 times the cap
+        load_image(_encoded(photo.resize((400, 300)), "JPEG"), "image", capped)
+
+
 @pytest.fixture()
 def silent_server():
     """A local TCP server that accepts connections and never answers; yields its port."""
