@@ -33,6 +33,8 @@ FIELD_ALIASES = {
     # worker-sdxl
     "image_url": "image",
 }
+# worker-sdxl's default strength when it refines an `image_url` (ours is 0.75, as A1111's)
+WORKER_SDXL_STRENGTH = 0.3
 # Fields the native schema does not have, accepted only at the value that changes nothing.
 A1111_NEUTRAL = {
     "restore_faces": False,
@@ -137,6 +139,8 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     #    its "Automatic" schedule type, and its refiner fields.
     if "negative_prompt" in data and data["negative_prompt"] is None:
         data["negative_prompt"] = ""
+    if data.get("image_url") and "strength" not in data and "denoising_strength" not in data:
+        data["strength"] = WORKER_SDXL_STRENGTH  # worker-sdxl's own default for its image_url
     if "sampler_index" in data:
         index = data.pop("sampler_index")
         if "sampler_name" not in data and (

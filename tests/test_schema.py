@@ -334,6 +334,14 @@ def test_worker_sdxl_defaults_are_accepted():
     assert job.negative_prompt == "" and job.steps == 25 and job.image is None
 
 
+def test_a_worker_sdxl_image_url_without_strength_takes_worker_sdxls_default():
+    """worker-sdxl refines an image_url at strength 0.3 when none is sent; ours is 0.75."""
+    url = "https://example.com/a.png"
+    assert parse_job({"prompt": "x", "image_url": url}).strength == 0.3
+    assert parse_job({"prompt": "x", "image_url": url, "strength": 0.6}).strength == 0.6
+    assert parse_job({"prompt": "x", "image": url}).strength == 0.75
+
+
 @pytest.mark.parametrize(
     ("payload", "field", "accepted"),
     [
