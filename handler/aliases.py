@@ -13,6 +13,7 @@ from typing import Any
 
 from handler.errors import InvalidInput
 from handler.schedulers import (
+    DEFAULT_SCHEDULER,
     SCHEDULE_TYPES,
     SCHEDULER_NAMES,
     canonical_scheduler,
@@ -51,13 +52,11 @@ A1111_NEUTRAL = {
     "script_args": [],
     "alwayson_scripts": {},
     "styles": [],
-    "eta": (None, 0, 0.0),
     # img2img/inpainting: only the behaviour this worker has (A1111's defaults for
     # inpainting_fill and inpaint_full_res are read in _apply_inpaint_fields)
     "inpaint_full_res_padding": (0, 32),
     "mask_round": (True,),
     "include_init_images": (False,),
-    "image_cfg_scale": (None, 0, 0.0),  # instruct-pix2pix only: A1111 ignores it otherwise
     "initial_noise_multiplier": (None, 1, 1.0),
     "latent_mask": (None,),
     "firstpass_image": (None, ""),
@@ -74,6 +73,12 @@ A1111_NEUTRAL = {
     "force_task_id": (None, ""),
     "infotext": (None, ""),
 }
+# Fields A1111 ignores outside instruct-pix2pix, whatever their value: so does this worker
+# (webuiapi, A1111's Python client, sends image_cfg_scale 1.5).
+A1111_IGNORED = ("image_cfg_scale",)
+# A1111's `eta`: the noise of its ancestral and SDE samplers (1, as diffusers runs them), and
+# DDIM's eta (0, as diffusers' default); its other samplers take none and ignore it.
+ETA_SAMPLERS = {"Euler a": 1, "DPM2 a": 1, "DPM++ SDE": 1, "DPM++ 2M SDE": 1, "DDIM": 0}
 # A1111 >= 1.9 names the noise schedule separately from the sampler. "Uniform" and "Normal"
 # are the model's timesteps evenly spaced, as diffusers' default spacing does. Keys are
 # lowercase with spaces: A1111's API also takes its internal names ("sgm_uniform").
@@ -242,6 +247,9 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         _apply_override_settings(data, data.pop("override_settings"))
 
     # 3. Fields with no native equivalent: accepted at their neutral value only.
+    _check_eta(data)
+    for name in A1111_IGNORED:
+        data.pop(name, None)
     for name, neutral in A1111_NEUTRAL.items():
         if name in data:
             value = data.pop(name)
@@ -371,6 +379,27 @@ HIRES_SAME_AS_FIRST_PASS = {
     "hr_checkpoint_name": ("checkpoint", ("", "Use same checkpoint")),
     "hr_additional_modules": (None, ([], ["Use same choices"])),
 }
+
+
+def _check_eta(data: dict[str, Any]) -> None:
+    """A1111's `eta` is accepted where it changes nothing: its value for a sampler that takes
+    one (webuiapi sends 1 with every request), anything for one that ignores it."""
+    if data.get("eta") is None:
+        data.pop("eta", None)
+        return
+    eta = data.pop("eta")
+    sampler = canonical_scheduler(str(data.get("scheduler") or DEFAULT_SCHEDULER))
+    if sampler is None:
+        return  # the schema names the unknown sampler
+    neutral = ETA_SAMPLERS.get(split_schedule(sampler)[0])
+    if not isinstance(eta, int | float) or isinstance(eta, bool):
+        raise InvalidInput("eta must be a number", field="eta", accepted="a number, or null")
+    if neutral is not None and eta != neutral:
+        raise InvalidInput(
+            f"eta={eta!r} changes {sampler}'s noise, which this worker does not do",
+            field="eta",
+            accepted=f"eta omitted, or {neutral!r} for {sampler}",
+        )
 
 
 def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any]) -> None:

@@ -474,3 +474,71 @@ def test_booleans_and_numbers_as_text_still_go_where_they_belong():
     job = parse_job({"prompt": "x", "steps": "20", "enable_hr": True, "tiling": False})
     assert job.steps == 20 and job.hires is not None
     assert "Value error" not in str(error_of({"prompt": "x", "image": " "}))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "eta", "accepted"),
+    [
+        ("Euler a", 1.0, True),  # webuiapi, A1111's Python client, sends eta 1 every time
+        ("Euler a", 0, False),  # A1111 would turn the ancestral noise off
+        ("DPM++ SDE", 1, True),
+        ("DPM++ 2M", 1.0, True),  # a sampler without eta: A1111 ignores it
+        ("Euler", 0.4, True),
+        ("DDIM", 0, True),
+        ("DDIM", 1.0, False),  # A1111's stochastic DDIM
+        ("Euler", "x", False),
+    ],
+)
+def test_eta_is_accepted_where_a1111_would_change_nothing(sampler, eta, accepted):
+    payload = {"prompt": "x", "sampler_name": sampler, "eta": eta}
+    if accepted:
+        assert parse_job(payload).scheduler.startswith(sampler)
+    else:
+        assert error_of(payload).field == "eta"
+
+
+def test_webuiapis_default_payloads_are_accepted():
+    """The defaults mix1009/sdwebuiapi sends with every txt2img and img2img call."""
+    common = {
+        "prompt": "a cube",
+        "negative_prompt": "",
+        "styles": [],
+        "seed": -1,
+        "subseed": -1,
+        "subseed_strength": 0.0,
+        "seed_resize_from_h": 0,
+        "seed_resize_from_w": 0,
+        "sampler_name": "Euler a",
+        "scheduler": None,
+        "batch_size": 1,
+        "n_iter": 1,
+        "steps": 20,
+        "cfg_scale": 7.0,
+        "width": 512,
+        "height": 512,
+        "restore_faces": False,
+        "tiling": False,
+        "do_not_save_samples": False,
+        "do_not_save_grid": False,
+        "eta": 1.0,
+        "s_min_uncond": 0,
+        "s_churn": 0,
+        "s_tmax": 0,
+        "s_tmin": 0,
+        "s_noise": 1,
+        "override_settings": {},
+        "override_settings_restore_afterwards": True,
+        "script_args": [],
+        "script_name": None,
+        "send_images": True,
+        "save_images": False,
+        "alwayson_scripts": {},
+        "sampler_index": "Euler a",
+    }
+    txt2img = parse_job({**common, "enable_hr": False, "denoising_strength": 0.7})
+    assert txt2img.scheduler == "Euler a" and txt2img.image is None
+    image = "data:image/png;base64,iVBORw0KGgo="
+    img2img = parse_job(
+        {**common, "init_images": [image], "denoising_strength": 0.7, "image_cfg_scale": 1.5}
+    )
+    assert img2img.image == image and img2img.strength == 0.7
