@@ -73,6 +73,8 @@ def _bucket_location() -> dict[str, Any]:
     The host gives the region when BUCKET_REGION is unset. A virtual-hosted host
     (https://<bucket>.s3.<region>.amazonaws.com) also gives the bucket, and the client then
     talks to the regional endpoint: boto3 would otherwise put the bucket in the path as well.
+    So does a path of one segment (https://<account>.r2.cloudflarestorage.com/<bucket>), which
+    boto3 would put before every key.
     """
     endpoint = _str("BUCKET_ENDPOINT_URL")
     bucket = _str("BUCKET_NAME")
@@ -92,6 +94,23 @@ def _bucket_location() -> dict[str, Any]:
         bucket = aws["bucket"]
         host = ".".join(filter(None, (aws["service"], aws["region"], aws["domain"])))
         endpoint = f"{parts.scheme}://{host}"
+    elif endpoint:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput(
+                "is not an http(s) URL",  # the URL is not quoted: it may carry a signature
+                field="BUCKET_ENDPOINT_URL",
+                accepted="https://host[:port], e.g. https://<account>.r2.cloudflarestorage.com",
+            )
+        path = parts.path.strip("/")
+        if path:  # the bucket in the path, as R2 and AWS's path-style URLs show it
+            if "/" in path or (bucket and bucket != path):
+                raise InvalidInput(
+                    "has a path that is not the bucket's name (BUCKET_NAME)",
+                    field="BUCKET_ENDPOINT_URL",
+                    accepted="https://host[:port], or https://host[:port]/<BUCKET_NAME>",
+                )
+            bucket = path
+            endpoint = f"{parts.scheme}://{parts.netloc}"
     if not bucket and (endpoint or _str("BUCKET_ACCESS_KEY_ID")):
         where = f"BUCKET_ENDPOINT_URL ({parts.hostname})" if endpoint else "BUCKET_ACCESS_KEY_ID"
         _warn_once(

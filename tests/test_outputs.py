@@ -640,6 +640,53 @@ def test_other_endpoints_are_used_as_given(monkeypatch, endpoint):
     assert configured.bucket_region == "us-east-1"
 
 
+@pytest.mark.parametrize("bucket_name_set", [False, True])
+@pytest.mark.parametrize(
+    ("endpoint", "host", "region"),
+    [
+        (
+            "https://0123abcd.r2.cloudflarestorage.com/my-bucket",
+            "0123abcd.r2.cloudflarestorage.com",
+            "us-east-1",
+        ),
+        (
+            "https://s3.eu-west-1.amazonaws.com/my-bucket/",
+            "s3.eu-west-1.amazonaws.com",
+            "eu-west-1",
+        ),
+    ],
+)
+def test_a_bucket_in_the_endpoints_path_is_the_bucket(
+    monkeypatch, endpoint, host, region, bucket_name_set
+):
+    """R2's "S3 API" URL and AWS's path-style URL show the bucket in the path: it is taken as
+    the bucket, not put before every key."""
+    env = {"BUCKET_ENDPOINT_URL": endpoint, **AWS_KEYS}
+    if bucket_name_set:
+        env["BUCKET_NAME"] = "my-bucket"
+    configured = settings_from_env(monkeypatch, **env)
+    assert configured.bucket_configured and configured.bucket_name == "my-bucket"
+    assert configured.bucket_endpoint_url == f"https://{host}"
+    assert presigned(configured) == (host, "/my-bucket/images/j/0-1.png", region)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "127.0.0.1:9000",  # no scheme: botocore would fail every job
+        "ftp://minio.example.com",
+        "https://minio.example.com/my-bucket/images",
+        "https://minio.example.com/other-bucket",
+    ],
+)
+def test_a_malformed_endpoint_stops_the_worker(monkeypatch, endpoint):
+    with pytest.raises(InvalidInput) as info:
+        settings_from_env(
+            monkeypatch, BUCKET_ENDPOINT_URL=endpoint, BUCKET_NAME="my-bucket", **AWS_KEYS
+        )
+    assert info.value.field == "BUCKET_ENDPOINT_URL" and endpoint not in str(info.value)
+
+
 def test_an_endpoint_without_a_bucket_warns_once_that_images_stay_inline(monkeypatch, caplog):
     env = {"BUCKET_ENDPOINT_URL": "https://minio.example.com:9000/?X-Amz-Signature=SIG", **AWS_KEYS}
     with caplog.at_level(logging.WARNING):
