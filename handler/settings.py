@@ -13,7 +13,23 @@ from urllib.parse import urlsplit
 
 from handler.errors import InvalidInput
 
-DEFAULT_MODEL_ROOTS = ("/runpod-volume/models", "/runpod-volume", "./models")
+RUNPOD_VOLUME = "/runpod-volume"
+# Where models sit on a network volume: our layout, and the installs of RunPod's A1111 and
+# ComfyUI pod templates (under /workspace in a pod), whose volume a serverless worker mounts.
+VOLUME_LAYOUTS = (
+    "models",
+    "",
+    "stable-diffusion-webui/models",
+    "stable-diffusion-webui",  # A1111's embeddings/ is beside its models/
+    "ComfyUI/models",
+)
+
+
+def volume_roots(volume: str = RUNPOD_VOLUME) -> tuple[str, ...]:
+    return tuple(str(Path(volume, layout)) for layout in VOLUME_LAYOUTS)
+
+
+DEFAULT_MODEL_ROOTS = (*volume_roots(), "./models")
 
 
 YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

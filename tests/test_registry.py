@@ -631,3 +631,26 @@ def test_a_vae_override_takes_each_checkpoints_own_config(settings, demo_volume,
     after_a.run(_job(checkpoint="a", **job))
     fresh = _engine(settings, root).run(_job(checkpoint="b", **job))
     assert after_a.run(_job(checkpoint="b", **job)).images[0].image == fresh.images[0].image
+
+
+def test_the_default_roots_find_a1111_and_comfyui_pod_installs_on_the_volume(tmp_path):
+    """A network volume set up from RunPod's A1111 or ComfyUI pod templates keeps its models
+    in the install: both are found without MODELS_DIR, A1111's embeddings beside its models."""
+    from handler.settings import Settings, volume_roots
+
+    a1111 = tmp_path / "stable-diffusion-webui"
+    comfy = tmp_path / "ComfyUI" / "models"
+    files = {
+        ("checkpoint", "webui-model"): a1111 / "models" / "Stable-diffusion" / "webui-model",
+        ("lora", "webui-lora"): a1111 / "models" / "Lora" / "webui-lora",
+        ("embedding", "webui-embedding"): a1111 / "embeddings" / "webui-embedding",
+        ("checkpoint", "comfy-model"): comfy / "checkpoints" / "comfy-model",
+        ("lora", "comfy-lora"): comfy / "loras" / "comfy-lora",
+        ("vae", "comfy-vae"): comfy / "vae" / "comfy-vae",
+    }
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _tiny(path.with_suffix(".safetensors"), ["a"])
+    registry = Registry(Settings(extra_roots=volume_roots(str(tmp_path)), device="cpu"))
+    for (kind, name), path in files.items():
+        assert registry.resolve(kind, name, kind).path == path.with_suffix(".safetensors")
