@@ -423,9 +423,7 @@ def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str,
 def encode_sd_texts(pipeline, texts: list[str], clip_skip: int) -> list[torch.Tensor]:
     """Each text's hidden states for SD 1.x/2.x, all padded to the same number of windows."""
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
-    chunks = [
-        tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts
-    ]
+    chunks = [tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts]
     _pad_windows(chunks, tokenizer)
     device = encoder.device
 
@@ -483,9 +481,7 @@ def encode_sdxl_texts(
     hidden: list[list[torch.Tensor]] = [[] for _ in texts]
     pooled: list[torch.Tensor | None] = [None for _ in texts]
     for tokenizer, encoder in pairs:
-        chunks = [
-            tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts
-        ]
+        chunks = [tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts]
         _pad_windows(chunks, tokenizer)
         for index, each in enumerate(chunks):
             states, pooled[index] = _encode_windows(encoder, each, layer, device)
