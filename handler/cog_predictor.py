@@ -10,6 +10,7 @@ import base64
 import contextvars
 import io
 import logging
+import queue
 import tempfile
 import threading
 import time
@@ -103,6 +104,18 @@ def read_input_file(path: FilePath, field: str) -> bytes:
     return FilePath(path).read_bytes()
 
 
+class _Handoff:
+    """One prediction's job on its way to the predictions thread, and back."""
+
+    def __init__(self, job) -> None:
+        self.job = job
+        self.context = contextvars.copy_context()  # the prediction's, for coglet's log routing
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.submitted = self.taken = False
+        self.result = self.error = None
+
+
 class _LogProgress:
     """Prints denoising progress to the prediction log, at most about twice a second."""
 
@@ -134,6 +147,31 @@ class Predictor(BaseRunner):
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))
         self.gpu_unusable = False
+        self.start_job_thread()
+
+    def start_job_thread(self) -> None:
+        """The one thread that runs every prediction's job (see `_run_shielded`)."""
+        self._jobs: queue.SimpleQueue[_Handoff] = queue.SimpleQueue()
+        threading.Thread(target=self._run_jobs, name="predictions", daemon=True).start()
+
+    def _run_jobs(self) -> None:
+        while True:
+            handoff = self._jobs.get()
+            if handoff.taken:  # handed over twice: a cancel landed between put and its note
+                continue
+            handoff.taken = True
+            try:
+                # in the prediction's context (coglet's log routing)
+                handoff.result = handoff.context.run(
+                    self.engine.run,
+                    handoff.job,
+                    progress=_LogProgress(),
+                    cancelled=handoff.cancel.is_set,
+                )
+            except BaseException as error:  # handed to run()'s thread, which raises it
+                handoff.error = error
+            finally:
+                handoff.done.set()
 
     def healthcheck(self) -> bool:
         """coglet's user health check (GET /health-check): unhealthy once a prediction failed in
@@ -142,43 +180,37 @@ class Predictor(BaseRunner):
         return not getattr(self, "gpu_unusable", False)
 
     def _run_shielded(self, job):
-        """Run the job in a thread of its own, and return its result.
+        """Run the job in the predictions thread, and return its result.
 
         coglet cancels a prediction by raising CancelationException in the thread that runs
         run(), at whatever line it is on. Inside the engine that could be a `finally` that is
         undoing the job's LoRAs, embeddings or scheduler, and would leave them applied for the
         next prediction. Here it lands in this wait instead: the engine is told to stop at its
         next check (a denoising step, an image, delivery), undoes its changes itself, and the
-        exception is raised again once it has.
+        exception is raised again once it has. The job goes to one long-lived thread, not a
+        new one per prediction: a cancel that arrived while a new thread was starting could
+        kill it unseen, and leave run() waiting for it forever (the container stuck busy). A
+        cancel at any line here still finds the job handed over once and finished.
         """
-        cancel, done, outcome = threading.Event(), threading.Event(), {}
-
-        def work() -> None:
-            try:
-                outcome["result"] = self.engine.run(
-                    job, progress=_LogProgress(), cancelled=cancel.is_set
-                )
-            except BaseException as error:  # handed to run()'s thread, which raises it
-                outcome["error"] = error
-            finally:
-                done.set()
-
-        # the prediction's context (coglet's log routing) goes with the job into its thread
-        threading.Thread(target=contextvars.copy_context().run, args=(work,)).start()
+        handoff, jobs = _Handoff(job), self._jobs  # (set up by setup())
         interrupted = None
-        while not done.is_set():
-            # A plain sleep: an exception raised inside Thread.join() or Event.wait() can leave
-            # their locks marking a running thread as finished.
+        while not handoff.done.is_set():  # again only after a cancel escaped the loop below
             try:
-                time.sleep(0.01)
+                while not handoff.done.is_set():
+                    if not handoff.submitted:
+                        jobs.put(handoff)
+                        handoff.submitted = True
+                    # A plain sleep: an exception raised inside Thread.join() or Event.wait()
+                    # can leave their locks marking a running thread as finished.
+                    time.sleep(0.01)
             except BaseException as error:  # coglet's cancellation, raised in this thread
-                cancel.set()
+                handoff.cancel.set()
                 interrupted = interrupted or error
         if interrupted is not None:
             raise interrupted
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+        if handoff.error is not None:
+            raise handoff.error
+        return handoff.result
 
     def _fresh_outputs(self) -> FilePath:
         """The output folder, emptied of the previous prediction's files (uploaded by now)."""

@@ -49,7 +49,9 @@ def build_schema() -> dict:
                 prop[key] = bound
         optional = _optional(info, name)
         if optional:
-            prop["nullable"] = True  # an explicit null means "empty", as the form sends it
+            # OpenAPI's mark of an optional input. coglet's validator (JSON Schema) ignores it
+            # and refuses an explicit null: leave an empty input out (README, Cog section).
+            prop["nullable"] = True
         if field.default is not None:
             prop["default"] = field.default
         elif not optional:

@@ -140,6 +140,7 @@ def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
 
     runner, engine = Predictor(), FailingEngine()
     runner.engine = engine
+    runner.start_job_thread()
     inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
     inputs.pop("self")
     inputs.update(prompt="a cube", width=64, height=64)
@@ -180,6 +181,7 @@ def test_coglets_cancel_never_lands_inside_the_engines_cleanup():
 
     runner, engine = Predictor(), SlowCleanupEngine()
     runner.engine = engine
+    runner.start_job_thread()
     inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
     inputs.pop("self")
     inputs.update(prompt="a cube", width=64, height=64)
@@ -200,6 +202,71 @@ def test_coglets_cancel_never_lands_inside_the_engines_cleanup():
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(caller.ident), cancel)  # cleanup
     caller.join(10)
     assert engine.cleaned and [type(e) for e in raised] == [CancelationException]
+
+
+def test_a_cancel_at_any_line_of_the_hand_off_leaves_no_job_running():
+    """coglet's cancel can land on any line of run(), also while the job is handed over: run()
+    must never wait forever, and never return while the job goes on (the next prediction would
+    wait behind it, or run beside it). The cancel is raised here at each line in turn, from a
+    trace function, in every frame below run()'s hand-off."""
+    import sys
+
+    from coglet import CancelationException
+
+    from handler.cog_predictor import Predictor
+    from handler.errors import Cancelled
+
+    class CountingEngine:
+        running = 0
+
+        def run(self, job, progress=None, cancelled=None):
+            self.running += 1
+            try:
+                for _ in range(500):
+                    if cancelled():
+                        raise Cancelled("the job was cancelled")
+                    time.sleep(0.001)
+            finally:
+                self.running -= 1
+
+    runner, engine = Predictor(), CountingEngine()
+    runner.engine = engine
+    runner.start_job_thread()
+    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
+    inputs.pop("self")
+    inputs.update(prompt="a cube", width=64, height=64)
+
+    def predict(line: int, landed: list) -> None:
+        counted, inside = 0, False
+
+        def trace(frame, event, arg):
+            nonlocal counted, inside
+            inside = inside or frame.f_code.co_name == "_run_shielded"
+            if inside and event == "line":
+                counted += 1
+                if counted == line:
+                    landed.append(frame.f_code.co_name)
+                    raise CancelationException()
+            return trace
+
+        sys.settrace(trace)
+        try:
+            runner.run(**inputs)
+        except BaseException:  # noqa: S110 - the cancel, wherever it landed
+            pass
+        finally:
+            sys.settrace(None)
+
+    places = set()
+    for line in range(1, 120):
+        landed: list[str] = []
+        caller = threading.Thread(target=predict, args=(line, landed))
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive(), f"run() waits forever (cancel at line {line})"
+        assert engine.running == 0, f"run() returned while its job goes on (line {line})"
+        places.update(landed)
+    assert {"_run_shielded", "__init__", "is_set"} <= places  # and the lines between
 
 
 def test_the_cog_server_reports_the_predictors_health_check(demo_volume, tmp_path):
@@ -541,6 +608,40 @@ def test_cancel_stops_between_steps_and_leaves_no_state(cog):
     assert decode(with_lora["output"][0]).tobytes() != decode(after["output"][0]).tobytes()
 
 
+def test_a_cancel_right_after_the_prediction_starts_never_wedges_the_container(cog):
+    """A cancel that lands as run() hands its job over (a client's cancel button, a timeout)
+    used to leave the container busy for good, every later prediction answered 409: it could
+    kill a newly started job thread before it ran. Each ends, and the container takes more."""
+    sink = WebhookSink()
+    long_job = {"prompt": "a cube", "width": 128, "height": 128, "steps": 150, "seed": 4}
+    try:
+        for attempt in range(24):
+            name = f"race-{attempt}"
+            response = requests.put(
+                f"{cog}/predictions/{name}",
+                json={"input": long_job, "webhook": sink.url},
+                headers={"Prefer": "respond-async"},
+                timeout=30,
+            )
+            assert response.status_code in (200, 202), response.text
+            time.sleep((attempt % 4) * 0.0005)
+            requests.post(f"{cog}/predictions/{name}/cancel", timeout=30)
+            deadline = time.monotonic() + 60
+            while not any(
+                e.get("id") == name and e.get("status") in ("canceled", "succeeded", "failed")
+                for e in sink.events
+            ):
+                assert time.monotonic() < deadline, f"{name} never ended"
+                time.sleep(0.02)
+            while requests.get(f"{cog}/health-check", timeout=5).json()["status"] != "READY":
+                assert time.monotonic() < deadline, f"still busy after {name}"
+                time.sleep(0.02)
+    finally:
+        sink.close()
+    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 4}
+    assert predict(cog, job).json()["status"] == "succeeded"
+
+
 def test_url_inputs_follow_the_worker_url_rules(cog):
     # coglet would download these itself; the predictor routes them through handler.inputs
     sink = WebhookSink()
@@ -615,6 +716,7 @@ def test_an_unexpected_error_fails_as_internal_error_without_its_text():
 
     runner = Predictor()
     runner.engine = BrokenEngine()
+    runner.start_job_thread()
     inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
     inputs.pop("self")
     inputs.update(prompt="a cube", width=64, height=64)
