@@ -127,7 +127,8 @@ class StateDictCache:
         size = sum(t.numel() * t.element_size() for t in state.values())
         with self._lock:
             self._entries[key] = (state, size)
-            while self.size_bytes > self.max_bytes and len(self._entries) > 1:
+            # the newest goes too when it alone is over the limit (LORA_CACHE_MB=0 caches none)
+            while self.size_bytes > self.max_bytes:
                 self._entries.popitem(last=False)
         return state
 
@@ -279,6 +280,8 @@ def job_additions(
             (lambda: _drop_adapters(pipeline, resident))
             if not clean_exit and (resident.names or loading)
             else None,
+            # a job with more LoRAs than RESIDENT_LORAS keeps them only while it runs
+            (lambda: _evict(pipeline, resident, keep=set())) if clean_exit else None,
         )
 
 

@@ -316,6 +316,13 @@ def test_resident_adapters_are_bounded(settings):
     loaded, _ = small.checkpoint("demo-sd15")
     assert len(loaded.adapters.names) == 1
     assert len([n for n in loaded.pipeline.get_list_adapters().get("unet", [])]) == 1
+    # a job with more LoRAs than that keeps them only while it runs
+    both = [{"name": "demo_sd15_peft"}, {"name": "demo_sd15_kohya"}]
+    stacked = small.run(parse_job({**SD15, "loras": both}))
+    assert len(loaded.adapters.names) == 1
+    assert len(loaded.pipeline.get_list_adapters().get("unet", [])) == 1
+    again = small.run(parse_job({**SD15, "loras": both}))  # reloaded: the same image
+    assert (pixels(again) == pixels(stacked)).all()
 
 
 def test_lora_state_dicts_are_cached(engine):
@@ -477,6 +484,10 @@ def test_state_dict_cache_is_bounded_by_bytes(demo_volume):
     assert cache.loads == 3
     cache.get(paths[0])  # the oldest went: read from disk again
     assert cache.loads == 4
+    none = StateDictCache(max_bytes=0)  # LORA_CACHE_MB=0 caches none
+    none.get(paths[0])
+    none.get(paths[0])
+    assert none.size_bytes == 0 and none.loads == 2
 
 
 def _two_adapter_model(layers: int = 7) -> tuple[torch.nn.Module, list]:
