@@ -128,8 +128,20 @@ def test_lora_string_parsing():
     assert info.value.field == "loras"
 
 
-def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
+def predictor_on(engine) -> tuple:
+    """A predictor (without its setup) running on `engine`, and a small job's form inputs."""
     from handler.cog_predictor import Predictor
+
+    runner = Predictor()
+    runner.engine = engine
+    runner.start_job_thread()
+    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
+    inputs.pop("self")
+    inputs.update(prompt="a cube", width=64, height=64)
+    return runner, inputs
+
+
+def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
     from handler.errors import InternalError, InvalidInput
 
     class FailingEngine:
@@ -138,12 +150,8 @@ def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
         def run(self, job, progress=None, cancelled=None):
             raise self.error
 
-    runner, engine = Predictor(), FailingEngine()
-    runner.engine = engine
-    runner.start_job_thread()
-    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
-    inputs.pop("self")
-    inputs.update(prompt="a cube", width=64, height=64)
+    engine = FailingEngine()
+    runner, inputs = predictor_on(engine)
     engine.error = InvalidInput("bad", field="width")
     with pytest.raises(InvalidInput):
         runner.run(**inputs)
@@ -161,7 +169,6 @@ def test_coglets_cancel_never_lands_inside_the_engines_cleanup():
 
     from coglet import CancelationException
 
-    from handler.cog_predictor import Predictor
     from handler.errors import Cancelled
 
     class SlowCleanupEngine:
@@ -179,12 +186,8 @@ def test_coglets_cancel_never_lands_inside_the_engines_cleanup():
                     time.sleep(0.01)
                 self.cleaned = True
 
-    runner, engine = Predictor(), SlowCleanupEngine()
-    runner.engine = engine
-    runner.start_job_thread()
-    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
-    inputs.pop("self")
-    inputs.update(prompt="a cube", width=64, height=64)
+    engine = SlowCleanupEngine()
+    runner, inputs = predictor_on(engine)
     raised = []
 
     def predict() -> None:
@@ -213,7 +216,6 @@ def test_a_cancel_at_any_line_of_the_hand_off_leaves_no_job_running():
 
     from coglet import CancelationException
 
-    from handler.cog_predictor import Predictor
     from handler.errors import Cancelled
 
     class CountingEngine:
@@ -229,12 +231,8 @@ def test_a_cancel_at_any_line_of_the_hand_off_leaves_no_job_running():
             finally:
                 self.running -= 1
 
-    runner, engine = Predictor(), CountingEngine()
-    runner.engine = engine
-    runner.start_job_thread()
-    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
-    inputs.pop("self")
-    inputs.update(prompt="a cube", width=64, height=64)
+    engine = CountingEngine()
+    runner, inputs = predictor_on(engine)
 
     def predict(line: int, landed: list) -> None:
         counted, inside = 0, False
@@ -707,19 +705,13 @@ def test_hires_strength_without_hires_scale_is_refused(cog):
 
 
 def test_an_unexpected_error_fails_as_internal_error_without_its_text():
-    from handler.cog_predictor import Predictor
     from handler.errors import InternalError
 
     class BrokenEngine:
         def run(self, job, progress=None, cancelled=None):
             raise IndexError("tuple index out of range, with a secret prompt")
 
-    runner = Predictor()
-    runner.engine = BrokenEngine()
-    runner.start_job_thread()
-    inputs = {name: getattr(value, "default", None) for name, value in declared_inputs().items()}
-    inputs.pop("self")
-    inputs.update(prompt="a cube", width=64, height=64)
+    runner, inputs = predictor_on(BrokenEngine())
     with pytest.raises(InternalError) as raised:
         runner.run(**inputs)
     assert str(raised.value).startswith("internal_error:") and "secret" not in str(raised.value)
