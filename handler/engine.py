@@ -584,7 +584,7 @@ class Engine:
                 )
         if init_image is not None:
             init_image = fit_image(init_image, width, height, job.resize_mode)
-        mask = self._mask_for(job, job_mask, width, height) if job_mask else None
+        mask = self._mask_for(job, job_mask, width, height) if job_mask is not None else None
         final_w, final_h = self._check_hires(job, width, height)
         hires_steps = self._hires_schedule(loaded, job)[0] if job.hires else None
         if job.hires and hires_steps < (job.hires.steps or job.steps):
