@@ -114,8 +114,6 @@ A1111_NULLABLE = (
 )
 # A1111's default sampler_index, which its own clients send beside every sampler_name.
 A1111_DEFAULT_SAMPLER_INDEX = "Euler"
-# worker-sdxl refiner controls; they run the refiner only when one is configured.
-REFINER_FIELDS = ("refiner_inference_steps", "high_noise_frac")
 # A1111 model titles carry a hash suffix: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,12}\]$")
 # Fields that name a model, where A1111 clients send its titles.
@@ -265,11 +263,6 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     for name in MODEL_NAME_FIELDS:
         if isinstance(data.get(name), str):
             data[name] = model_title_to_name(data[name])
-
-    # 5. worker-sdxl refiner fields (the engine decides whether a refiner runs).
-    for name in REFINER_FIELDS:
-        if name in data and data[name] is None:
-            data.pop(name)
     return data, warnings
 
 

@@ -55,6 +55,7 @@ from handler.pipelines import (
     CheckpointCache,
     LatentDecoder,
     LoadedCheckpoint,
+    free_memory,
     load_checkpoint,
     load_vae,
     missing_vae,
@@ -242,7 +243,7 @@ class Engine:
             # DEFAULT_CHECKPOINT, or the only checkpoint there is (a Cog image's baked model)
             default = self.settings.default_checkpoint
             if not default:
-                names = self._generators()
+                names = self._base_checkpoint_names()
                 default = names[0] if len(names) == 1 else None
             if default and not self._preloadable(default, "DEFAULT_CHECKPOINT", refiner=False):
                 default = None
@@ -319,7 +320,7 @@ class Engine:
         """DEFAULT_CHECKPOINT, else the first checkpoint by name (as A1111 does), with a warning."""
         if self.settings.default_checkpoint:
             return self.settings.default_checkpoint, None
-        names = self._generators()
+        names = self._base_checkpoint_names()
         if not names:
             roots = ", ".join(str(r) for r in self.registry.roots) or "none found"
             raise ModelNotFound(
@@ -332,7 +333,7 @@ class Engine:
             return names[0], None
         return names[0], f"no checkpoint named and no DEFAULT_CHECKPOINT set; used {names[0]!r}"
 
-    def _generators(self) -> list[str]:
+    def _base_checkpoint_names(self) -> list[str]:
         """Checkpoints that can start a txt2img job: loadable, of a base architecture."""
         names = []
         for model in self.registry.files("checkpoint", loadable_only=True):
@@ -384,7 +385,7 @@ class Engine:
                 vae=vae,
             )
             if vae is not None:
-                loaded.job_vae = file_key(vae_file.path)
+                loaded.job_vae_key = file_key(vae_file.path)
             if self.settings.cuda_graphs:
                 loaded.graphs = fastpath.accelerate(
                     loaded.pipeline,
@@ -425,6 +426,8 @@ class Engine:
                 entry["architecture"] = detection.architecture
                 if not detection.has_vae and vae_sidecar(model) is None:
                     entry["needs_vae"] = True  # saved without one: its jobs must name a vae
+                if detection.notes:
+                    entry["notes"] = list(detection.notes)  # what was assumed about the file
                 if model.is_folder:
                     self.registry.check_not_pickled(model.path, "checkpoint")
             except (UnsupportedModel, InvalidInput) as error:
@@ -509,7 +512,7 @@ class Engine:
             except torch.OutOfMemoryError:
                 # outside the denoise and decode retries: loading or moving models, LoRAs, VAEs
                 log.warning("out of memory while loading this job's models")
-                _free_cuda_memory()
+                free_memory()
                 raise OutOfMemory(
                     "the GPU ran out of memory loading this job's models",
                     accepted="fewer models resident on the GPU (GPU_CHECKPOINTS), or a new worker",
@@ -555,6 +558,7 @@ class Engine:
         if job.refiner_checkpoint:
             self._check_refiner(job.refiner_checkpoint)
         loaded, _ = self.checkpoint(name, job_vae=job.vae)
+        warnings += self.registry.detect(loaded.model).notes  # what was assumed about the file
         refiner = self._refiner_for(job, loaded, warnings)
         job, loras, embeddings = self._additions_for(job, loaded, warnings)
         vae, vae_name = self._vae_for(job, loaded)
@@ -741,13 +745,13 @@ class Engine:
                     raise Cancelled("the job was cancelled")
                 tiled_before = decoder.tiled
                 image = _with_oom_retry(lambda i=index: decoder.decode(latents[i : i + 1]))
-                if decoder.tiled and not tiled_before and warnings is not None:
+                if decoder.tiled and not tiled_before:
                     warnings.append(
                         f"image {index} (seed {seeds[index]}) and any after it: the VAE ran out "
                         f"of GPU memory and decoded in {TILE_PIXELS}-pixel tiles (blended at "
                         "their overlaps)"
                     )
-                if not decoder.last_was_finite and warnings is not None:
+                if not decoder.last_was_finite:
                     warnings.append(
                         f"image {index} (seed {seeds[index]}): the model produced non-finite "
                         "values (NaN or inf); those pixels are black"
@@ -831,7 +835,7 @@ class Engine:
         if not job.vae:
             return None, None
         model = self.registry.resolve("vae", job.vae, "vae")
-        if loaded.job_vae == file_key(model.path):  # what this checkpoint without one holds
+        if loaded.job_vae_key == file_key(model.path):  # what this checkpoint without one holds
             return loaded.pipeline.vae, model.name
         # A single-file VAE takes its config from the checkpoint's config folder, which a
         # sidecar `NAME.config/` may change (its scaling factor): part of what the VAE is.
@@ -1303,7 +1307,7 @@ def _with_oom_retry(call):
             raise
         except torch.OutOfMemoryError:
             log.warning("out of memory (attempt %d); emptying the CUDA cache", attempt)
-            _free_cuda_memory()
+            free_memory()
             if attempt == 2:
                 raise OutOfMemory(
                     "the GPU ran out of memory even after emptying its cache",
@@ -1323,14 +1327,6 @@ def _raise_if_cuda_failure(error: RuntimeError) -> None:
     if "device-side assert" in text or "CUDA error" in text:
         log.error("CUDA error; the worker should be replaced", exc_info=error)
         raise InternalError("a CUDA error left the GPU unusable", refresh_worker=True) from None
-
-
-def _free_cuda_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _done(value):

@@ -50,15 +50,6 @@ class WorkerError(Exception):
             text += f" (accepted: {accepted})"
         return text
 
-    def to_dict(self) -> dict[str, Any]:
-        """The error as a JSON-ready dict: code, field, message, accepted."""
-        return {
-            "code": self.code,
-            "field": self.field,
-            "message": self.message,
-            "accepted": self.accepted,
-        }
-
 
 class InvalidInput(WorkerError):
     """A field is missing, malformed or out of range."""

@@ -110,7 +110,7 @@ class StateDictCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.loads = 0  # disk reads, for tests and logs
+        self.loads = 0  # disk reads (the tests count them)
 
     @property
     def size_bytes(self) -> int:
@@ -468,9 +468,7 @@ def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) 
 
 def _vectors(state: dict[str, Any]) -> torch.Tensor | None:
     """An SD 1.x/2.x embedding's vectors, in diffusers' or A1111's layout."""
-    vectors = state.get("emb_params")
-    if vectors is None and "string_to_param" in state:
-        vectors = next(iter(state["string_to_param"].values()), None)
+    vectors = state.get("emb_params")  # `_read_state_dict` flattens A1111's string_to_param
     return vectors if isinstance(vectors, torch.Tensor) else None
 
 

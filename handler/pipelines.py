@@ -78,7 +78,6 @@ class LoadedCheckpoint:
     name: str
     model: ModelFile
     architecture: str
-    prediction_type: str
     pipeline: Any
     scheduler_config: dict[str, Any]
     load_ms: float
@@ -89,7 +88,7 @@ class LoadedCheckpoint:
     host_chunks: list[torch.Tensor] = field(default_factory=list)  # its weights, while offloaded
     # A checkpoint without VAE weights or a VAE beside it: the file key of the job's VAE it was
     # loaded with (its jobs must all name a VAE).
-    job_vae: tuple | None = None
+    job_vae_key: tuple | None = None
 
 
 @contextlib.contextmanager
@@ -198,7 +197,6 @@ def load_checkpoint(
         name=model.name,
         model=model,
         architecture=detection.architecture,
-        prediction_type=detection.prediction_type,
         pipeline=pipeline,
         scheduler_config=scheduler_config,
         load_ms=(time.perf_counter() - started) * 1000,
@@ -327,7 +325,7 @@ class CheckpointCache:
             # Its chunks are reused once nothing holds its modules any more.
             self.host.retire(evicted.host_chunks, _modules(evicted))
             del evicted
-            _free_memory()
+            free_memory()
 
 
 HOST_CHUNK_BYTES = 256 * 2**20
@@ -503,7 +501,8 @@ def _modules(entry: LoadedCheckpoint) -> list[torch.nn.Module]:
     return [c for c in components if isinstance(c, torch.nn.Module)] + adapters
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Collect garbage and hand the CUDA allocator's free blocks back."""
     import gc
 
     gc.collect()
@@ -602,7 +601,7 @@ class LatentDecoder:
                     raise
                 self.tiled = True
             log.warning("the VAE decode ran out of GPU memory; decoding in tiles from now on")
-            _free_memory()
+            free_memory()
         return self._decode_in_tiles(latents)
 
     def _decode_in_tiles(self, latents: torch.Tensor) -> torch.Tensor:
@@ -662,9 +661,8 @@ def rescale_guided(prediction: torch.Tensor, scale: float, rescale: float) -> to
     """A guided UNet output [uncond; cond] with its cond half replaced so that the pipeline's
     uncond + scale * (cond - uncond) gives diffusers' `rescale_noise_cfg` of the guided
     prediction: its standard deviation moved towards the cond prediction's by `rescale`."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
     uncond, cond = prediction.float().chunk(2)
-    guided = uncond + scale * (cond - uncond)
-    dims = list(range(1, guided.ndim))
-    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    target = rescale * matched + (1 - rescale) * guided
+    target = rescale_noise_cfg(uncond + scale * (cond - uncond), cond, rescale)
     return torch.cat([uncond, uncond + (target - uncond) / scale]).to(prediction.dtype)

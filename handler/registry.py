@@ -56,7 +56,6 @@ NATIVE_SIZE = {
     "sdxl-refiner": 1024,
     "sdxl-inpaint": 1024,
 }
-ARCHITECTURES = tuple(NATIVE_SIZE)
 
 
 @dataclass(frozen=True)

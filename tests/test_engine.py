@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -161,6 +163,28 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
             engine.run(parse_job({**job, "checkpoint": "demo-sdxl", **extra}))
         assert info.value.field == field, (extra, info.value)
         assert list(engine.cache._entries) == warm and engine.cache.on_device(warm[0]), extra
+
+
+def test_an_sd2_file_without_its_prediction_type_says_what_was_assumed(settings, tmp_path):
+    """SD 2.x files rarely record v-prediction or epsilon; the assumption reaches the user, in
+    each job's warnings and in list_models, with what to add to the volume to change it."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from handler.engine import Engine
+
+    (tmp_path / "checkpoints").mkdir()
+    source = pathlib.Path(settings.models_dir) / "checkpoints" / "demo-sd2-768-v.safetensors"
+    save_file(load_file(source), str(tmp_path / "checkpoints" / "sd2-plain.safetensors"))
+    # the tiny model's sizes (its sidecar config folder), without its recorded prediction type
+    shutil.copytree(source.with_suffix(".config"), tmp_path / "checkpoints" / "sd2-plain.config")
+    engine = Engine(replace(settings, models_dir=str(tmp_path)))
+    (entry,) = engine.list_models()["checkpoints"]
+    assert entry["architecture"] == "sd2-768-v"
+    assert any("NAME.yaml" in note for note in entry["notes"])
+    result = engine.run(parse_job({**BASE, "checkpoint": "sd2-plain"}))
+    assert any("assumed v-prediction" in warning for warning in result.warnings)
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
