@@ -97,7 +97,7 @@ REFINE_AFTER_STRENGTH = 0.3
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a job is: phase is loading, denoising, refining or uploading."""
+    """Where a job is: phase is loading, denoising, hires, refining or uploading."""
 
     phase: str
     step: int
@@ -192,19 +192,6 @@ class Engine:
         self.startup_ms: dict[str, float] = {"library_import": library_import_ms}
         self._starting = False
         self._to_hash: list = []
-        if self.settings.safety_policy not in ("blur", "withhold"):
-            raise InvalidInput(
-                f"unknown policy {self.settings.safety_policy!r}",
-                field="SAFETY_POLICY",
-                accepted="blur or withhold",
-            )
-        backends = ("auto", *fastpath.ATTENTION_BACKENDS)
-        if self.settings.attention not in backends:
-            raise InvalidInput(
-                f"unknown attention backend {self.settings.attention!r}",
-                field="ATTENTION_BACKEND",
-                accepted=", ".join(backends),
-            )
         shared_cache = fastpath.worker_cache_dir(self.settings.model_roots)
         self.layouts = fastpath.LayoutCache(
             shared_cache / "unet-layouts.json" if shared_cache is not None else None
@@ -609,7 +596,7 @@ class Engine:
         job = job.model_copy(update={"seed": seed})
         seeds = job.image_seeds()
 
-        # 3. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards;
+        # 4. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards;
         #    an OOM gets one retry after the CUDA cache is emptied
         pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
         if job.hires:
@@ -660,7 +647,7 @@ class Engine:
                 cancelled,
             )
 
-        # 4. Deliver
+        # 5. Deliver
         progress(Progress("uploading", 0, len(seeds)))
         upload_started = time.perf_counter()
         sidecar = None

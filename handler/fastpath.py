@@ -662,7 +662,7 @@ def compiled_vae_decoder(pipeline: Any) -> CompiledForward | None:
     return forward if isinstance(forward, CompiledForward) else None
 
 
-ATTENTION_BACKENDS = {
+ATTENTION_BACKENDS = {  # settings.ATTENTION_CHOICES, besides "auto"
     "flash": "FLASH_ATTENTION",
     "cudnn": "CUDNN_ATTENTION",
     "efficient": "EFFICIENT_ATTENTION",

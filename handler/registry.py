@@ -2,7 +2,8 @@
 
 A model name is a path relative to its folder (`checkpoints/`, `loras/`, ...), with or without
 extension. It never leaves its root: absolute paths, `..` and symlinks that resolve outside the
-root are refused. Architectures are read from the safetensors header alone; no weights load.
+root are refused. A single file's architecture is read from its safetensors header alone (no
+weights load), a diffusers folder's from its JSON; a pickle (ALLOW_PICKLE=1 only) is read whole.
 """
 
 from __future__ import annotations
@@ -414,9 +415,6 @@ def _relative(model: ModelFile) -> str:
     return model.path.relative_to(model.root).as_posix()
 
 
-# -- name checks ---------------------------------------------------------------------------
-
-
 def prefetch(model: ModelFile) -> threading.Thread:
     """Read a model's files into the OS page cache in a background thread.
 
@@ -454,6 +452,9 @@ def prefetch_default_checkpoint(settings: Settings | None = None) -> threading.T
     except (InvalidInput, ModelNotFound):
         return None
     return prefetch(model)
+
+
+# -- name checks ---------------------------------------------------------------------------
 
 
 def _checked_name(name: str, field_name: str) -> PurePosixPath:

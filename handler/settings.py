@@ -33,6 +33,9 @@ DEFAULT_MODEL_ROOTS = (*volume_roots(), "./models")
 
 
 YES, NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+SAFETY_POLICIES = ("blur", "withhold")
+# `auto` is PyTorch's pick; the others are preferred first (handler.fastpath.attention_backends)
+ATTENTION_CHOICES = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 def _flag(name: str, default: bool = False) -> bool:
@@ -189,12 +192,27 @@ class Settings:
     bucket_path_style: bool = False
     input_buckets: tuple[str, ...] = ()  # buckets s3:// inputs may read, besides bucket_name
 
+    extra_roots: tuple[str, ...] = field(default=DEFAULT_MODEL_ROOTS)
+
+    def __post_init__(self) -> None:
+        # settings made in code (tests, the benchmark) are checked as the environment's are
+        if self.safety_policy not in SAFETY_POLICIES:
+            raise InvalidInput(
+                f"unknown policy {self.safety_policy!r}",
+                field="SAFETY_POLICY",
+                accepted=", ".join(SAFETY_POLICIES),
+            )
+        if self.attention not in ATTENTION_CHOICES:
+            raise InvalidInput(
+                f"unknown attention backend {self.attention!r}",
+                field="ATTENTION_BACKEND",
+                accepted=", ".join(ATTENTION_CHOICES),
+            )
+
     @property
     def bucket_configured(self) -> bool:
         """True when uploads can go to a bucket."""
         return bool(self.bucket_name and (self.bucket_endpoint_url or self.bucket_access_key_id))
-
-    extra_roots: tuple[str, ...] = field(default=DEFAULT_MODEL_ROOTS)
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -230,17 +230,21 @@ def test_same_image_as_plain_diffusers(engine, checkpoint, scheduler):
     assert np.abs(pixels(ours.images[0]) - reference).max() <= 1
 
 
-def test_an_unknown_attention_backend_stops_the_worker_at_start(settings, monkeypatch):
-    from dataclasses import replace
-
-    from handler.engine import Engine
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [("ATTENTION_BACKEND", "fastest", "cudnn"), ("SAFETY_POLICY", "Delete", "withhold")],
+)
+def test_an_unknown_choice_stops_the_worker_at_start(monkeypatch, name, value, accepted):
     from handler.settings import Settings
 
+    monkeypatch.setenv(name, value)
     with pytest.raises(InvalidInput) as info:
-        Engine(replace(settings, attention="fastest"))
-    assert info.value.field == "ATTENTION_BACKEND" and "cudnn" in info.value.accepted
+        Settings.from_env()
+    assert info.value.field == name and accepted in info.value.accepted
     monkeypatch.setenv("ATTENTION_BACKEND", " cuDNN ")
-    assert Settings.from_env().attention == "cudnn"  # read case-insensitively
+    monkeypatch.setenv("SAFETY_POLICY", "Withhold")
+    settings = Settings.from_env()  # read case-insensitively
+    assert (settings.attention, settings.safety_policy) == ("cudnn", "withhold")
 
 
 @pytest.mark.parametrize(
