@@ -46,6 +46,15 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
 DEFAULT_SCHEDULER = "DPM++ 2M Karras"
 
+# The samplers A1111 runs through k-diffusion. With no schedule type they run on A1111's
+# "Uniform" schedule (k-diffusion's `get_sigmas`, ComfyUI's "normal"): timesteps evenly spaced
+# from the last (999) to the first (0), which is diffusers' "linspace" spacing. The SD and SDXL
+# configs' own spacing, "leading", starts lower (951 of 999 at 20 steps) and is A1111's "DDIM"
+# schedule type, as its DDIM and PLMS samplers use it.
+K_DIFFUSION_SAMPLERS = frozenset(
+    {"Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE"}
+)
+UNIFORM_SCHEDULE = {"timestep_spacing": "linspace"}
 # A1111's schedule types (its `scheduler` field since 1.9) that diffusers has, as the config
 # they set. "SGM Uniform" is trailing timestep spacing, as diffusers' scheduler docs map it.
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
@@ -53,6 +62,7 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Exponential": {"use_exponential_sigmas": True},
     "Beta": {"use_beta_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "DDIM": {"timestep_spacing": "leading"},
 }
 # Samplers whose diffusers class has no sigma schedules (use_*_sigmas): only SGM Uniform.
 NO_SIGMA_SCHEDULES = frozenset({"Euler a", "DDIM", "PNDM", "LCM"})
@@ -70,6 +80,7 @@ _EXTRA_ALIASES = {
     "K_DPMPP_SDE": "DPM++ SDE",
     "K_DPMPP_SDE_KARRAS": "DPM++ SDE Karras",
     "KarrasDPM": "DPM++ 2M Karras",
+    "HeunDiscrete": "Heun",  # cog-sdxl's name
     # A1111's own aliases (its API takes them as sampler names)
     "k_euler_a": "Euler a",
     "k_dpm_2_a": "DPM2 a",
@@ -81,7 +92,7 @@ _EXTRA_ALIASES = {
     "k_dpm_2_ka": "DPM2 Karras",
     "k_dpm_2_a_ka": "DPM2 a Karras",
     "PLMS": "PNDM",
-    # diffusers class names (the plain class means its default configuration)
+    # diffusers class names (the sampler, on A1111's schedule as its name is)
     "EulerDiscreteScheduler": "Euler",
     "EulerAncestralDiscreteScheduler": "Euler a",
     "HeunDiscreteScheduler": "Heun",
@@ -128,6 +139,8 @@ def takes_schedule(sampler: str, schedule: str) -> bool:
     _, overrides = SCHEDULERS[sampler]
     if any(key in overrides for config in SCHEDULE_TYPES.values() for key in config):
         return False
+    if schedule == "DDIM":  # the spacing DDIM and PNDM already run on
+        return sampler in K_DIFFUSION_SAMPLERS
     return schedule == "SGM Uniform" or sampler not in NO_SIGMA_SCHEDULES
 
 
@@ -147,6 +160,10 @@ def build_scheduler(name: str, base_config: dict[str, Any]):
 
     if name in SCHEDULERS:
         class_name, overrides = SCHEDULERS[name]
+        if name in K_DIFFUSION_SAMPLERS and base_config.get("timestep_spacing") == "leading":
+            # A1111's Uniform; a checkpoint whose config chose another spacing keeps it (a
+            # zero-terminal-SNR one starts from pure noise with "trailing")
+            overrides = {**overrides, **UNIFORM_SCHEDULE}
     else:
         sampler, schedule = split_schedule(name)
         class_name, overrides = SCHEDULERS[sampler]

@@ -198,10 +198,11 @@ def test_output_formats(engine, fmt):
 
 
 @pytest.mark.parametrize(
-    ("checkpoint", "scheduler"), [("demo-sd15", "PNDM"), ("demo-sdxl", "Euler")]
+    ("checkpoint", "scheduler"), [("demo-sd15", "PNDM"), ("demo-sdxl", "Euler DDIM")]
 )
 def test_same_image_as_plain_diffusers(engine, checkpoint, scheduler):
-    """The handler path (per-image decode, our scheduler objects) draws what diffusers draws."""
+    """The handler path (per-image decode, our scheduler objects) draws what diffusers draws
+    (SDXL's default Euler runs on the config's "leading" spacing, A1111's DDIM schedule type)."""
     import torch
 
     loaded, _ = engine.checkpoint(checkpoint)
