@@ -9,9 +9,10 @@ and unknown fields still fail validation: nothing is silently dropped.
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
-from handler.errors import InvalidInput
+from handler.errors import InvalidInput, shown
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULE_TYPES,
@@ -41,7 +42,6 @@ A1111_NEUTRAL = {
     "restore_faces": False,
     "tiling": False,
     "send_images": True,
-    "save_images": False,
     "do_not_save_samples": (False, True),
     "do_not_save_grid": (False, True),
     "subseed": (-1, 0),
@@ -116,6 +116,12 @@ A1111_NULLABLE = (
 A1111_DEFAULT_SAMPLER_INDEX = "Euler"
 # A1111 model titles carry a hash suffix: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,12}\]$")
+# override_settings that name a job field, and the field.
+OVERRIDE_FIELDS = {
+    "sd_model_checkpoint": "checkpoint",
+    "CLIP_stop_at_last_layers": "clip_skip",
+    "sd_vae": "vae",
+}
 # Fields that name a model, where A1111 clients send its titles.
 MODEL_NAME_FIELDS = ("checkpoint", "refiner_checkpoint", "vae")
 
@@ -152,10 +158,16 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
             data["sampler_name"] = index
         elif index not in (data.get("sampler_name"), A1111_DEFAULT_SAMPLER_INDEX):
             warnings.append("sampler_index ignored: the sampler is given (as A1111 does)")
-    if "sampler_name" not in data and _is_schedule_type(data.get("scheduler"), automatic=True):
+    scheduler = data.get("scheduler")
+    # alone, "DDIM" is the sampler (the native field), not A1111's schedule type of that name
+    if (
+        "sampler_name" not in data
+        and _is_schedule_type(scheduler, automatic=True)
+        and not _is_sampler(scheduler)
+    ):
         if _schedule_key(data["scheduler"]) != "automatic":
             raise InvalidInput(
-                f"schedule type {data['scheduler']!r} needs a sampler_name",
+                f"schedule type {shown(data['scheduler'])} needs a sampler_name",
                 field="scheduler",
                 accepted="a sampler such as 'DPM++ 2M Karras', or sampler_name + scheduler",
             )
@@ -177,7 +189,7 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
             or not 0.05 <= switch_at <= 0.95
         ):
             raise InvalidInput(
-                f"refiner_switch_at {switch_at!r} is out of range",
+                f"refiner_switch_at {shown(switch_at)} is out of range",
                 field="refiner_switch_at",
                 accepted="0.05 to 0.95, or 1 for no refiner",
             )
@@ -189,7 +201,11 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         if alias not in data:
             continue
         value = data.pop(alias)
-        if alias == "sampler_name" and (native not in data or not _is_sampler(data[native])):
+        if alias == "sampler_name" and (
+            native not in data
+            or not _is_sampler(data[native])
+            or _is_schedule_type(data[native])  # "DDIM" beside a sampler: the schedule type
+        ):
             # beside sampler_name, A1111's `scheduler` is the schedule type
             value = _with_schedule_type(value, data.pop(native, "Automatic"))
         elif native in data:
@@ -216,7 +232,7 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (batch, iterations))
         if not whole or batch < 1 or iterations < 1 or batch * iterations > 8:
             raise InvalidInput(
-                f"batch_size {batch!r} x n_iter {iterations!r} is not 1 to 8 images",
+                f"batch_size {shown(batch)} x n_iter {shown(iterations)} is not 1 to 8 images",
                 field="batch_size",
                 accepted="whole numbers from 1 up, with batch_size x n_iter from 1 to 8",
             )
@@ -248,13 +264,16 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     _check_eta(data)
     for name in A1111_IGNORED:
         data.pop(name, None)
+    if data.pop("save_images", False) not in (False, None):  # SillyTavern sends true
+        warnings.append("save_images ignored: the images are delivered, not kept on the worker")
     for name, neutral in A1111_NEUTRAL.items():
         if name in data:
             value = data.pop(name)
             allowed = neutral if isinstance(neutral, tuple) else (neutral,)
             if value not in allowed:
                 raise InvalidInput(
-                    f"{name}={value!r} is not supported by this worker",
+                    # not quoted: these fields can hold prompts (infotext) and images (scripts)
+                    f"{name} is not supported by this worker (it was {_kind(value)})",
                     field=name,
                     accepted=f"{name} omitted, or " + " or ".join(repr(v) for v in allowed),
                 )
@@ -298,7 +317,7 @@ def _apply_inpaint_fields(data: dict[str, Any], warnings: list[str]) -> None:
     fill = data.pop("inpainting_fill", 1)
     if fill not in (0, 1):
         raise InvalidInput(
-            f"inpainting_fill={fill!r} is not supported by this worker",
+            f"inpainting_fill={shown(fill)} is not supported by this worker",
             field="inpainting_fill",
             accepted="1 (original; also what A1111's default 0 runs as here)",
         )
@@ -354,7 +373,9 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
     upscaler = str(given.get("hr_upscaler") or "Latent")
     hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
     if hires["upscaler"] == "image" and upscaler.lower() != "lanczos":
-        warnings.append(f"hr_upscaler {upscaler!r} is not available: the image upscaler is Lanczos")
+        warnings.append(
+            f"hr_upscaler {shown(upscaler)} is not available: the image upscaler is Lanczos"
+        )
     data["hires"] = hires
 
 
@@ -389,7 +410,7 @@ def _check_eta(data: dict[str, Any]) -> None:
         raise InvalidInput("eta must be a number", field="eta", accepted="a number, or null")
     if neutral is not None and eta != neutral:
         raise InvalidInput(
-            f"eta={eta!r} changes {sampler}'s noise, which this worker does not do",
+            f"eta={shown(eta)} changes {sampler}'s noise, which this worker does not do",
             field="eta",
             accepted=f"eta omitted, or {neutral!r} for {sampler}",
         )
@@ -404,11 +425,11 @@ def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any])
                 continue
         elif first_pass is not None and given[name] == data.get(first_pass):
             continue
-        shown = f"{name}={given[name]!r}"  # a sampler's or a checkpoint's name
+        given_as = f"{name}={shown(given[name])}"  # a sampler's or a checkpoint's name
         if name.endswith("prompt"):  # prompt text is never quoted
-            shown = f"{name} differs from {first_pass}"
+            given_as = f"{name} differs from {first_pass}"
         raise InvalidInput(
-            f"{shown}: a different hires pass is not supported",
+            f"{given_as}: a different hires pass is not supported",
             field=name,
             accepted=f"{name} omitted, or {same[-1]!r} (the hires pass reuses the first pass's "
             "sampler, prompts and checkpoint)",
@@ -443,6 +464,13 @@ def _schedule_key(value: str) -> str:
     return value.lower().replace("_", " ")
 
 
+def _kind(value: Any) -> str:
+    """What a value is, without its content: 'a str of 1200 characters', 'a list of 2'."""
+    if isinstance(value, str):
+        return f"a str of {len(value)} characters"
+    return shown(value)
+
+
 def _is_schedule_type(value: Any, automatic: bool = False) -> bool:
     if not isinstance(value, str):
         return False
@@ -460,7 +488,7 @@ def _with_schedule_type(sampler: Any, schedule: Any) -> Any:
     rather than run as something else."""
     if not _is_schedule_type(schedule, automatic=True):
         raise InvalidInput(
-            f"schedule type {schedule!r} is not supported",
+            f"schedule type {shown(schedule)} is not supported",
             field="scheduler",
             accepted="Automatic, Uniform, Normal, " + ", ".join(SCHEDULE_TYPES),
         )
@@ -471,21 +499,24 @@ def _with_schedule_type(sampler: Any, schedule: Any) -> Any:
         suffix = A1111_SCHEDULE_TYPES[_schedule_key(schedule)]
     if not suffix or base is None:
         return sampler  # the plain schedule; an unknown sampler is the schema's error
-    if split_schedule(base)[1] == suffix:
-        return base  # "DPM++ 2M Karras" with "Karras"
+    if split_schedule(base)[1] == suffix or (suffix == "DDIM" and base in ("DDIM", "PNDM")):
+        return base  # "DPM++ 2M Karras" with "Karras"; DDIM and PNDM run on DDIM's schedule
     if split_schedule(base)[1] is None and takes_schedule(base, suffix):
         return f"{base} {suffix}"
     with_it = [
         n for n in SCHEDULER_NAMES if split_schedule(n)[1] is None and takes_schedule(n, suffix)
     ]
     raise InvalidInput(
-        f"sampler {sampler!r} has no {suffix!r} schedule type",
+        f"sampler {shown(sampler)} has no {suffix!r} schedule type",
         field="scheduler",
         accepted=f"{suffix} with one of: " + ", ".join(with_it),
     )
 
 
 def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
+    """A1111's per-request settings that name a job field: the model, clip skip, the VAE.
+    Clients send a field both ways (SillyTavern: clip_skip and CLIP_stop_at_last_layers):
+    the same value twice is one value; two different ones are refused."""
     if not isinstance(overrides, dict):
         raise InvalidInput(
             "must be an object",
@@ -493,30 +524,46 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
             accepted='{"sd_model_checkpoint": "name"}',
         )
     overrides = dict(overrides)
-    if "sd_model_checkpoint" in overrides:
-        if "checkpoint" in data:
-            raise InvalidInput(
-                "both checkpoint and override_settings.sd_model_checkpoint are given",
-                field="override_settings.sd_model_checkpoint",
-                accepted="one of them",
-            )
-        data["checkpoint"] = model_title_to_name(str(overrides.pop("sd_model_checkpoint")))
-    if "CLIP_stop_at_last_layers" in overrides:
-        if "clip_skip" in data:
-            raise InvalidInput(
-                "both clip_skip and override_settings.CLIP_stop_at_last_layers are given",
-                field="override_settings.CLIP_stop_at_last_layers",
-                accepted="one of them",
-            )
-        data["clip_skip"] = overrides.pop("CLIP_stop_at_last_layers")
-    if "sd_vae" in overrides:
-        vae = overrides.pop("sd_vae")
-        if vae not in ("Automatic", "None", None, ""):
-            data["vae"] = model_title_to_name(str(vae))
+    for key, native in OVERRIDE_FIELDS.items():
+        if key not in overrides:
+            continue
+        value = overrides.pop(key)
+        if native != "clip_skip":
+            if native == "vae" and value in ("Automatic", "None", None, ""):
+                continue  # the checkpoint's own VAE
+            value = model_title_to_name(str(value))
+        if native in data:
+            given = data[native]
+            same = given == value if native == "clip_skip" else _same_model(given, value)
+            if not same:
+                raise InvalidInput(
+                    f"{native} and override_settings.{key} are both given, and differ",
+                    field=f"override_settings.{key}",
+                    accepted="one of them, or the same value in both",
+                )
+        data[native] = value
+    # Forge's extra modules (text encoders, VAEs): SillyTavern sends the chosen VAE there too
+    modules = overrides.pop("forge_additional_modules", [])
+    vae = data.get("vae")
+    if not isinstance(modules, list) or any(
+        not isinstance(module, str) or vae is None or _stem(module) != _stem(vae)
+        for module in modules
+    ):
+        raise InvalidInput(
+            "Forge's additional modules are not supported, but for the VAE",
+            field="override_settings.forge_additional_modules",
+            accepted="an empty list, or the VAE that sd_vae or vae names",
+        )
     if overrides:
         unknown = ", ".join(sorted(overrides))
         raise InvalidInput(
             f"unsupported override_settings: {unknown}",
             field=f"override_settings.{sorted(overrides)[0]}",
-            accepted="override_settings.sd_model_checkpoint",
+            accepted=", ".join([*OVERRIDE_FIELDS, "forge_additional_modules"]),
         )
+
+
+def _stem(path: str) -> str:
+    """A module's file name without folders or extension: 'C:\\VAE\\sdxl_vae.safetensors' ->
+    'sdxl_vae'."""
+    return PurePosixPath(path.replace("\\", "/")).stem

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from cog import BaseRunner, Input, Path
 
-from handler.errors import InternalError, InvalidInput, WorkerError
+from handler.errors import InternalError, InvalidInput, WorkerError, shown
 from handler.registry import prefetch_default_checkpoint
 from handler.schedulers import split_schedule
 from handler.schema import parse_job
@@ -39,7 +39,7 @@ def parse_lora_list(text: str) -> list[dict]:
             value = float(scale) if scale.strip() else 1.0
         except ValueError:
             raise InvalidInput(
-                f"{item!r}: the scale is not a number",
+                f"{shown(item)}: the scale is not a number",
                 field="loras",
                 accepted="'name:scale, name:scale', e.g. 'ink:0.8, detail'",
             ) from None

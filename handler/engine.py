@@ -47,6 +47,7 @@ from handler.outputs import (
     Storage,
     a1111_exif,
     a1111_infotext,
+    check_destination,
     deliver,
     encode_image,
 )
@@ -517,6 +518,7 @@ class Engine:
         # 1. Check what the job alone decides, and read its images, before any model loads: a
         # refused job pushes no checkpoint out of the cache.
         progress(Progress("loading", 0, 1))
+        check_destination(job.destination, self.storage)
         if job.mask and not job.image:
             raise InvalidInput(
                 "a mask needs the image it masks", field="mask", accepted="image and mask together"

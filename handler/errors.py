@@ -109,3 +109,20 @@ class InternalError(WorkerError):
     """Anything unexpected; the stack trace is in the worker log, not in the reply."""
 
     code = "internal_error"
+
+
+SHOWN_CHARACTERS = 40
+
+
+def shown(value: Any) -> str:
+    """A value the client sent, as an error may quote it: short, since the same field may hold
+    a prompt or image data. Numbers, booleans and short strings as they are; a long string cut;
+    anything else by its type and size only."""
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) <= SHOWN_CHARACTERS:
+            return repr(value)
+        return f"{value[:SHOWN_CHARACTERS]!r}... ({len(value)} characters)"
+    size = f" of {len(value)}" if hasattr(value, "__len__") else ""
+    return f"a {type(value).__name__}{size}"

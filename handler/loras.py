@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -88,6 +89,8 @@ def _inline_lora(tag: str, body: str, field: str) -> tuple[str, float]:
         )
     try:
         te_scale, unet_scale = float(te), float(unet)
+        if not math.isfinite(te_scale) or not math.isfinite(unet_scale):
+            raise ValueError
     except ValueError:
         raise InvalidInput(
             f"{tag}: the scale is not a number", field=field, accepted=INLINE_ACCEPTED

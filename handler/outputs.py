@@ -293,17 +293,26 @@ class Storage:
         ) or response.get("SSECustomerAlgorithm")
         etag = str(response.get("ETag", "")).strip('"')
         if not encrypted and len(etag) == 32 and "-" not in etag and etag != digest.hex():
-            raise UploadFailed(f"the bucket stored different bytes for {key}", field="destination")
+            raise UploadFailed(
+                f"the bucket stored different bytes for {key}",
+                field="destination",
+                accepted="a bucket (and any proxy before it) that stores the bytes it is sent",
+            )
 
     def delete_quietly(self, keys: list[str]) -> None:
-        """Delete `keys`, logging (not raising) what fails: cleanup after a failed batch."""
-        for key in keys:
+        """Delete `keys` at once, logging (not raising) what fails: cleanup after a failed
+        batch, which may have failed because the bucket is unreachable."""
+
+        def delete(key: str) -> None:
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=key)
             except Exception as error:
                 log.warning(
                     "could not delete %s after a failed upload (%s)", key, type(error).__name__
                 )
+
+        with ThreadPoolExecutor(max_workers=min(8, len(keys)) or 1) as pool:
+            list(pool.map(delete, keys))
 
     def url(self, key: str) -> str:
         """A public URL when BUCKET_PUBLIC_URL is set, else a presigned GET."""
@@ -322,6 +331,16 @@ NO_BUCKET_ADVICE = (
 )
 
 
+def check_destination(destination: str, storage: Storage | None) -> None:
+    """Refuse `s3` on a worker without a bucket (the engine asks before a job runs)."""
+    if destination == "s3" and storage is None:
+        raise InvalidInput(
+            "no bucket is configured on this worker",
+            field="destination",
+            accepted="base64 or auto, or configure BUCKET_ENDPOINT_URL and BUCKET_NAME",
+        )
+
+
 def deliver(
     images: list[EncodedImage],
     *,
@@ -334,12 +353,7 @@ def deliver(
 ) -> tuple[list[ImageResult], list[str]]:
     """Deliver encoded images to S3 or inline; returns (results, warnings). A job cancelled
     while its images upload fails as cancelled, and they are deleted: nobody will get the URLs."""
-    if destination == "s3" and storage is None:
-        raise InvalidInput(
-            "no bucket is configured on this worker",
-            field="destination",
-            accepted="base64 or auto, or configure BUCKET_ENDPOINT_URL and BUCKET_NAME",
-        )
+    check_destination(destination, storage)
     unwritten = (
         ["sidecar not written: job.json goes beside images in the bucket, and these are inline"]
         if sidecar is not None
@@ -395,14 +409,12 @@ def _upload(
     A sidecar that cannot be written is a warning: the images are delivered."""
     delivered = [image for image in images if not image.withheld]
     keys = [storage.key(job_id, f"{i.index}-{i.seed}.{i.format}") for i in delivered]
-    uploaded: list[str] = []
 
     def put(pair: tuple[EncodedImage, str]) -> None:
         image, key = pair
         try:
             storage.put(key, image.data, image.mime_type)
         except UploadFailed:
-            uploaded.append(key)  # stored, but not the bytes sent: deleted with the others
             raise
         except Exception as error:  # botocore's, after its retries of transient errors
             raise UploadFailed(
@@ -410,16 +422,16 @@ def _upload(
                 field="destination",
                 accepted="a reachable bucket with write access",
             ) from None
-        uploaded.append(key)
 
     try:
         with ThreadPoolExecutor(max_workers=min(8, len(delivered)) or 1) as pool:
             list(pool.map(put, zip(delivered, keys, strict=True)))
     except UploadFailed:
-        storage.delete_quietly(uploaded)
+        # every key, not only those S3 confirmed: a PUT whose reply was lost may be stored
+        storage.delete_quietly(keys)
         raise
     if cancelled():
-        storage.delete_quietly(uploaded)
+        storage.delete_quietly(keys)
         raise Cancelled("the job was cancelled; its uploaded images were deleted")
     urls = {
         image.index: _result(image, url=storage.url(key), bucket=storage.bucket, key=key)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from handler.errors import InvalidInput, ModelNotFound, UnsupportedModel
+from handler.errors import InvalidInput, ModelNotFound, UnsupportedModel, shown
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,14 @@ class Registry:
                 other = root / folder / relative
                 if other.is_file() and _is_inside(other, root):
                     raise InvalidInput(
-                        f"{name!r} is not a weights file",
+                        f"{shown(name)} is not a weights file",
                         field=field_name,
                         accepted=", ".join(WEIGHT_EXTENSIONS),
                     )
         available = self.names(kind)
         close = difflib.get_close_matches(name, available, n=5, cutoff=0.3)
         raise ModelNotFound(
-            f"no {kind} named {name!r} on the model roots "
+            f"no {kind} named {shown(name)} on the model roots "
             f"({', '.join(str(r) for r in self.roots) or 'none found'})",
             field=field_name,
             accepted=(close or available[:10]) or "nothing: the model root holds no " + kind,
@@ -167,7 +167,7 @@ class Registry:
         by_file_name = [f for f in files if folded(f.name.rsplit("/", 1)[-1]) == wanted]
         if len(by_file_name) > 1:
             raise InvalidInput(
-                f"{name!r} matches several {kind}s",
+                f"{shown(name)} matches several {kind}s",
                 field=field_name,
                 accepted=[f.name for f in by_file_name],
             )
@@ -505,7 +505,7 @@ def _inside_root(path: Path, root: Path, field_name: str, name: str) -> None:
                 break
     if not inside:
         raise InvalidInput(
-            f"{name!r} resolves outside the model root",
+            f"{shown(name)} resolves outside the model root",
             field=field_name,
             accepted="models stored inside the model root",
         )

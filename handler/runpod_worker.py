@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from handler.engine import Engine, Progress
-from handler.errors import InternalError, InvalidInput, WorkerError
+from handler.errors import InternalError, InvalidInput, WorkerError, shown
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -130,7 +130,7 @@ def _action_result(engine: Engine, job_input: dict[str, Any]) -> dict[str, Any]:
     extra = sorted(set(job_input) - {"action"})
     if action not in ACTIONS:
         raise InvalidInput(
-            f"unknown action {action!r}", field="action", accepted=", ".join(ACTIONS)
+            f"unknown action {shown(action)}", field="action", accepted=", ".join(ACTIONS)
         )
     if extra:
         raise InvalidInput(

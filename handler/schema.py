@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from handler.aliases import normalize_payload
-from handler.errors import InvalidInput
+from handler.errors import InvalidInput, shown
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULE_TYPES,
@@ -26,7 +26,11 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 class JobModel(BaseModel):
     """A part of a job's input. pydantic would take `true` for 1 in a number field: a client's
-    bug that should be an error, not one step or one image (Cog's form refuses it too)."""
+    bug that should be an error, not one step or one image (Cog's form refuses it too). NaN and
+    infinity are no numbers here, and text must be text: JSON can carry a lone UTF-16
+    surrogate ("\\ud800"), which no tokenizer, file name or image metadata can take."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -36,6 +40,11 @@ class JobModel(BaseModel):
             kinds = typing.get_args(annotation) or (annotation,)
             if bool not in kinds and (int in kinds or float in kinds):
                 raise ValueError("must be a number, not true or false")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid text (it holds a lone UTF-16 surrogate)") from None
         return value
 
 
@@ -214,7 +223,7 @@ class Job(JobModel):
                     raise ValueError(
                         f"sampler {canonical_scheduler(base)!r} has no {schedule!r} schedule type"
                     )
-            raise ValueError(f"unknown scheduler {value!r}")
+            raise ValueError(f"unknown scheduler {shown(value)}")
         return name
 
     @field_validator("image", "mask")
@@ -309,6 +318,10 @@ def _accepted(error: dict[str, Any]) -> str | None:
         item = _nested_model(bounds.annotation) if bounds else None
         if item is not None:  # a list item or an object of the wrong kind
             return "an object with " + ", ".join(item.model_fields)
+    if kind == "too_long" and "max_length" in ctx:
+        return f"a list of at most {ctx['max_length']}"
+    if kind == "value_error" and "surrogate" in error["msg"]:
+        return "UTF-8 text"
     if kind in ("greater_than_equal", "less_than_equal", "multiple_of") and bounds is not None:
         low = high = step = None
         for rule in bounds.metadata:

@@ -56,13 +56,15 @@ def moto(tmp_path_factory):
 
 class FaultProxy:
     """Forwards HTTP to moto; can answer 500 or drop the connection for the next N PUTs, and
-    can answer a wrong ETag for PUTs whose path holds `wrong_etag_for` (moto stores the bytes)."""
+    can answer a wrong ETag for PUTs whose path holds `wrong_etag_for` (moto stores the bytes),
+    or 500 for those whose path holds `lose_reply_for` (moto stores them: the reply was lost)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.fail_puts = 0
         self.drop_puts = 0
         self.wrong_etag_for = ""
+        self.lose_reply_for = ""
         self.puts_seen = 0
         proxy = self
 
@@ -95,6 +97,18 @@ class FaultProxy:
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()
                 data = response.read()
+                if (
+                    self.command == "PUT"
+                    and proxy.lose_reply_for
+                    and proxy.lose_reply_for in self.path
+                ):
+                    data = b"<Error><Code>InternalError</Code><Message>lost</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    connection.close()
+                    return
                 self.send_response(response.status)
                 lie = (
                     self.command == "PUT"
@@ -303,6 +317,31 @@ def test_an_image_the_bucket_stored_wrongly_is_deleted_with_the_batch(proxy, mot
     assert "the bucket stored different bytes for renders/etag/1-1001.png" in info.value.message
     listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/etag/")
     assert [o["Key"] for o in listed.get("Contents", [])] == []  # image 1 too, not only 0 and 2
+
+
+def test_an_image_stored_whose_reply_was_lost_is_deleted_with_the_batch(proxy, moto, settings):
+    """S3 stored image 1, but every reply to its PUT was lost: the job fails, reporting no
+    image, and the bucket keeps none of the batch, image 1 included."""
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.lose_reply_for = "/1-"
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(3), destination="s3", job_id="lost", storage=storage, inline_limit=None
+        )
+    assert "image 1 could not be uploaded" in info.value.message
+    listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/lost/")
+    assert listed.get("KeyCount", 0) == 0
+
+
+def test_s3_on_a_worker_without_a_bucket_is_refused_before_the_job_runs(engine):
+    """Refused as the job starts, not after it has denoised and decoded."""
+    steps = []
+    with pytest.raises(InvalidInput) as info:
+        engine.run(
+            parse_job({"prompt": "x", "width": 64, "height": 64, "steps": 2, "destination": "s3"}),
+            progress=lambda update: steps.append(update.phase),
+        )
+    assert info.value.field == "destination" and "denoising" not in steps
 
 
 def test_auto_fallback_over_the_reply_limit_is_an_upload_failure(proxy, settings):

@@ -230,6 +230,32 @@ def test_every_sampler_and_schedule_type_builds_and_steps():
     assert built >= 30
 
 
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "K_EULER"])
+def test_k_diffusion_samplers_run_on_a1111s_uniform_schedule(name):
+    """A1111 runs them from the last timestep (sigma_max 14.6 on SD) down to the first;
+    diffusers' SD configs start lower ("leading": 951 at 20 steps), which is A1111's DDIM
+    schedule type and what "Euler DDIM" asks for."""
+    import json
+
+    from handler.registry import CONFIG_ROOT
+    from handler.schedulers import build_scheduler
+
+    base = json.loads((CONFIG_ROOT / "sd15/scheduler/scheduler_config.json").read_text())
+    assert base["timestep_spacing"] == "leading"
+    scheduler = build_scheduler(canonical_scheduler(name), base)
+    scheduler.set_timesteps(20)
+    assert int(scheduler.timesteps[0]) == 999
+    if name != "DPM++ 2M":  # diffusers' multistep solvers end on their last step to sigma 0
+        assert int(scheduler.timesteps[-1]) == 0
+        assert float(scheduler.sigmas[0]) == pytest.approx(14.615, abs=1e-3)
+    leading = build_scheduler(canonical_scheduler(f"{name} DDIM"), base)
+    leading.set_timesteps(20)
+    assert int(leading.timesteps[0]) == (941 if name == "DPM++ 2M" else 951)
+    # a checkpoint that chose its spacing (zero terminal SNR: trailing) keeps it
+    trailing = build_scheduler(canonical_scheduler(name), {**base, "timestep_spacing": "trailing"})
+    assert trailing.config.timestep_spacing == "trailing"
+
+
 def test_null_a1111_fields_are_absent():
     fields = ("restore_faces", "tiling", "styles", "script_args", "alwayson_scripts")
     payload = {"prompt": "x", **dict.fromkeys(fields), "override_settings": None}
@@ -542,3 +568,98 @@ def test_webuiapis_default_payloads_are_accepted():
         {**common, "init_images": [image], "denoising_strength": 0.7, "image_cfg_scale": 1.5}
     )
     assert img2img.image == image and img2img.strength == 0.7
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "accepted"),
+    [
+        ({"infotext": "SECRET prompt\nSteps: 20"}, "infotext", "infotext omitted"),
+        ({"styles": ["SECRET style"]}, "styles", "styles omitted"),
+        ({"firstpass_image": "QUFB" * 500}, "firstpass_image", "omitted"),
+        (
+            {"alwayson_scripts": {"controlnet": {"args": [{"image": "QUFB" * 500}]}}},
+            "alwayson_scripts",
+            "omitted",
+        ),
+        ({"scheduler": "SECRET" * 2000}, "scheduler", "Euler"),
+        ({"sampler_name": "Euler", "scheduler": "SECRET" * 2000}, "scheduler", "Karras"),
+        ({"refiner_switch_at": "SECRET" * 2000}, "refiner_switch_at", "0.05 to 0.95"),
+    ],
+)
+def test_errors_never_quote_what_may_be_a_prompt_or_image_data(payload, field, accepted):
+    with pytest.raises(InvalidInput) as info:
+        parse_job(
+            {
+                "prompt": "x",
+                **payload,
+                **({"refiner_checkpoint": "r"} if field.startswith("refiner") else {}),
+            }
+        )
+    assert info.value.field == field and accepted in str(info.value.accepted)
+    text = str(info.value)
+    assert "QUFBQUFB" not in text and text.count("SECRET") <= 7 and len(text) < 2000
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "expected"),
+    [
+        ({"prompt": "a \ud800 cube"}, "prompt", "UTF-8 text"),
+        ({"negative_prompt": "\udfff"}, "negative_prompt", "UTF-8 text"),
+        ({"checkpoint": "model\ud800"}, "checkpoint", "UTF-8 text"),
+        ({"loras": [{"name": "\ud800"}]}, "loras[0].name", "UTF-8 text"),
+        ({"guidance_scale": float("nan")}, "guidance_scale", "0.0 to 30.0"),
+        ({"strength": float("inf")}, "strength", "0.0 to 1.0"),
+        ({"loras": [{"name": "a", "scale": float("-inf")}]}, "loras[0].scale", "-4.0 to 4.0"),
+        ({"hires": {"scale": float("nan")}}, "hires.scale", "1.0 to 4.0"),
+        ({"loras": [{"name": "a"}] * 9}, "loras", "at most 8"),
+    ],
+)
+def test_text_that_is_no_text_and_numbers_that_are_no_numbers_are_invalid_input(
+    payload, field, expected
+):
+    with pytest.raises(InvalidInput) as info:
+        parse_job({"prompt": "x", **payload})
+    assert info.value.field == field and expected in str(info.value.accepted), info.value
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "1:nan"])
+def test_an_inline_lora_scale_that_is_no_finite_number_is_refused_as_such(scale):
+    from handler.loras import extract_inline_loras
+
+    with pytest.raises(InvalidInput) as info:
+        extract_inline_loras(f"a cube <lora:detail:{scale}>")
+    assert "not a number" in info.value.message and info.value.field == "prompt"
+
+
+def test_sillytaverns_forge_payload_runs():
+    """SillyTavern sends clip skip both ways, save_images true, and the VAE twice on Forge."""
+    job = parse_job(
+        {
+            "prompt": "x",
+            "clip_skip": 2,
+            "save_images": True,
+            "override_settings": {
+                "CLIP_stop_at_last_layers": 2,
+                "sd_vae": "sdxl_vae.safetensors",
+                "forge_additional_modules": ["/forge/models/VAE/sdxl_vae.safetensors"],
+            },
+            "override_settings_restore_afterwards": True,
+        }
+    )
+    assert (job.clip_skip, job.vae) == (2, "sdxl_vae.safetensors")
+    assert any("save_images ignored" in note for note in job._notes)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"clip_skip": 1, "override_settings": {"CLIP_stop_at_last_layers": 2}}, "CLIP_stop"),
+        ({"vae": "a", "override_settings": {"sd_vae": "b.safetensors"}}, "sd_vae"),
+        ({"checkpoint": "a", "override_settings": {"sd_model_checkpoint": "b [0123abcd]"}}, "sd_"),
+        ({"override_settings": {"forge_additional_modules": ["clip_l.safetensors"]}}, "forge"),
+    ],
+)
+def test_override_settings_that_disagree_with_the_fields_are_refused(payload, field):
+    with pytest.raises(InvalidInput) as info:
+        parse_job({"prompt": "x", **payload})
+    assert info.value.field.startswith(f"override_settings.{field}")
