@@ -116,6 +116,15 @@ A1111_NULLABLE = (
 A1111_DEFAULT_SAMPLER_INDEX = "Euler"
 # A1111 model titles carry a hash suffix: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,12}\]$")
+# A1111's latent upscalers: (torch interpolation mode, antialias, A1111's name)
+LATENT_UPSCALERS = {
+    "latent": ("bilinear", False, "Latent"),
+    "latent-antialiased": ("bilinear", True, "Latent (antialiased)"),
+    "latent-bicubic": ("bicubic", False, "Latent (bicubic)"),
+    "latent-bicubic-antialiased": ("bicubic", True, "Latent (bicubic antialiased)"),
+    "latent-nearest": ("nearest", False, "Latent (nearest)"),
+    "latent-nearest-exact": ("nearest-exact", False, "Latent (nearest-exact)"),
+}
 # override_settings that name a job field, and the field.
 OVERRIDE_FIELDS = {
     "sd_model_checkpoint": "checkpoint",
@@ -371,11 +380,15 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
     else:
         hires["strength"] = A1111_HIRES_STRENGTH
     upscaler = str(given.get("hr_upscaler") or "Latent")
-    hires["upscaler"] = "latent" if upscaler.lower().startswith("latent") else "image"
-    if hires["upscaler"] == "image" and upscaler.lower() != "lanczos":
-        warnings.append(
-            f"hr_upscaler {shown(upscaler)} is not available: the image upscaler is Lanczos"
-        )
+    latent = {name.lower(): key for key, (_, _, name) in LATENT_UPSCALERS.items()}
+    if upscaler.lower() in latent:
+        hires["upscaler"] = latent[upscaler.lower()]
+    else:
+        hires["upscaler"] = "image"
+        if upscaler.lower() != "lanczos":
+            warnings.append(
+                f"hr_upscaler {shown(upscaler)} is not available: the image upscaler is Lanczos"
+            )
     data["hires"] = hires
 
 

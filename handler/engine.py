@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from handler import fastpath
+from handler.aliases import LATENT_UPSCALERS
 from handler.errors import (
     Cancelled,
     InternalError,
@@ -538,23 +539,18 @@ class Engine:
             )
         job_mask = load_image(job.mask, "mask", self.settings, as_mask=True) if job.mask else None
 
-        # 2. Resolve and load the checkpoint(s)
+        # 2. Check what the checkpoint's file decides (its architecture, from its header): the
+        #    size, the hires pass, the LoRAs and the VAE's name. Then load it.
         name = job.checkpoint
         if not name:
             name, warning = self.default_checkpoint_name()
             warnings += [warning] if warning else []
-        self._check_generator(self.registry.resolve("checkpoint", name, "checkpoint"), job)
+        model = self.registry.resolve("checkpoint", name, "checkpoint")
+        self._check_generator(model, job)
         if job.refiner_checkpoint:
             self._check_refiner(job.refiner_checkpoint)
-        loaded, _ = self.checkpoint(name, job_vae=job.vae)
-        warnings += self.registry.detect(loaded.model).notes  # what was assumed about the file
-        refiner = self._refiner_for(job, loaded, warnings)
-        job, loras, embeddings = self._additions_for(job, loaded, warnings)
-        vae, vae_name = self._vae_for(job, loaded)
-        timings["load"] = _ms(started)
-
-        # 3. Check the request against this checkpoint
-        native = NATIVE_SIZE[loaded.architecture]
+        architecture = self.registry.detect(model).architecture
+        native = NATIVE_SIZE[architecture]
         default_w, default_h = (
             (native, native)
             if init_image is None
@@ -567,6 +563,18 @@ class Engine:
                 field="width",
                 accepted=f"width x height up to {self.settings.max_pixels} pixels",
             )
+        final_w, final_h = self._check_hires(job, width, height)
+        job, loras = self._loras_for(job, architecture, warnings)
+        if job.vae:
+            self.registry.resolve("vae", job.vae, "vae")
+        loaded, _ = self.checkpoint(name, job_vae=job.vae)
+        warnings += self.registry.detect(loaded.model).notes  # what was assumed about the file
+        refiner = self._refiner_for(job, loaded, warnings)
+        embeddings = self._embeddings_for(job, loaded, warnings)
+        vae, vae_name = self._vae_for(job, loaded)
+        timings["load"] = _ms(started)
+
+        # 3. Check the request against this checkpoint
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
             if int(refine_steps * REFINE_AFTER_STRENGTH) < 1:
@@ -578,7 +586,6 @@ class Engine:
         if init_image is not None:
             init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, job_mask, width, height) if job_mask is not None else None
-        final_w, final_h = self._check_hires(job, width, height)
         hires_steps = self._hires_schedule(loaded, job)[0] if job.hires else None
         if job.hires and hires_steps < (job.hires.steps or job.steps):
             warnings.append(
@@ -763,11 +770,10 @@ class Engine:
         timings["encode"] = _ms(encode_wait)  # the encoding not hidden behind decoding
         return encoded
 
-    def _additions_for(self, job: Job, loaded: LoadedCheckpoint, warnings: list[str]):
-        """Resolve the job's LoRA stack (list + inline tags) and the embeddings its prompts use.
-
-        Everything is checked here, before the pipeline is touched.
-        """
+    def _loras_for(self, job: Job, architecture: str, warnings: list[str]):
+        """The job with its prompts' LoRA tags taken out and their syntax checked, and its LoRA
+        stack (list + tags), each found and checked against the checkpoint's architecture:
+        all before the checkpoint loads."""
         prompt, inline = extract_inline_loras(job.prompt)
         negative, in_negative = extract_inline_loras(job.negative_prompt, "negative_prompt")
         if in_negative:
@@ -794,18 +800,21 @@ class Engine:
                 model = self._inline_lora_file(name, tag)
             else:
                 model = self.registry.resolve("lora", name, field)
-            check_compatible(model, loaded.architecture, field)
+            check_compatible(model, architecture, field)
             loras.append(AppliedLora(model.name, scale, model, field))
+        return job.model_copy(update={"prompt": prompt, "negative_prompt": negative}), loras
+
+    def _embeddings_for(self, job: Job, loaded: LoadedCheckpoint, warnings: list[str]):
+        """The embeddings the job's prompts use that this checkpoint's text encoders take."""
         embeddings, embedding_warnings = embeddings_for(
-            [prompt, negative],
+            [job.prompt, job.negative_prompt],
             self.registry.files("embedding"),
             loaded.pipeline,
             self.state_dicts,
             self.settings.allow_pickle,
         )
         warnings += embedding_warnings
-        update = {"prompt": prompt, "negative_prompt": negative}
-        return job.model_copy(update=update), loras, embeddings
+        return embeddings
 
     def _inline_lora_file(self, name: str, tag: str):
         """The file a prompt's LoRA tag names; errors say which tag, without quoting its name
@@ -971,9 +980,14 @@ class Engine:
     def _hires_pass(self, loaded, job, text, latents, width, height, generators, callback):
         """Upscale the first pass (latents, or decoded images) and run img2img at the new size."""
         final_w, final_h = self._check_hires(job, width, height)
-        if job.hires.upscaler == "latent":
+        if job.hires.upscaler in LATENT_UPSCALERS:
+            mode, antialias, _ = LATENT_UPSCALERS[job.hires.upscaler]
             image = torch.nn.functional.interpolate(
-                latents, size=(final_h // 8, final_w // 8), mode="bilinear", align_corners=False
+                latents,
+                size=(final_h // 8, final_w // 8),
+                mode=mode,
+                antialias=antialias,
+                **({} if mode.startswith("nearest") else {"align_corners": False}),
             )
         else:
             with LatentDecoder(pipeline_for(loaded, "txt2img")) as decoder:
@@ -1357,7 +1371,7 @@ def _infotext_fields(
         extra["Hires upscale"] = f"{job.hires.scale:g}"
         if hires_steps != job.steps:  # the steps the pass ran; A1111 leaves out "same as first"
             extra["Hires steps"] = hires_steps
-        extra["Hires upscaler"] = "Latent" if job.hires.upscaler == "latent" else "Lanczos"
+        extra["Hires upscaler"] = LATENT_UPSCALERS.get(job.hires.upscaler, (0, 0, "Lanczos"))[2]
     if refiner is not None and job.high_noise_frac is not None:
         extra["Refiner"] = refiner.name
         extra["Refiner switch at"] = f"{job.high_noise_frac:g}"

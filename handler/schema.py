@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handler.aliases import normalize_payload
+from handler.aliases import LATENT_UPSCALERS, normalize_payload
 from handler.errors import InvalidInput, shown
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
@@ -71,8 +71,10 @@ class HiresFix(JobModel):
         "job's steps.",
     )
     strength: float = Field(0.55, ge=0.05, le=1.0, description="Second-pass denoising strength.")
-    upscaler: Literal["latent", "image"] = Field(
-        "latent", description="Upscale the latents, or the decoded image (Lanczos)."
+    upscaler: Literal[(*LATENT_UPSCALERS, "image")] = Field(  # type: ignore[valid-type]
+        "latent",
+        description="Upscale the latents (bilinear; or as A1111's other Latent upscalers), or "
+        "the decoded image (Lanczos).",
     )
 
 

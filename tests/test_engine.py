@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.errors import Cancelled, InvalidInput
+from handler.errors import Cancelled, InvalidInput, WorkerError
 from handler.schedulers import SCHEDULER_NAMES
 from handler.schema import parse_job
 
@@ -141,7 +141,9 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
 
     from handler.engine import Engine
 
-    engine = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    engine = Engine(
+        replace(settings, gpu_checkpoints=1, cpu_checkpoints=0, max_pixels=512 * 512)
+    )
     job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 1}
     engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
     warm = list(engine.cache._entries)
@@ -157,9 +159,18 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
         ({"checkpoint": "demo-sdxl-inpaint"}, "checkpoint"),
         ({"checkpoint": "demo-sdxl-refiner"}, "checkpoint"),
         ({"refiner_checkpoint": "demo-sd15", "high_noise_frac": 0.5}, "refiner_checkpoint"),
+        ({"destination": "s3"}, "destination"),  # no bucket on this worker
+        # what the checkpoint's architecture decides, read from its header
+        ({"width": 1024, "height": 1024}, "width"),
+        ({"width": 512, "height": 512, "hires": {"scale": 2}}, "hires.scale"),
+        ({"image": image, "mask": image, "hires": {"scale": 2}}, "hires"),
+        ({"loras": [{"name": "nope"}]}, "loras[0].name"),
+        ({"loras": [{"name": "demo_sd15_peft"}]}, "loras[0].name"),
+        ({"prompt": "x <lora:nope:1>"}, "prompt"),
+        ({"vae": "nope"}, "vae"),
     ]
     for extra, field in refused:
-        with pytest.raises(InvalidInput) as info:
+        with pytest.raises(WorkerError) as info:
             engine.run(parse_job({**job, "checkpoint": "demo-sdxl", **extra}))
         assert info.value.field == field, (extra, info.value)
         assert list(engine.cache._entries) == warm and engine.cache.on_device(warm[0]), extra

@@ -266,7 +266,7 @@ def test_a1111_enable_hr_maps_onto_hires():
         }
     )
     assert job.hires.scale == 1.5 and job.hires.steps == 7 and job.hires.strength == 0.45
-    assert job.hires.upscaler == "latent"
+    assert job.hires.upscaler == "latent-nearest"
     plain = parse_job({"prompt": "x", "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent"})
     assert plain.hires is None
 
@@ -317,6 +317,26 @@ def test_hires_infotext_is_a1111s_first_pass_size_and_hires_fields(engine):
     assert fields["Size"] == "64x72" and fields["Hires upscale"] == "2"
     assert fields["Hires steps"] == "3" and fields["Hires upscaler"] == "Latent"
     assert fields["Denoising strength"] == "0.4"
+
+
+@pytest.mark.parametrize(
+    ("hr_upscaler", "upscaler"),
+    [("Latent (nearest-exact)", "latent-nearest-exact"), ("Latent (bicubic antialiased)", None)],
+)
+def test_a1111s_latent_upscalers_each_upscale_their_own_way(engine, hr_upscaler, upscaler):
+    """A1111's Latent (...) upscalers are torch interpolation modes: each gives its own image,
+    and the infotext names it as A1111 does."""
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 1}
+    job.update(checkpoint="demo-sd15", enable_hr=True, hr_scale=2, denoising_strength=0.3)
+    bilinear = engine.run(parse_job({**job, "hr_upscaler": "Latent"}))
+    result = engine.run(parse_job({**job, "hr_upscaler": hr_upscaler}))
+    assert not result.warnings and np.abs(pixels(result) - pixels(bilinear)).max() > 0
+    assert infotext_fields(result)["Hires upscaler"] == hr_upscaler
+    if upscaler:  # the native field's name for it draws the same
+        hires = {"scale": 2, "strength": 0.3, "upscaler": upscaler}
+        base = {k: v for k, v in job.items() if k not in ("enable_hr", "hr_scale")}
+        native = engine.run(parse_job({**base, "hires": hires, "denoising_strength": None}))
+        assert (pixels(native) == pixels(result)).all()
 
 
 def test_img2img_with_hires_keeps_both_strengths_in_the_infotext(engine):
