@@ -34,6 +34,10 @@ FIELD_ALIASES = {
     "rescale_cfg": "guidance_rescale",  # Forge's built-in RescaleCFG
     # worker-sdxl
     "image_url": "image",
+    # Replicate's cog-sdxl (the Cog form's names)
+    "num_outputs": "num_images",
+    "prompt_strength": "strength",
+    "refine_steps": "refiner_inference_steps",
 }
 # worker-sdxl's default strength when it refines an `image_url` (ours is 0.75, as A1111's)
 WORKER_SDXL_STRENGTH = 0.3

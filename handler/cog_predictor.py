@@ -28,6 +28,16 @@ from handler.settings import Settings
 log = logging.getLogger(__name__)
 # The form's hires_strength default: any other value without hires_scale would be ignored.
 HIRES_STRENGTH_DEFAULT = 0.55
+# cog-sdxl's scheduler names that A1111's do not cover (its DDIM and PNDM are A1111's too)
+COG_SDXL_SCHEDULERS = (
+    "K_EULER",
+    "K_EULER_ANCESTRAL",
+    "DPMSolverMultistep",
+    "KarrasDPM",
+    "HeunDiscrete",
+)
+# cog-sdxl's `refine` choices: whether the SDXL refiner runs, and how
+REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 
 
 def parse_lora_list(text: str) -> list[dict]:
@@ -212,6 +222,34 @@ class Predictor(BaseRunner):
             raise handoff.error
         return handoff.result
 
+    def _refiner_fields(
+        self, refine: str, checkpoint: str | None, high_noise_frac: float, steps: int | None
+    ) -> dict:
+        """The job's refiner fields for cog-sdxl's `refine`: none, the ensemble (the base hands
+        over at high_noise_frac), or refining the finished image (no high_noise_frac). As in
+        cog-sdxl, high_noise_frac (always sent by the form) matters only to the ensemble."""
+        if refine == "no_refiner":
+            if checkpoint or steps is not None:
+                raise InvalidInput(
+                    "refiner_checkpoint and refine_steps choose how a refiner runs, and refine "
+                    "is no_refiner",
+                    field="refine",
+                    accepted="expert_ensemble_refiner or base_image_refiner with them",
+                )
+            return {}
+        name = checkpoint or self.engine.settings.refiner_checkpoint
+        if not name:
+            raise InvalidInput(
+                f"{refine} needs an SDXL refiner, and this model sets no REFINER_CHECKPOINT",
+                field="refine",
+                accepted="no_refiner, or a refiner_checkpoint with it",
+            )
+        return {
+            "refiner_checkpoint": name,
+            "high_noise_frac": high_noise_frac if refine == "expert_ensemble_refiner" else None,
+            "refiner_inference_steps": steps,
+        }
+
     def _fresh_outputs(self) -> FilePath:
         """The output folder, emptied of the previous prediction's files (uploaded by now)."""
         for old in self.outputs.iterdir():
@@ -241,7 +279,7 @@ class Predictor(BaseRunner):
             description="Height in pixels, a multiple of 8. Empty uses the init image's size "
             "(rounded down to a multiple of 8), else the checkpoint's native size.",
         ),
-        steps: int = Input(default=30, ge=1, le=150, description="Denoising steps."),
+        num_inference_steps: int = Input(default=30, ge=1, le=150, description="Denoising steps."),
         guidance_scale: float = Input(
             default=7.0, ge=0.0, le=30.0, description="Classifier-free guidance (CFG) scale."
         ),
@@ -271,12 +309,13 @@ class Predictor(BaseRunner):
                 "PNDM",
                 "UniPC",
                 "LCM",
+                *COG_SDXL_SCHEDULERS,
             ],
-            description="Sampler (A1111 names).",
+            description="Sampler (A1111 names; cog-sdxl's names, the last five, work too).",
         ),
         schedule_type: str = Input(
             default="Automatic",
-            choices=["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform"],
+            choices=["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform", "DDIM"],
             description="A1111's schedule type for the sampler: Automatic keeps the sampler's "
             "own (Karras for 'DPM++ 2M Karras').",
         ),
@@ -286,7 +325,7 @@ class Predictor(BaseRunner):
             le=18446744073709551615,
             description="Seed of the first image; image i uses seed + i. Empty means random.",
         ),
-        num_images: int = Input(default=1, ge=1, le=8, description="Number of images."),
+        num_outputs: int = Input(default=1, ge=1, le=8, description="Number of images."),
         loras: str = Input(
             default="",
             description="LoRAs as 'name:scale, name:scale' (names under loras/). "
@@ -304,12 +343,12 @@ class Predictor(BaseRunner):
         invert_mask: bool = Input(
             default=False, description="Inpainting: repaint the black part instead."
         ),
-        strength: float = Input(
+        prompt_strength: float = Input(
             default=0.75,
             ge=0.0,
             le=1.0,
             description="img2img and inpainting: how much of the image is repainted (1.0 "
-            "ignores it). It runs steps x strength steps, which must be at least 1.",
+            "ignores it). It runs num_inference_steps x prompt_strength steps, which must be at least 1.",
         ),
         resize_mode: str = Input(
             default="just_resize",
@@ -341,25 +380,32 @@ class Predictor(BaseRunner):
                 "SDXL already uses the one before: 1 and 2 are the same there."
             ),
         ),
+        refine: str = Input(
+            default="no_refiner",
+            choices=list(REFINE_MODES),
+            description="SDXL refiner, as cog-sdxl runs it: expert_ensemble_refiner hands the "
+            "last part of the noise schedule (1 - high_noise_frac) to the refiner; "
+            "base_image_refiner refines the finished image.",
+        ),
         refiner_checkpoint: str | None = Input(
             default=None,
-            description="SDXL refiner checkpoint: with high_noise_frac it runs the last steps "
-            "(ensemble); without, it refines the finished image.",
+            description="The SDXL refiner checkpoint for refine. Empty uses the model's "
+            "REFINER_CHECKPOINT.",
         ),
-        high_noise_frac: float | None = Input(
-            default=None,
+        high_noise_frac: float = Input(
+            default=0.8,
             ge=0.05,
             le=0.95,
-            description="SDXL refiner ensemble: the fraction of the noise schedule the base "
-            "model denoises before the refiner takes over (0.8: the base runs down to timestep "
-            "200).",
+            description="For expert_ensemble_refiner: the fraction of the noise schedule the "
+            "base model denoises (0.8: down to timestep 200).",
         ),
-        refiner_inference_steps: int | None = Input(
+        refine_steps: int | None = Input(
             default=None,
             ge=1,
             le=150,
-            description="SDXL refiner schedule length: it runs the part after high_noise_frac, "
-            "or 0.3 of it refining the finished image when high_noise_frac is empty.",
+            description="The refiner's schedule length: it runs the part after high_noise_frac "
+            "(expert_ensemble_refiner), or 0.3 of it (base_image_refiner). Empty uses "
+            "num_inference_steps.",
         ),
         output_format: str = Input(
             default="png", choices=["png", "jpeg", "webp"], description="Image file format."
@@ -398,23 +444,21 @@ class Predictor(BaseRunner):
             "checkpoint": checkpoint or None,
             "width": width,
             "height": height,
-            "steps": steps,
+            "steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "guidance_rescale": guidance_rescale,
             "scheduler": scheduler,
             "seed": seed,
-            "num_images": num_images,
+            "num_images": num_outputs,
             "loras": parse_lora_list(loras),
-            "strength": strength,
+            "strength": prompt_strength,
             "resize_mode": resize_mode,
             "hires": {"scale": hires_scale, "strength": hires_strength} if hires_scale else None,
             "mask_blur": mask_blur,
             "invert_mask": invert_mask,
             "vae": vae or None,
             "clip_skip": clip_skip,
-            "refiner_checkpoint": refiner_checkpoint or None,
-            "high_noise_frac": high_noise_frac,
-            "refiner_inference_steps": refiner_inference_steps,
+            **self._refiner_fields(refine, refiner_checkpoint, high_noise_frac, refine_steps),
             "safety_checker": False if disable_safety_checker else None,
             "output_format": output_format,
             "output_quality": output_quality,

@@ -1,6 +1,6 @@
 """`cog predict` without Docker or the cog CLI: run the predictor under Cog's own HTTP server.
 
-    python scripts/cog_predict.py -i prompt="a red cube" -i steps=20 [-i image=@photo.png]
+    python scripts/cog_predict.py -i prompt="a red cube" -i num_inference_steps=20 [-i image=@photo.png]
 
 Starts coglet (`python -m cog.server.http`) on a free port on 127.0.0.1 with the predictor from
 cog.yaml, waits for setup, sends one prediction, writes the output files to cog-output/, prints

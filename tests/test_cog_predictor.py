@@ -18,19 +18,39 @@ import pytest
 import requests
 from PIL import Image
 
-from handler.schedulers import SCHEDULER_NAMES
+from handler.cog_predictor import COG_SDXL_SCHEDULERS
+from handler.schedulers import SCHEDULER_NAMES, canonical_scheduler
 from handler.schema import Job
 from tests.servers import REPO, Server, free_port
 
 # Form inputs that stand for part of a schema field: LoRAs as a "name:scale, ..." string,
-# the hires fix's object as two inputs, and the safety checker as an API-only opt-out.
-COG_ONLY = {"loras", "hires_scale", "hires_strength", "disable_safety_checker", "schedule_type"}
+# the hires fix's object as two inputs, the safety checker as an API-only opt-out, and
+# cog-sdxl's refine switch.
+COG_ONLY = {
+    "loras",
+    "hires_scale",
+    "hires_strength",
+    "disable_safety_checker",
+    "schedule_type",
+    "refine",
+}
+# Form inputs under cog-sdxl's names (Replicate's usual ones), and the schema field of each.
+COG_SDXL_NAMES = {
+    "num_inference_steps": "steps",
+    "num_outputs": "num_images",
+    "prompt_strength": "strength",
+    "refine_steps": "refiner_inference_steps",
+}
 # Schema fields not in the form, and why.
 NOT_IN_FORM = {
     "destination": "Replicate hosts the output files itself",
     "sidecar": "needs a bucket; Replicate has none",
     "hires": "in the form as hires_scale and hires_strength",
     "safety_checker": "in the form as disable_safety_checker (API only)",
+    **{
+        field: f"in the form as {name}, as cog-sdxl names it"
+        for name, field in COG_SDXL_NAMES.items()
+    },
 }
 
 
@@ -72,13 +92,17 @@ def test_every_cog_input_matches_the_schema():
             continue
         if name in COG_ONLY:
             continue
-        assert name in Job.model_fields, f"{name} is not a schema field"
-        field = Job.model_fields[name]
+        field_name = COG_SDXL_NAMES.get(name, name)
+        assert field_name in Job.model_fields, f"{name} is not a schema field"
+        field = Job.model_fields[field_name]
         default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if name == "high_noise_frac":  # cog-sdxl's 0.8, used with refine=expert_ensemble_refiner
+            default = 0.8
         assert cog_field.default == default, name
         assert (declared[name].ge, declared[name].le) == bounds(field), name  # exactly
         if name == "scheduler":
-            assert tuple(cog_field.choices) == SCHEDULER_NAMES
+            assert tuple(cog_field.choices) == SCHEDULER_NAMES + COG_SDXL_SCHEDULERS
+            assert all(canonical_scheduler(choice) for choice in COG_SDXL_SCHEDULERS)
         elif typing.get_origin(field.annotation) is typing.Literal:
             assert tuple(cog_field.choices) == typing.get_args(field.annotation), name
         else:
@@ -96,7 +120,10 @@ def test_openapi_bounds_are_exact_and_optional_inputs_are_nullable():
 
     properties = build_schema()["components"]["schemas"]["Input"]["properties"]
     assert properties["seed"]["maximum"] == 2**64 - 1 and properties["seed"]["nullable"]
-    assert properties["steps"]["maximum"] == 150 and "nullable" not in properties["steps"]
+    assert (
+        properties["num_inference_steps"]["maximum"] == 150
+        and "nullable" not in properties["num_inference_steps"]
+    )
 
 
 def test_image_and_mask_are_cog_paths():
@@ -432,8 +459,11 @@ def test_openapi_shows_inputs_with_descriptions(cog):
     inputs = schema["components"]["schemas"]["Input"]
     assert inputs["required"] == ["prompt"]
     assert "multiple of 8" in inputs["properties"]["width"]["description"]
-    assert inputs["properties"]["steps"]["maximum"] == 150
-    assert schema["components"]["schemas"]["scheduler"]["enum"] == list(SCHEDULER_NAMES)
+    assert inputs["properties"]["num_inference_steps"]["maximum"] == 150
+    assert schema["components"]["schemas"]["scheduler"]["enum"] == [
+        *SCHEDULER_NAMES,
+        *COG_SDXL_SCHEDULERS,
+    ]
 
 
 def test_prediction_returns_images_with_seeds(cog):
@@ -443,9 +473,9 @@ def test_prediction_returns_images_with_seeds(cog):
             "prompt": "a cube",
             "width": 64,
             "height": 64,
-            "steps": 2,
+            "num_inference_steps": 2,
             "seed": 9,
-            "num_images": 2,
+            "num_outputs": 2,
             "loras": "demo_sd15_kohya:0.5",
         },
     )
@@ -458,7 +488,7 @@ def test_prediction_returns_images_with_seeds(cog):
 
 
 def test_cfg_rescale_runs_and_needs_cfg(cog):
-    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    job = {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
     body = predict(cog, {**job, "guidance_rescale": 0.7}).json()
     assert body["status"] == "succeeded", body
     assert "Rescale CFG: 0.7" in decode(body["output"][0]).info["parameters"]
@@ -471,7 +501,7 @@ def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
     from handler.schedulers import SCHEDULE_TYPES
 
     assert cog_inputs()["schedule_type"].choices == ["Automatic", *SCHEDULE_TYPES]
-    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 3}
+    job = {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
     body = predict(cog, {**job, "scheduler": "DPM++ 2M", "schedule_type": "Exponential"}).json()
     assert body["status"] == "succeeded", body
     parameters = decode(body["output"][0]).info["parameters"]
@@ -486,13 +516,13 @@ def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
 
 
 def test_out_of_range_input_is_a_422_naming_the_field(cog):
-    response = predict(cog, {"prompt": "x", "steps": 500})
+    response = predict(cog, {"prompt": "x", "num_inference_steps": 500})
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "input", "steps"]
+    assert response.json()["detail"][0]["loc"] == ["body", "input", "num_inference_steps"]
 
 
 def test_the_largest_seed_is_accepted_and_one_more_is_a_422(cog):
-    job = {"prompt": "x", "width": 64, "height": 64, "steps": 1}
+    job = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}
     assert predict(cog, {**job, "seed": 2**64 - 1}).json()["status"] == "succeeded"
     too_big = predict(cog, {**job, "seed": 2**64})
     assert too_big.status_code == 422 and too_big.json()["detail"][0]["loc"][-1] == "seed"
@@ -508,7 +538,7 @@ def test_prompt_text_stays_out_of_the_cog_server_log(cog_server):
     """coglet logs every failed prediction's error and every line the predictor prints (its
     warnings): a LoRA tag missing its `>` runs on into the prompt, and none of it may show."""
     url, server = cog_server
-    small = {"width": 64, "height": 64, "steps": 1}
+    small = {"width": 64, "height": 64, "num_inference_steps": 1}
     warned = predict(url, {**small, "prompt": "ZZMARK a cube <hypernet:x ZZSPAN1 detailed> end"})
     assert warned.json()["status"] == "succeeded"
     failed = predict(url, {**small, "prompt": "ZZMARK <lora:demo_sd15_kohya:0.8 a ZZSPAN2> end"})
@@ -521,7 +551,7 @@ def test_prompt_text_stays_out_of_the_cog_server_log(cog_server):
 
 
 def test_same_seed_gives_identical_images(cog):
-    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 3, "seed": 1234}
+    job = {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 1234}
     first, second = predict(cog, job).json(), predict(cog, job).json()
     assert first.get("status") == second.get("status") == "succeeded", (first, second)
     assert decode(first["output"][0]).tobytes() == decode(second["output"][0]).tobytes()
@@ -532,7 +562,14 @@ def test_img2img_from_a_data_url(cog):
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
     data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     body = predict(
-        cog, {"prompt": "x", "image": data_url, "strength": 0.5, "steps": 4, "seed": 2}
+        cog,
+        {
+            "prompt": "x",
+            "image": data_url,
+            "prompt_strength": 0.5,
+            "num_inference_steps": 4,
+            "seed": 2,
+        },
     ).json()
     assert body["status"] == "succeeded", body
     assert decode(body["output"][0]).size == (64, 64)
@@ -557,7 +594,7 @@ def test_inpainting_with_a_mask_file(cog):
             "image": data_url(init),
             "mask": data_url(Image.fromarray(mask)),
             "mask_blur": 0,
-            "steps": 4,
+            "num_inference_steps": 4,
             "seed": 2,
         },
     ).json()
@@ -571,13 +608,13 @@ def test_cancel_stops_between_steps_and_leaves_no_state(cog):
         "prompt": "a cube",
         "width": 64,
         "height": 64,
-        "steps": 3,
+        "num_inference_steps": 3,
         "seed": 77,
         "loras": "demo_sd15_peft:1",
     }
     sink = WebhookSink()
     try:
-        long_job = {**job, "steps": 150, "width": 256, "height": 256}
+        long_job = {**job, "num_inference_steps": 150, "width": 256, "height": 256}
         response = requests.put(
             f"{cog}/predictions/cancel-me",
             json={"input": long_job, "webhook": sink.url},
@@ -611,7 +648,13 @@ def test_a_cancel_right_after_the_prediction_starts_never_wedges_the_container(c
     used to leave the container busy for good, every later prediction answered 409: it could
     kill a newly started job thread before it ran. Each ends, and the container takes more."""
     sink = WebhookSink()
-    long_job = {"prompt": "a cube", "width": 128, "height": 128, "steps": 150, "seed": 4}
+    long_job = {
+        "prompt": "a cube",
+        "width": 128,
+        "height": 128,
+        "num_inference_steps": 150,
+        "seed": 4,
+    }
     try:
         for attempt in range(24):
             name = f"race-{attempt}"
@@ -636,7 +679,7 @@ def test_a_cancel_right_after_the_prediction_starts_never_wedges_the_container(c
                 time.sleep(0.02)
     finally:
         sink.close()
-    job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 4}
+    job = {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 4}
     assert predict(cog, job).json()["status"] == "succeeded"
 
 
@@ -645,7 +688,13 @@ def test_url_inputs_follow_the_worker_url_rules(cog):
     sink = WebhookSink()
     try:
         base = sink.url.rsplit("/", 1)[0]
-        job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "strength": 0.5}
+        job = {
+            "prompt": "x",
+            "width": 64,
+            "height": 64,
+            "num_inference_steps": 2,
+            "prompt_strength": 0.5,
+        }
         for url, expected in (
             (f"{base}/red.png", "http:// URLs are not accepted"),
             (base.replace("http://", "https://") + "/red.png", "non-public address"),
@@ -674,7 +723,13 @@ def test_a_path_on_the_server_is_never_read(cog, tmp_path):
     secret = tmp_path / "secret.png"
     secret.write_bytes(sink_png())
     missing = tmp_path / "missing.png"
-    job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "strength": 0.5}
+    job = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "prompt_strength": 0.5,
+    }
     upload = "data:image/png;base64," + base64.b64encode(sink_png()).decode("ascii")
     for value in (str(secret), f"file://{secret}", str(missing), "HTTP://127.0.0.1:9/a.png"):
         for field in ("image", "mask"):
@@ -698,7 +753,13 @@ def sink_png() -> bytes:
 
 
 def test_hires_strength_without_hires_scale_is_refused(cog):
-    job = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "hires_strength": 0.9}
+    job = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 1,
+        "hires_strength": 0.9,
+    }
     body = predict(cog, job).json()
     assert body["status"] == "failed"
     assert "invalid_input: hires_strength" in body["error"] and "hires_scale" in body["error"]
@@ -715,3 +776,46 @@ def test_an_unexpected_error_fails_as_internal_error_without_its_text():
     with pytest.raises(InternalError) as raised:
         runner.run(**inputs)
     assert str(raised.value).startswith("internal_error:") and "secret" not in str(raised.value)
+
+
+def test_cog_sdxls_inputs_run_as_cog_sdxl_runs_them(cog):
+    """A payload written for Replicate's cog-sdxl: its input names, a scheduler of its own, and
+    its refine switch, with the ensemble's high_noise_frac."""
+    job = {
+        "prompt": "a cube",
+        "checkpoint": "demo-sdxl",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 4,
+        "num_outputs": 2,
+        "scheduler": "K_EULER",
+        "seed": 5,
+    }
+    body = predict(cog, job).json()
+    assert body["status"] == "succeeded", body
+    assert len(body["output"]) == 2 and "denoising 4/4" in body["logs"]
+    assert "refining" not in body["logs"]
+    assert "Sampler: Euler," in decode(body["output"][0]).info["parameters"]
+    refiner = {"refiner_checkpoint": "demo-sdxl-refiner", "num_outputs": 1}
+    ensemble = {**job, **refiner, "refine": "expert_ensemble_refiner", "high_noise_frac": 0.5}
+    body = predict(cog, ensemble).json()
+    assert body["status"] == "succeeded", body
+    assert "denoising 2/2" in body["logs"] and "refining 2/2" in body["logs"], body["logs"]
+    after = {**job, **refiner, "refine": "base_image_refiner", "refine_steps": 10}
+    body = predict(cog, after).json()
+    assert body["status"] == "succeeded", body
+    assert "denoising 4/4" in body["logs"] and "refining 3/3" in body["logs"], body["logs"]
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"refiner_checkpoint": "demo-sdxl-refiner"},  # refine is no_refiner
+        {"refine_steps": 10},
+        {"refine": "expert_ensemble_refiner"},  # this model sets no REFINER_CHECKPOINT
+    ],
+)
+def test_refiner_inputs_that_cannot_run_as_asked_are_refused(cog, inputs):
+    job = {"prompt": "a cube", "checkpoint": "demo-sdxl", "width": 64, "height": 64}
+    body = predict(cog, {**job, "num_inference_steps": 2, **inputs}).json()
+    assert body["status"] == "failed" and "invalid_input: refine: " in body["error"], body

@@ -663,3 +663,22 @@ def test_override_settings_that_disagree_with_the_fields_are_refused(payload, fi
     with pytest.raises(InvalidInput) as info:
         parse_job({"prompt": "x", **payload})
     assert info.value.field.startswith(f"override_settings.{field}")
+
+
+def test_cog_sdxls_names_are_the_native_fields():
+    """A payload written for Replicate's cog-sdxl runs on RunPod too."""
+    job = parse_job(
+        {
+            "prompt": "x",
+            "num_outputs": 2,
+            "num_inference_steps": 7,
+            "prompt_strength": 0.5,
+            "refine_steps": 9,
+            "scheduler": "KarrasDPM",
+        }
+    )
+    assert (job.num_images, job.steps, job.strength, job.refiner_inference_steps) == (2, 7, 0.5, 9)
+    assert job.scheduler == "DPM++ 2M Karras"
+    with pytest.raises(InvalidInput) as info:
+        parse_job({"prompt": "x", "num_outputs": 2, "num_images": 3})
+    assert info.value.field == "num_outputs"
