@@ -316,8 +316,11 @@ A1111_HIRES_FIELDS = (
 
 def _apply_inpaint_fields(data: dict[str, Any], warnings: list[str]) -> None:
     """A1111's img2img inpainting options: its defaults (fill, only masked) are accepted with a
-    warning when there is a mask, since its clients send them unasked; other choices that this
-    worker does not have are refused. mask_blur_x / _y stand for mask_blur when it is absent."""
+    warning when there is a mask, since its clients send them unasked or leave them to A1111's
+    defaults (an img2img payload, with `init_images`, that leaves them out gets them too); other
+    choices that this worker does not have are refused. mask_blur_x / _y stand for mask_blur
+    when it is absent."""
+    a1111 = "init_images" in data
     blur_x, blur_y = data.pop("mask_blur_x", None), data.pop("mask_blur_y", None)
     if "mask_blur" not in data and (blur_x, blur_y) != (None, None):
         if blur_x != blur_y and None not in (blur_x, blur_y):
@@ -327,14 +330,14 @@ def _apply_inpaint_fields(data: dict[str, Any], warnings: list[str]) -> None:
                 accepted="mask_blur, or equal mask_blur_x and mask_blur_y",
             )
         data["mask_blur"] = blur_x if blur_x is not None else blur_y
-    fill = data.pop("inpainting_fill", 1)
+    fill = data.pop("inpainting_fill", 0 if a1111 else 1)
     if fill not in (0, 1):
         raise InvalidInput(
             f"inpainting_fill={shown(fill)} is not supported by this worker",
             field="inpainting_fill",
             accepted="1 (original; also what A1111's default 0 runs as here)",
         )
-    whole = data.pop("inpaint_full_res", False) in (False, 0)
+    whole = data.pop("inpaint_full_res", a1111) in (False, 0)
     if data.get("mask"):
         if fill == 0:
             warnings.append(

@@ -451,7 +451,6 @@ class Predictor(BaseRunner):
             "seed": seed,
             "num_images": num_outputs,
             "loras": parse_lora_list(loras),
-            "strength": prompt_strength,
             "resize_mode": resize_mode,
             "hires": {"scale": hires_scale, "strength": hires_strength} if hires_scale else None,
             "mask_blur": mask_blur,
@@ -468,6 +467,8 @@ class Predictor(BaseRunner):
         for name, path in (("image", image), ("mask", mask)):
             if path is not None:
                 payload[name] = base64.b64encode(read_input_file(path, name)).decode("ascii")
+        if image is not None:  # without one, the refiner runs at cog-sdxl's 0.3
+            payload["strength"] = prompt_strength
         # A WorkerError fails the prediction with "<code>: <field>: ..."; anything else, as on
         # RunPod, with internal_error and the traceback in the log only.
         try:

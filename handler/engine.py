@@ -577,12 +577,18 @@ class Engine:
         # 3. Check the request against this checkpoint
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
-            if int(refine_steps * REFINE_AFTER_STRENGTH) < 1:
+            strength = refine_after_strength(job)
+            if int(refine_steps * strength) < 1:
                 raise InvalidInput(
-                    f"refining after the base runs {refine_steps} x {REFINE_AFTER_STRENGTH} steps: none",
+                    f"refining after the base runs {refine_steps} x {strength:g} steps: none",
                     field="refiner_inference_steps",
-                    accepted=f"at least {int(1 / REFINE_AFTER_STRENGTH) + 1} steps",
+                    accepted=f"at least {int(1 / strength) + 1} steps",
                 )
+        elif not job.image and "strength" in job.model_fields_set:
+            warnings.append(
+                "strength ignored: it is img2img's and inpainting's (with an image), or the "
+                "refiner's when it refines the finished image"
+            )
         if init_image is not None:
             init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, job_mask, width, height) if job_mask is not None else None
@@ -1197,7 +1203,7 @@ class Engine:
                     refine_args["num_inference_steps"] = job.refiner_inference_steps
             else:
                 refine_args["num_inference_steps"] = job.refiner_inference_steps or job.steps
-                refine_args["strength"] = REFINE_AFTER_STRENGTH
+                refine_args["strength"] = refine_after_strength(job)
 
         def on_step_end(phase, schedule: PromptSteps | None = None):
             def callback(pipe, step, timestep, callback_kwargs):
@@ -1375,7 +1381,21 @@ def _infotext_fields(
     if refiner is not None and job.high_noise_frac is not None:
         extra["Refiner"] = refiner.name
         extra["Refiner switch at"] = f"{job.high_noise_frac:g}"
+    elif refiner is not None:  # A1111 has no such pass: names of its own, which A1111 ignores
+        extra["Refined by"] = refiner.name
+        extra["Refiner strength"] = f"{refine_after_strength(job):g}"
+        if job.refiner_inference_steps:
+            extra["Refiner steps"] = job.refiner_inference_steps
     return {"width": width, "height": height, "extra": extra}
+
+
+def refine_after_strength(job: Job) -> float:
+    """The refiner's strength when it refines the finished image: 0.3, worker-sdxl's and
+    cog-sdxl's default; a txt2img job's own `strength`, which has no other use there, sets it,
+    as worker-sdxl reads it."""
+    if not job.image and "strength" in job.model_fields_set:
+        return job.strength
+    return REFINE_AFTER_STRENGTH
 
 
 def _job_infotext(job: Job, loaded, seed: int, model_hash, lora_info, fields) -> str:

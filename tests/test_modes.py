@@ -537,6 +537,40 @@ def test_refiner_ensemble_infotext_names_the_refiner_and_its_switch(engine):
     assert fields["Refiner"] == "demo-sdxl-refiner" and fields["Refiner switch at"] == "0.75"
 
 
+def refiner_unet_calls(engine, job: dict) -> tuple[int, dict]:
+    """(the refiner UNet's calls, the result's infotext fields) of one job."""
+    refiner_unet = engine.checkpoint("demo-sdxl-refiner")[0].pipeline.unet
+    calls = []
+    hook = refiner_unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        result = engine.run(parse_job(job))
+    finally:
+        hook.remove()
+    return len(calls), result
+
+
+@pytest.mark.parametrize(("strength", "runs"), [(None, 3), (0.6, 6)])
+def test_a_txt2img_strength_is_the_refiners_when_it_refines_the_finished_image(
+    engine, strength, runs
+):
+    """As worker-sdxl reads it: refine-after runs 10 x 0.3 steps by default, 10 x strength with
+    one; the infotext says so, under names of its own (A1111 has no such pass)."""
+    job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "refiner_inference_steps": 10}
+    if strength is not None:
+        job["strength"] = strength
+    calls, result = refiner_unet_calls(engine, job)
+    assert calls == runs and not result.warnings
+    fields = infotext_fields(result)
+    assert fields["Refined by"] == "demo-sdxl-refiner" and "Refiner switch at" not in fields
+    assert fields["Refiner strength"] == f"{strength or 0.3:g}" and fields["Refiner steps"] == "10"
+
+
+def test_a_strength_nothing_uses_is_ignored_with_a_warning(engine):
+    result = engine.run(parse_job({**REFINE, "strength": 0.6}))
+    assert any(w.startswith("strength ignored") for w in result.warnings)
+    assert (pixels(result) == pixels(engine.run(parse_job(REFINE)))).all()
+
+
 @pytest.mark.parametrize("refiner", [{"high_noise_frac": 0.5}, {"refiner_inference_steps": 4}])
 def test_the_jobs_vae_decodes_the_refined_image_too(engine, refiner):
     job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", **refiner}

@@ -682,3 +682,12 @@ def test_cog_sdxls_names_are_the_native_fields():
     with pytest.raises(InvalidInput) as info:
         parse_job({"prompt": "x", "num_outputs": 2, "num_images": 3})
     assert info.value.field == "num_outputs"
+
+
+def test_an_a1111_inpainting_payload_without_its_fill_fields_gets_a1111s_defaults_warnings():
+    """Open WebUI sends init_images, mask and denoising_strength only: A1111 would fill the
+    masked area and inpaint only the masked region (its defaults), which this worker does not."""
+    job = parse_job({"prompt": "x", "init_images": ["aGk="], "mask": "aGk=", "batch_size": 1})
+    assert len(job._notes) == 2 and "inpainting_fill 0" in job._notes[0]
+    native = parse_job({"prompt": "x", "image": "aGk=", "mask": "aGk="})
+    assert native._notes == []
