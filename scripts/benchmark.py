@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 CONFIGS = {
     "sd15-512-50": {"arch": "sd15", "size": 512, "steps": 50, "scheduler": "PNDM"},
-    "sdxl-1024-30": {"arch": "sdxl", "size": 1024, "steps": 30, "scheduler": "Euler"},
+    "sdxl-1024-30": {"arch": "sdxl", "size": 1024, "steps": 30, "scheduler": "Euler DDIM"},
 }
 REPEATS = 3
 CHILD_MARK = "BENCH_RESULT "
