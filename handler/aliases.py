@@ -80,9 +80,9 @@ A1111_NEUTRAL = {
 # Fields A1111 ignores outside instruct-pix2pix, whatever their value: so does this worker
 # (webuiapi, A1111's Python client, sends image_cfg_scale 1.5).
 A1111_IGNORED = ("image_cfg_scale",)
-# A1111's `eta`: the noise of its ancestral and SDE samplers (1, as diffusers runs them), and
-# DDIM's eta (0, as diffusers' default); its other samplers take none and ignore it.
-ETA_SAMPLERS = {"Euler a": 1, "DPM2 a": 1, "DPM++ SDE": 1, "DPM++ 2M SDE": 1, "DDIM": 0}
+# A1111's `eta`: the noise of its ancestral and SDE samplers (1, as diffusers runs them); its
+# other samplers take none and ignore it, but DDIM, whose eta is the job's `eta`.
+ETA_SAMPLERS = {"Euler a": 1, "DPM2 a": 1, "DPM++ SDE": 1, "DPM++ 2M SDE": 1}
 # A1111 >= 1.9 names the noise schedule separately from the sampler. "Uniform" and "Normal"
 # are the model's timesteps evenly spaced, as diffusers' default spacing does. Keys are
 # lowercase with spaces: A1111's API also takes its internal names ("sgm_uniform").
@@ -416,15 +416,16 @@ HIRES_SAME_AS_FIRST_PASS = {
 
 
 def _check_eta(data: dict[str, Any]) -> None:
-    """A1111's `eta` is accepted where it changes nothing: its value for a sampler that takes
-    one (webuiapi sends 1 with every request), anything for one that ignores it."""
+    """A1111's `eta`: DDIM's is the job's `eta`; for the others it is accepted where it changes
+    nothing: its value for a sampler that takes one (webuiapi sends 1 with every request),
+    anything for one that ignores it."""
     if data.get("eta") is None:
         data.pop("eta", None)
         return
-    eta = data.pop("eta")
     sampler = canonical_scheduler(str(data.get("scheduler") or DEFAULT_SCHEDULER))
-    if sampler is None:
-        return  # the schema names the unknown sampler
+    if sampler is None or split_schedule(sampler)[0] == "DDIM":
+        return  # the schema checks it (and names an unknown sampler)
+    eta = data.pop("eta")
     neutral = ETA_SAMPLERS.get(split_schedule(sampler)[0])
     if not isinstance(eta, int | float) or isinstance(eta, bool):
         raise InvalidInput("eta must be a number", field="eta", accepted="a number, or null")

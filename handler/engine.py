@@ -1274,6 +1274,8 @@ class Engine:
             pipeline.scheduler.noise_sampler_seed = [g.initial_seed() for g in args["generator"]]
         if loaded.graphs is not None and not loaded.graphs.disabled:
             fastpath.host_side_timesteps(pipeline.scheduler)
+        if job.eta:  # DDIM's (the schema allows it no other sampler)
+            args = {**args, "eta": job.eta}
         try:
             with rescaled_guidance(pipeline, job.guidance_rescale):
                 return pipeline(**args, callback_on_step_end=callback)
@@ -1366,6 +1368,8 @@ def _infotext_fields(
         extra["Rescale CFG"] = f"{job.guidance_rescale:g}"  # Forge's name for it
     if job.clip_skip > 1:
         extra["Clip skip"] = job.clip_skip
+    if job.eta:
+        extra["Eta DDIM"] = f"{job.eta:g}"
     if mode == "inpaint":
         extra["Mask blur"] = job.mask_blur
         if job.invert_mask:  # A1111 reads no Mask mode as "Inpaint masked"

@@ -18,6 +18,7 @@ from handler.schedulers import (
     SCHEDULE_TYPES,
     SCHEDULER_NAMES,
     canonical_scheduler,
+    split_schedule,
 )
 
 MAX_SEED = 2**64 - 1
@@ -186,6 +187,13 @@ class Job(JobModel):
     vae: str | None = Field(
         None, description="VAE name under vae/ to use instead of the checkpoint's."
     )
+    eta: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="DDIM's eta (A1111's 'Eta for DDIM'): 0, its default, is deterministic; 1 "
+        "adds fresh noise at every step, as DDPM. Only DDIM takes it.",
+    )
     clip_skip: int = Field(
         1,
         ge=1,
@@ -233,6 +241,14 @@ class Job(JobModel):
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("is empty: send an image, or leave the field out")
+        return value
+
+    @field_validator("eta")
+    @classmethod
+    def _only_ddim_takes_eta(cls, value: float | None, info) -> float | None:
+        scheduler = info.data.get("scheduler")
+        if value is not None and scheduler is not None and split_schedule(scheduler)[0] != "DDIM":
+            raise ValueError(f"{scheduler} takes no eta; DDIM does")
         return value
 
     def image_seeds(self) -> list[int]:

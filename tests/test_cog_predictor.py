@@ -47,6 +47,7 @@ NOT_IN_FORM = {
     "sidecar": "needs a bucket; Replicate has none",
     "hires": "in the form as hires_scale and hires_strength",
     "safety_checker": "in the form as disable_safety_checker (API only)",
+    "eta": "DDIM's alone: an A1111 option for A1111's clients, on the RunPod side",
     **{
         field: f"in the form as {name}, as cog-sdxl names it"
         for name, field in COG_SDXL_NAMES.items()

@@ -141,9 +141,7 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
 
     from handler.engine import Engine
 
-    engine = Engine(
-        replace(settings, gpu_checkpoints=1, cpu_checkpoints=0, max_pixels=512 * 512)
-    )
+    engine = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0, max_pixels=512 * 512))
     job = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 1}
     engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
     warm = list(engine.cache._entries)
@@ -196,6 +194,25 @@ def test_an_sd2_file_without_its_prediction_type_says_what_was_assumed(settings,
     assert any("NAME.yaml" in note for note in entry["notes"])
     result = engine.run(parse_job({**BASE, "checkpoint": "sd2-plain"}))
     assert any("assumed v-prediction" in warning for warning in result.warnings)
+
+
+def test_ddims_eta_adds_its_noise_reproducibly_and_reaches_the_infotext(engine):
+    """A1111's "Eta for DDIM" (webuiapi sends eta 1 with every request): diffusers' DDIM eta,
+    its noise drawn from the job's generators, so the same seed gives the same image."""
+    from handler.outputs import read_infotext
+
+    job = {**BASE, "scheduler": "DDIM", "steps": 4, "seed": 8}
+    plain = engine.run(parse_job(job))
+    noisy, again = (
+        engine.run(parse_job({**job, "sampler_name": "DDIM", "eta": 1.0})) for _ in "ab"
+    )
+    assert np.abs(pixels(noisy.images[0]) - pixels(plain.images[0])).max() > 0
+    assert (pixels(noisy.images[0]) == pixels(again.images[0])).all()
+    data = base64.b64decode(noisy.images[0].image.split(",", 1)[1])
+    assert read_infotext(data).endswith("Model: demo-sd15, Eta DDIM: 1")
+    with pytest.raises(InvalidInput) as info:
+        parse_job({**job, "scheduler": "Euler a", "eta": 0.5})  # A1111 would change the noise
+    assert info.value.field == "eta"
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])

@@ -511,11 +511,12 @@ def test_booleans_and_numbers_as_text_still_go_where_they_belong():
         ("DPM++ 2M", 1.0, True),  # a sampler without eta: A1111 ignores it
         ("Euler", 0.4, True),
         ("DDIM", 0, True),
-        ("DDIM", 1.0, False),  # A1111's stochastic DDIM
+        ("DDIM", 1.0, True),  # A1111's stochastic DDIM: the job's eta
+        ("DDIM", 1.5, False),
         ("Euler", "x", False),
     ],
 )
-def test_eta_is_accepted_where_a1111_would_change_nothing(sampler, eta, accepted):
+def test_eta_is_accepted_where_a1111_would_change_nothing_or_ddim_takes_it(sampler, eta, accepted):
     payload = {"prompt": "x", "sampler_name": sampler, "eta": eta}
     if accepted:
         assert parse_job(payload).scheduler.startswith(sampler)
