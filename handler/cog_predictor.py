@@ -36,6 +36,17 @@ COG_SDXL_SCHEDULERS = (
     "KarrasDPM",
     "HeunDiscrete",
 )
+# Schema fields (as errors name them) under their name in the form
+FORM_NAMES = {
+    "steps": "num_inference_steps",
+    "num_images": "num_outputs",
+    "strength": "prompt_strength",
+    "refiner_inference_steps": "refine_steps",
+    "hires": "hires_scale",
+    "hires.scale": "hires_scale",
+    "hires.strength": "hires_strength",
+    "safety_checker": "disable_safety_checker",
+}
 # cog-sdxl's `refine` choices: whether the SDXL refiner runs, and how
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 
@@ -124,6 +135,13 @@ class _Handoff:
         self.done = threading.Event()
         self.submitted = self.taken = False
         self.result = self.error = None
+
+
+def form_field(field: str | None) -> str | None:
+    """An error's field as the form names it: `num_inference_steps`, not `steps`."""
+    if field is not None and field.startswith("loras["):
+        return "loras"  # the form's "name:scale, ..." string
+    return FORM_NAMES.get(field, field) if field is not None else None
 
 
 class _LogProgress:
@@ -474,6 +492,7 @@ class Predictor(BaseRunner):
         try:
             result = self._run_shielded(parse_job(payload))
         except WorkerError as error:
+            error.field = form_field(error.field)
             if error.refresh_worker:
                 log.error("this container's GPU may be unusable: health check now fails")
                 self.gpu_unusable = True

@@ -14,7 +14,7 @@ from typing import Any
 
 from handler.engine import Engine, Progress
 from handler.errors import InternalError, InvalidInput, WorkerError, shown
-from handler.schema import parse_job
+from handler.schema import field_as_sent, parse_job
 from handler.settings import Settings
 
 log = logging.getLogger("handler.runpod")
@@ -87,6 +87,8 @@ def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
             job_id=str(job_id),
         )
     except WorkerError as error:
+        if isinstance(job_input, dict):  # the engine names native fields: say the client's
+            error.field = field_as_sent(error.field, job_input)
         log.info(
             "job %s failed: %s (%.0f ms)",
             job_id,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handler.aliases import LATENT_UPSCALERS, normalize_payload
+from handler.aliases import FIELD_ALIASES, LATENT_UPSCALERS, normalize_payload
 from handler.errors import InvalidInput, shown
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
@@ -340,6 +340,8 @@ def _accepted(error: dict[str, Any]) -> str | None:
         return f"a list of at most {ctx['max_length']}"
     if kind == "value_error" and "surrogate" in error["msg"]:
         return "UTF-8 text"
+    if kind == "value_error" and "is empty" in error["msg"]:
+        return "an image: https URL, s3://bucket/key, data URI or base64"
     if kind in ("greater_than_equal", "less_than_equal", "multiple_of") and bounds is not None:
         low = high = step = None
         for rule in bounds.metadata:
@@ -401,6 +403,42 @@ def invalid_input_from(error: ValidationError) -> InvalidInput:
     return InvalidInput(message, field=field, accepted=_accepted(first))
 
 
+# Native fields (or parts) under the names other clients send, where those are not plain
+# renames (FIELD_ALIASES): A1111's override_settings, init_images and hires fields.
+SENT_AS = {
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "checkpoint": "override_settings.sd_model_checkpoint",
+    "vae": "override_settings.sd_vae",
+    "image": "init_images[0]",
+    "hires.scale": "hr_scale",
+    "hires.steps": "hr_second_pass_steps",
+    "hires.strength": "denoising_strength",
+}
+
+
+def field_as_sent(field: str | None, payload: dict[str, Any]) -> str | None:
+    """An error's field under the name the client used: `cfg_scale`, not `guidance_scale`."""
+    if field is None or _top(field) in payload:
+        return field
+    candidates = [(a, n) for a, n in FIELD_ALIASES.items()] + [(a, n) for n, a in SENT_AS.items()]
+    for alias, native in candidates:
+        if (field == native or field.startswith((f"{native}.", f"{native}["))) and _sent(
+            alias, payload
+        ):
+            return alias + field[len(native) :]
+    return field
+
+
+def _top(field: str) -> str:
+    return field.split(".", 1)[0].split("[", 1)[0]
+
+
+def _sent(alias: str, payload: dict[str, Any]) -> bool:
+    top, _, rest = alias.partition(".")
+    value = payload.get(_top(top))
+    return value is not None and (not rest or (isinstance(value, dict) and rest in value))
+
+
 def parse_job(payload: Any) -> Job:
     """Validate a job input dict into a Job, or raise InvalidInput naming the field."""
     if not isinstance(payload, dict):
@@ -413,6 +451,8 @@ def parse_job(payload: Any) -> Job:
     try:
         job = Job.model_validate(native)
     except ValidationError as error:
-        raise invalid_input_from(error) from None
+        refused = invalid_input_from(error)
+        refused.field = field_as_sent(refused.field, payload)
+        raise refused from None
     job._notes = notes
     return job

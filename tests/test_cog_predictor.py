@@ -820,3 +820,12 @@ def test_refiner_inputs_that_cannot_run_as_asked_are_refused(cog, inputs):
     job = {"prompt": "a cube", "checkpoint": "demo-sdxl", "width": 64, "height": 64}
     body = predict(cog, {**job, "num_inference_steps": 2, **inputs}).json()
     assert body["status"] == "failed" and "invalid_input: refine: " in body["error"], body
+
+
+def test_the_engines_errors_name_the_forms_inputs(cog):
+    """The engine refuses steps x strength < 1 as `strength`; the form calls it
+    prompt_strength."""
+    upload = "data:image/png;base64," + base64.b64encode(sink_png()).decode("ascii")
+    job = {"prompt": "x", "image": upload, "num_inference_steps": 4, "prompt_strength": 0.1}
+    body = predict(cog, job).json()
+    assert body["status"] == "failed" and "invalid_input: prompt_strength: " in body["error"], body

@@ -323,3 +323,34 @@ def test_the_sdk_log_level_is_held_at_info_and_says_so(capsys):
     logger.set_level("INFO")
     printed = capsys.readouterr().out
     assert "Log level set to INFO" in printed and "DEBUG" not in printed
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"cfg_scale": 50}, "cfg_scale"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 20}}, "override_settings."),
+        ({"init_images": [""]}, "init_images[0]"),
+        ({"rescale_cfg": 2}, "rescale_cfg"),
+        # the engine's own refusal (steps x strength), after parsing: the name sent, still
+        ({"init_images": ["data:image/png;base64,{png}"], "denoising_strength": 0.1}, "denoising"),
+    ],
+)
+def test_errors_name_the_field_as_the_client_sent_it(worker, payload, field):
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    encoded = base64.b64encode(png.getvalue()).decode()
+    if "init_images" in payload and payload["init_images"][0]:
+        payload = {**payload, "init_images": [payload["init_images"][0].format(png=encoded)]}
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 4, "checkpoint": "demo-sd15"}
+    if "num_inference_steps" in payload:
+        del job["steps"]
+    reply = runpod_worker.run_job({"id": "alias", "input": {**job, **payload}}, threading.Event())
+    assert reply["error"].startswith(f"invalid_input: {field}"), reply

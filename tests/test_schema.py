@@ -485,7 +485,7 @@ def test_a1111_batch_size_times_n_iter_is_num_images():
         ({"width": True}, "width"),
         ({"resize_mode": True}, "resize_mode"),
         ({"loras": [{"name": "x", "scale": True}]}, "loras[0].scale"),
-        ({"enable_hr": True, "hr_scale": True}, "hires.scale"),
+        ({"enable_hr": True, "hr_scale": True}, "hr_scale"),  # as the client sent it
         ({"refiner_checkpoint": "r", "refiner_switch_at": True}, "refiner_switch_at"),
     ],
 )
