@@ -279,6 +279,8 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         data.pop(name, None)
     if data.pop("save_images", False) not in (False, None):  # SillyTavern sends true
         warnings.append("save_images ignored: the images are delivered, not kept on the worker")
+    if _scripts_all_disabled(data.get("alwayson_scripts")):
+        data.pop("alwayson_scripts")  # webuiapi sends the extensions it knows, switched off
     for name, neutral in A1111_NEUTRAL.items():
         if name in data:
             value = data.pop(name)
@@ -415,6 +417,22 @@ HIRES_SAME_AS_FIRST_PASS = {
 }
 
 
+def _scripts_all_disabled(scripts: Any) -> bool:
+    """Whether A1111's alwayson_scripts only switch extensions off: no arguments (ControlNet
+    with no units), an enable flag first and false (ADetailer), or units all disabled."""
+    if not isinstance(scripts, dict):
+        return False
+    for script in scripts.values():
+        args = script.get("args") if isinstance(script, dict) else None
+        if not isinstance(args, list):
+            return False
+        if not args or args[0] is False:
+            continue
+        if not all(isinstance(unit, dict) and unit.get("enabled") is False for unit in args):
+            return False
+    return True
+
+
 def _check_eta(data: dict[str, Any]) -> None:
     """A1111's `eta`: DDIM's is the job's `eta`; for the others it is accepted where it changes
     nothing: its value for a sampler that takes one (webuiapi sends 1 with every request),
@@ -443,6 +461,11 @@ def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any])
             continue
         if first_pass == "checkpoint":
             if _same_model(given[name], _first_pass_checkpoint(data)):
+                continue
+        elif first_pass == "scheduler" and isinstance(given[name], str):
+            # A1111's schedule type; no scheduler beside sampler_name is its "Automatic"
+            first = data.get("scheduler") if "sampler_name" in data else None
+            if _schedule_key(given[name]) == _schedule_key(str(first or "Automatic")):
                 continue
         elif first_pass is not None and given[name] == data.get(first_pass):
             continue

@@ -692,3 +692,34 @@ def test_an_a1111_inpainting_payload_without_its_fill_fields_gets_a1111s_default
     assert len(job._notes) == 2 and "inpainting_fill 0" in job._notes[0]
     native = parse_job({"prompt": "x", "image": "aGk=", "mask": "aGk="})
     assert native._notes == []
+
+
+@pytest.mark.parametrize(
+    "scripts",
+    [
+        {"ADetailer": {"args": [False]}, "ControlNet": {"args": []}},  # webuiapi's, switched off
+        {"ControlNet": {"args": [{"enabled": False, "image": None}]}},
+    ],
+)
+def test_alwayson_scripts_that_only_switch_extensions_off_are_accepted(scripts):
+    assert parse_job({"prompt": "x", "alwayson_scripts": scripts}).prompt == "x"
+
+
+@pytest.mark.parametrize(
+    "scripts",
+    [
+        {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}},
+        {"ControlNet": {"args": [{"enabled": True, "image": "QUFB"}]}},
+        {"ControlNet": []},
+    ],
+)
+def test_alwayson_scripts_that_would_run_are_refused(scripts):
+    assert error_of({"prompt": "x", "alwayson_scripts": scripts}).field == "alwayson_scripts"
+
+
+def test_hr_scheduler_automatic_is_the_first_pass_schedule_type():
+    job = {"prompt": "x", "enable_hr": True, "hr_scheduler": "Automatic"}
+    assert parse_job(job).hires is not None
+    karras = {**job, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "hr_scheduler": "Karras"}
+    assert parse_job(karras).scheduler == "DPM++ 2M Karras"
+    assert error_of({**karras, "hr_scheduler": "Exponential"}).field == "hr_scheduler"
