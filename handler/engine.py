@@ -131,6 +131,34 @@ class PromptSteps:
         return {**first, "callback_on_step_end_tensor_inputs": names}
 
 
+@dataclass
+class JobPlan:
+    """What a job runs, all decided before it denoises: its models and additions, its input
+    images fitted to the first pass's size, the delivered size, seeds and infotext."""
+
+    job: Job  # with its seed set and its prompts' LoRA tags taken out
+    loaded: LoadedCheckpoint
+    refiner: LoadedCheckpoint | None
+    loras: list[AppliedLora]
+    embeddings: list[ModelFile]
+    vae: Any  # the job's own VAE, or None
+    init_image: Image.Image | None
+    mask: Image.Image | None
+    width: int  # the first pass's size
+    height: int
+    final_width: int  # the delivered size (the hires pass's)
+    final_height: int
+    seeds: list[int]
+    infotext_fields: dict[str, Any]
+    safety: Any  # the safety checker, when the job's images are checked
+
+    @property
+    def mode(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None else "txt2img"
+
+
 def _loop_inputs(args: dict[str, torch.Tensor], guided: bool) -> dict[str, torch.Tensor]:
     """Prompt arguments as diffusers' denoising loop holds them: negative then positive (each
     repeated per image) under classifier-free guidance, positive alone without; SDXL's pooled
@@ -606,64 +634,32 @@ class Engine:
             ]
         if job.output_format == "jpeg" and not job.strip_metadata:
             _check_fits_a_jpeg(job, loaded, loras, infotext_fields)
-        safety = self._safety_checker_for(job)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
-        seeds = job.image_seeds()
+        plan = JobPlan(
+            job=job,
+            loaded=loaded,
+            refiner=refiner,
+            loras=loras,
+            embeddings=embeddings,
+            vae=vae,
+            init_image=init_image,
+            mask=mask,
+            width=width,
+            height=height,
+            final_width=final_w,
+            final_height=final_h,
+            seeds=job.image_seeds(),
+            infotext_fields=infotext_fields,
+            safety=self._safety_checker_for(job),
+        )
 
-        # 4. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards;
-        #    an OOM gets one retry after the CUDA cache is emptied
-        pipelines = [loaded.pipeline, pipeline_for(loaded, mode)]
-        if job.hires:
-            pipelines.append(pipeline_for(loaded, "img2img"))
-        if refiner is not None:  # it decodes the image: the job's VAE is its VAE too
-            pipelines += [refiner.pipeline, pipeline_for(refiner, "img2img")]
-        with contextlib.ExitStack() as undo:
-            if loaded.adapters is None:
-                loaded.adapters = ResidentAdapters(self.settings.resident_loras)
-            applying = time.perf_counter()
-            undo.enter_context(
-                job_additions(loaded.pipeline, loras, embeddings, self.state_dicts, loaded.adapters)
-            )
-            if loras or embeddings:
-                timings["loras"] = _ms(applying)  # loading (first use) and merging, embeddings
-            if vae is not None:
-                undo.enter_context(_swapped_vae(pipelines, vae))
-            latents, decoder_pipeline, denoise_ms = _with_oom_retry(
-                lambda: self._denoise(
-                    loaded,
-                    refiner,
-                    job,
-                    init_image,
-                    mask,
-                    width,
-                    height,
-                    seeds,
-                    progress,
-                    cancelled,
-                )
-            )
-            timings["denoise"] = denoise_ms
-            overlay = (init_image, _overlay_mask(mask)) if mask is not None else None
-            encoded = self._decode_and_encode(
-                job,
-                loaded,
-                loras,
-                decoder_pipeline,
-                latents,
-                seeds,
-                final_w,
-                final_h,
-                timings,
-                overlay,
-                safety,
-                warnings,
-                infotext_fields,
-                cancelled,
-            )
+        # 4. Denoise with the job's LoRAs, embeddings and VAE, all undone afterwards (an OOM
+        #    gets one retry after the CUDA cache is emptied), then decode and encode
+        encoded = self._generate(plan, progress, cancelled, timings, warnings)
 
         # 5. Deliver
-        progress(Progress("uploading", 0, len(seeds)))
+        progress(Progress("uploading", 0, len(plan.seeds)))
         upload_started = time.perf_counter()
         sidecar = None
         if job.sidecar:
@@ -671,7 +667,7 @@ class Engine:
                 "job_id": job_id,
                 "inputs": _public_inputs(job),
                 "checkpoint": loaded.name,
-                "seeds": seeds,
+                "seeds": plan.seeds,
                 "timings_ms": dict(timings),
                 "warnings": warnings,
             }
@@ -702,37 +698,54 @@ class Engine:
             warnings=warnings,
         )
 
+    def _generate(self, plan: JobPlan, progress, cancelled, timings, warnings) -> list:
+        """Apply the job's LoRAs, embeddings and VAE, denoise, decode and encode; every change
+        to the shared pipelines is undone on the way out, whatever happens."""
+        loaded, refiner = plan.loaded, plan.refiner
+        pipelines = [loaded.pipeline, pipeline_for(loaded, plan.mode)]
+        if plan.job.hires:
+            pipelines.append(pipeline_for(loaded, "img2img"))
+        if refiner is not None:  # it decodes the image: the job's VAE is its VAE too
+            pipelines += [refiner.pipeline, pipeline_for(refiner, "img2img")]
+        with contextlib.ExitStack() as undo:
+            if loaded.adapters is None:
+                loaded.adapters = ResidentAdapters(self.settings.resident_loras)
+            applying = time.perf_counter()
+            undo.enter_context(
+                job_additions(
+                    loaded.pipeline, plan.loras, plan.embeddings, self.state_dicts, loaded.adapters
+                )
+            )
+            if plan.loras or plan.embeddings:
+                timings["loras"] = _ms(applying)  # loading (first use) and merging, embeddings
+            if plan.vae is not None:
+                undo.enter_context(_swapped_vae(pipelines, plan.vae))
+            latents, decoder_pipeline, denoise_ms = _with_oom_retry(
+                lambda: self._denoise(plan, progress, cancelled)
+            )
+            timings["denoise"] = denoise_ms
+            return self._decode_and_encode(
+                plan, decoder_pipeline, latents, timings, warnings, cancelled
+            )
+
     def _decode_and_encode(
-        self,
-        job,
-        loaded,
-        loras,
-        decoder_pipeline,
-        latents,
-        seeds,
-        width,
-        height,
-        timings,
-        overlay,
-        safety,
-        warnings,
-        infotext_fields,
-        cancelled,
+        self, plan: JobPlan, decoder_pipeline, latents, timings, warnings, cancelled
     ):
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
-        `width` and `height` are the delivered size. For inpainting, `overlay` is (init image,
-        paste mask): the init image is pasted back outside the mask (`_overlay_mask`).
-        `infotext_fields` are `a1111_infotext`'s size and extra fields (`_infotext_fields`).
+        For inpainting, the init image is pasted back outside the mask (`_overlay_mask`).
         """
+        job, loaded, seeds = plan.job, plan.loaded, plan.seeds
+        width, height = plan.final_width, plan.final_height
+        overlay = (plan.init_image, _overlay_mask(plan.mask)) if plan.mask is not None else None
         model_hash = self.registry.cached_hash(loaded.model)
-        lora_info = [(lora.name, lora.scale, self.registry.lora_hash(lora.model)) for lora in loras]
+        lora_info = [(x.name, x.scale, self.registry.lora_hash(x.model)) for x in plan.loras]
 
         def encode(index: int, image, nsfw: bool | None):
             infotext = None
             if not job.strip_metadata:
                 infotext = _job_infotext(
-                    job, loaded, seeds[index], model_hash, lora_info, infotext_fields
+                    job, loaded, seeds[index], model_hash, lora_info, plan.infotext_fields
                 )
             encoded = encode_image(
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
@@ -760,7 +773,7 @@ class Engine:
                     )
                 if overlay is not None:
                     image = Image.composite(image, overlay[0], overlay[1])
-                nsfw = self._flagged(safety, image) if safety else None
+                nsfw = self._flagged(plan.safety, image) if plan.safety else None
                 if nsfw and self.settings.safety_policy == "withhold":
                     withheld = EncodedImage(
                         index, seeds[index], width, height, job.output_format, b"", nsfw
@@ -1131,13 +1144,12 @@ class Engine:
             mask = mask.filter(ImageFilter.GaussianBlur(job.mask_blur))
         return mask
 
-    def _denoise(
-        self, loaded, refiner, job, init_image, mask, width, height, seeds, progress, cancelled
-    ):
+    def _denoise(self, plan: JobPlan, progress, cancelled):
         """Run the pipeline(s) to final latents; returns (latents, pipeline to decode with, ms)."""
         started = time.perf_counter()
-        mode = "inpaint" if mask is not None else "img2img" if init_image is not None else "txt2img"
-        count = len(seeds)
+        job, loaded, refiner, seeds = plan.job, plan.loaded, plan.refiner, plan.seeds
+        init_image, mask, width, height = plan.init_image, plan.mask, plan.width, plan.height
+        mode, count = plan.mode, len(seeds)
         # A1111's prompt editing and alternation: schedules over the sampler's steps, counted as
         # A1111 counts them, one per UNet call (twice the steps for second-order samplers)
         scheduled = is_scheduled(job.prompt) or is_scheduled(job.negative_prompt)
