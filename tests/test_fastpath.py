@@ -659,9 +659,9 @@ def test_hires_img2img_inpainting_and_the_refiner_run_graphed_as_eager(cuda_engi
     devices = []
     denoise = graphed._denoise
 
-    def spy(loaded, refiner, *args):  # where the job's UNets are while it denoises
-        devices.append({m.pipeline.unet.device.type for m in (loaded, refiner) if m})
-        return denoise(loaded, refiner, *args)
+    def spy(plan, *args):  # where the job's UNets are while it denoises
+        devices.append({m.pipeline.unet.device.type for m in (plan.loaded, plan.refiner) if m})
+        return denoise(plan, *args)
 
     graphed._denoise = spy
     try:

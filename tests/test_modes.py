@@ -486,9 +486,9 @@ def test_a_jobs_refiner_never_pushes_its_base_off_the_device(settings, monkeypat
     seen = []
     denoise = engine._denoise
 
-    def spy(loaded, refiner, *args):
+    def spy(plan, *args):
         seen.append([engine.cache.on_device(key) for key in engine.cache._entries])
-        return denoise(loaded, refiner, *args)
+        return denoise(plan, *args)
 
     monkeypatch.setattr(engine, "_denoise", spy)
     first = engine.run(parse_job(ensemble))
