@@ -561,7 +561,11 @@ def read_safetensors_header(
     path: Path, field: str = "checkpoint"
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """Tensor entries and metadata of a safetensors file, reading only its header; a file
-    that is not a well-formed one is UnsupportedModel naming `field`."""
+    that is not a well-formed one is UnsupportedModel naming `field`, with what is wrong.
+
+    safetensors' `safe_open` would read it too, but needs a framework (torch, which the
+    registry does not import: `python -m handler` resolves DEFAULT_CHECKPOINT before torch is
+    imported) and raises its own errors; the format's header is a length and a JSON object."""
 
     def refuse(why: str, accepted: str = ".safetensors files") -> UnsupportedModel:
         return UnsupportedModel(f"{path.name} {why}", field=field, accepted=accepted)
