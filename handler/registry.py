@@ -563,9 +563,9 @@ def read_safetensors_header(
     """Tensor entries and metadata of a safetensors file, reading only its header; a file
     that is not a well-formed one is UnsupportedModel naming `field`, with what is wrong.
 
-    safetensors' `safe_open` would read it too, but needs a framework (torch, which the
-    registry does not import: `python -m handler` resolves DEFAULT_CHECKPOINT before torch is
-    imported) and raises its own errors; the format's header is a length and a JSON object."""
+    safetensors' `safe_open` reads it too; the format's header is a length and a JSON object,
+    read here so that a truncated file, an oversized header or one that is not JSON each get
+    an error saying so, where safe_open raises its own."""
 
     def refuse(why: str, accepted: str = ".safetensors files") -> UnsupportedModel:
         return UnsupportedModel(f"{path.name} {why}", field=field, accepted=accepted)
