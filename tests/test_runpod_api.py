@@ -178,12 +178,12 @@ def test_list_models_action(api):
         ({"prompt": "x", "scheduler": "warp drive"}, "invalid_input: scheduler:"),
         (
             {"prompt": "x", "steps": 2, "guidance_scale": 1, "rescale_cfg": 0.7},
-            "invalid_input: guidance_rescale:",
+            "invalid_input: rescale_cfg:",  # named as sent
         ),
         ({"prompt": "x", "guidance_rescale": 2}, "invalid_input: guidance_rescale:"),
         ({"action": "reboot"}, "invalid_input: action:"),
-        ({"prompt": "x", "image_url": "file:///etc/passwd"}, "invalid_input: image:"),
-        ({"prompt": "x", "image_url": "https://127.0.0.1/x.png"}, "invalid_input: image:"),
+        ({"prompt": "x", "image_url": "file:///etc/passwd"}, "invalid_input: image_url:"),
+        ({"prompt": "x", "image_url": "https://127.0.0.1/x.png"}, "invalid_input: image_url:"),
     ],
 )
 def test_bad_payloads_fail_with_a_code_and_the_field(api, job_input, prefix):
