@@ -147,6 +147,7 @@ def model_title_to_name(title: str) -> str:
 
 def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Map alias field names onto native ones; returns (native payload, warnings)."""
+    _check_keys_are_text(payload, "input")
     data = dict(payload)
     warnings: list[str] = []
     # A1111's API models default many fields to null, and clients send them: null is absent.
@@ -161,7 +162,8 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     #    its "Automatic" schedule type, and its refiner fields.
     if "negative_prompt" in data and data["negative_prompt"] is None:
         data["negative_prompt"] = ""
-    if data.get("image_url") and "strength" not in data and "denoising_strength" not in data:
+    strengths = ("strength", *(a for a, native in FIELD_ALIASES.items() if native == "strength"))
+    if data.get("image_url") and not any(name in data for name in strengths):
         data["strength"] = WORKER_SDXL_STRENGTH  # worker-sdxl's own default for its image_url
     if "sampler_index" in data:
         index = data.pop("sampler_index")
@@ -210,6 +212,7 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
             data["high_noise_frac"] = switch_at
 
     # 1. Plain renames; two names for one field is ambiguous, so it is refused.
+    renamed: dict[str, str] = {}  # native field -> the alias it came as
     for alias, native in FIELD_ALIASES.items():
         if alias not in data:
             continue
@@ -222,12 +225,14 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
             # beside sampler_name, A1111's `scheduler` is the schedule type
             value = _with_schedule_type(value, data.pop(native, "Automatic"))
         elif native in data:
+            other = renamed.get(native, native)
             raise InvalidInput(
-                f"both {alias!r} and {native!r} are given; they name the same field",
+                f"both {alias!r} and {other!r} are given; they name the same field",
                 field=alias,
-                accepted=f"one of {alias!r} or {native!r}",
+                accepted=f"one of {alias!r} or {other!r}",
             )
         data[native] = value
+        renamed[native] = alias
 
     # 2. A1111: seed -1 means random, batch_size x n_iter images, model in override_settings.
     if data.get("seed") in (-1, "-1"):
@@ -357,9 +362,12 @@ def _apply_hires_fields(data: dict[str, Any], warnings: list[str]) -> None:
     """A1111's enable_hr + hr_* fields -> `hires`; its denoising_strength is the hires strength."""
     enabled = data.pop("enable_hr", None)
     given = {name: data.pop(name) for name in A1111_HIRES_FIELDS if name in data}
+    img2img = any(data.get(name) for name in ("init_images", "image", "image_url"))
     if not enabled:
+        if not img2img:  # A1111's txt2img reads it only for the hires pass (webuiapi sends 0.7)
+            data.pop("denoising_strength", None)
         return
-    if any(data.get(name) for name in ("init_images", "image", "image_url")):
+    if img2img:
         # A1111's img2img has no hires fix: its denoising_strength stays the img2img strength
         warnings.append("enable_hr ignored: img2img has no hires fix (as in A1111)")
         return
@@ -464,7 +472,8 @@ def _check_hires_same_as_first_pass(data: dict[str, Any], given: dict[str, Any])
                 continue
         elif first_pass == "scheduler" and isinstance(given[name], str):
             # A1111's schedule type; no scheduler beside sampler_name is its "Automatic"
-            first = data.get("scheduler") if "sampler_name" in data else None
+            named = "sampler_name" in data or "sampler_index" in data
+            first = data.get("scheduler") if named else None
             if _schedule_key(given[name]) == _schedule_key(str(first or "Automatic")):
                 continue
         elif first_pass is not None and given[name] == data.get(first_pass):
@@ -590,7 +599,7 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
     modules = overrides.pop("forge_additional_modules", [])
     vae = data.get("vae")
     if not isinstance(modules, list) or any(
-        not isinstance(module, str) or vae is None or _stem(module) != _stem(vae)
+        not isinstance(module, str) or not isinstance(vae, str) or _stem(module) != _stem(vae)
         for module in modules
     ):
         raise InvalidInput(
@@ -599,12 +608,41 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
             accepted="an empty list, or the VAE that sd_vae or vae names",
         )
     if overrides:
-        unknown = ", ".join(sorted(overrides))
+        unknown = ", ".join(shown(key) for key in sorted(overrides, key=str))
+        first = sorted(overrides, key=str)[0]
         raise InvalidInput(
             f"unsupported override_settings: {unknown}",
-            field=f"override_settings.{sorted(overrides)[0]}",
+            field=f"override_settings.{first}" if _is_text(first) else "override_settings",
             accepted=", ".join([*OVERRIDE_FIELDS, "forge_additional_modules"]),
         )
+
+
+def _is_text(value: Any) -> bool:
+    """A string that is valid text (JSON can carry a lone UTF-16 surrogate, which is not)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_keys_are_text(value: Any, path: str) -> None:
+    """Refuse field names that are not text, anywhere in the payload: errors name fields, and
+    a reply holding a lone surrogate cannot be sent."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and not _is_text(key):
+                raise InvalidInput(
+                    "a field name is not valid text (it holds a lone UTF-16 surrogate)",
+                    field=path,
+                    accepted="field names in UTF-8",
+                )
+            _check_keys_are_text(item, f"{path}.{key}" if path != "input" else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_keys_are_text(item, f"{path}[{index}]")
 
 
 def _stem(path: str) -> str:

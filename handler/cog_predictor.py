@@ -21,7 +21,7 @@ from cog import BaseRunner, Input, Path
 
 from handler.errors import InternalError, InvalidInput, WorkerError, shown
 from handler.registry import prefetch_default_checkpoint
-from handler.schedulers import split_schedule
+from handler.schedulers import canonical_scheduler, split_schedule
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -443,7 +443,7 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         """Generate images; each file's name and infotext carry its seed."""
         if schedule_type != "Automatic":
-            if split_schedule(scheduler)[1] is not None:
+            if split_schedule(canonical_scheduler(scheduler) or scheduler)[1] is not None:
                 raise InvalidInput(
                     f"{scheduler} already names its schedule type",
                     field="schedule_type",

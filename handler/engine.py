@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 import threading
 import time
@@ -85,7 +86,7 @@ from handler.registry import (
     vae_sidecar,
 )
 from handler.schedulers import build_scheduler
-from handler.schema import Job, Result
+from handler.schema import MAX_STEPS, Job, Result
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -606,11 +607,19 @@ class Engine:
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
             strength = refine_after_strength(job)
+            needed = math.ceil(1 / strength) if strength > 0 else MAX_STEPS + 1
+            if needed > MAX_STEPS:
+                raise InvalidInput(
+                    f"a refiner strength of {strength:g} runs no step in {MAX_STEPS}",
+                    field="strength",
+                    accepted=f"a strength of at least {1 / MAX_STEPS:.4f} for the refiner's "
+                    f"pass, or none (it runs at {REFINE_AFTER_STRENGTH:g})",
+                )
             if int(refine_steps * strength) < 1:
                 raise InvalidInput(
                     f"refining after the base runs {refine_steps} x {strength:g} steps: none",
                     field="refiner_inference_steps",
-                    accepted=f"at least {int(1 / strength) + 1} steps",
+                    accepted=f"at least {needed} steps",
                 )
         elif not job.image and "strength" in job.model_fields_set:
             warnings.append(

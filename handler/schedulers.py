@@ -130,6 +130,8 @@ def canonical_scheduler(name: str) -> str | None:
             base = _ALIASES.get(_key(name)[: -len(_key(schedule))])
             if base is not None and takes_schedule(base, schedule):
                 return f"{base} {schedule}"
+            if base in ("DDIM", "PNDM") and schedule == "DDIM":
+                return base  # they run on the DDIM schedule already
     return None
 
 

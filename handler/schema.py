@@ -22,6 +22,7 @@ from handler.schedulers import (
 )
 
 MAX_SEED = 2**64 - 1
+MAX_STEPS = 150  # steps of a pass: the job's, the hires pass's, the refiner's
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -67,7 +68,7 @@ class HiresFix(JobModel):
     steps: int | None = Field(
         None,
         ge=1,
-        le=150,
+        le=MAX_STEPS,
         description="Steps the second pass runs, all of them, as in A1111. Empty uses the "
         "job's steps.",
     )
@@ -108,7 +109,7 @@ class Job(JobModel):
         description="Image height in pixels, a multiple of 8. Empty means the input image's size, "
         "else the checkpoint's native size.",
     )
-    steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
+    steps: int = Field(30, ge=1, le=MAX_STEPS, description="Denoising steps.")
     guidance_scale: float = Field(
         7.0, ge=0.0, le=30.0, description="Classifier-free guidance (CFG) scale."
     )
@@ -174,9 +175,10 @@ class Job(JobModel):
     refiner_inference_steps: int | None = Field(
         None,
         ge=1,
-        le=150,
-        description="SDXL refiner schedule length: it runs the part after high_noise_frac, or "
-        "0.3 of it refining the finished image when high_noise_frac is empty.",
+        le=MAX_STEPS,
+        description="SDXL refiner schedule length: it runs the part after high_noise_frac, or, "
+        "refining the finished image when high_noise_frac is empty, strength of it (0.3 unless "
+        "a txt2img job sends strength).",
     )
 
     loras: list[LoraSpec] = Field(
@@ -426,6 +428,8 @@ def field_as_sent(field: str | None, payload: dict[str, Any]) -> str | None:
             alias, payload
         ):
             return alias + field[len(native) :]
+    if _top(field) == "hires" and "enable_hr" in payload:
+        return "enable_hr"  # A1111's default hr_scale, say: the hires pass it asked for
     return field
 
 

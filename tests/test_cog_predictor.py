@@ -507,8 +507,11 @@ def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
     assert body["status"] == "succeeded", body
     parameters = decode(body["output"][0]).info["parameters"]
     assert "Sampler: DPM++ 2M, Schedule type: Exponential" in parameters
+    body = predict(cog, {**job, "scheduler": "DDIM", "schedule_type": "DDIM"}).json()
+    assert body["status"] == "succeeded", body  # DDIM runs on its own schedule type
     for scheduler, schedule, field in (
         ("DPM++ 2M Karras", "Beta", "schedule_type"),  # names its own already
+        ("KarrasDPM", "Karras", "schedule_type"),  # cog-sdxl's name for DPM++ 2M Karras
         ("Euler a", "Karras", "scheduler"),  # has no Karras schedule
     ):
         inputs = {**job, "scheduler": scheduler, "schedule_type": schedule}

@@ -565,6 +565,19 @@ def test_a_txt2img_strength_is_the_refiners_when_it_refines_the_finished_image(
     assert fields["Refiner strength"] == f"{strength or 0.3:g}" and fields["Refiner steps"] == "10"
 
 
+@pytest.mark.parametrize(("strength", "field"), [(0.0, "strength"), (0.005, "strength")])
+def test_a_refiner_strength_that_runs_no_step_is_refused_on_strength(engine, strength, field):
+    job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", "strength": strength}
+    with pytest.raises(InvalidInput) as info:
+        engine.run(parse_job(job))
+    assert info.value.field == field and "0.0067" in info.value.accepted
+    with pytest.raises(InvalidInput) as info:  # 0.5 of 1 step: none; 2 would do
+        engine.run(parse_job({**job, "strength": 0.5, "refiner_inference_steps": 1}))
+    assert (
+        info.value.field == "refiner_inference_steps" and info.value.accepted == "at least 2 steps"
+    )
+
+
 def test_a_strength_nothing_uses_is_ignored_with_a_warning(engine):
     result = engine.run(parse_job({**REFINE, "strength": 0.6}))
     assert any(w.startswith("strength ignored") for w in result.warnings)

@@ -334,6 +334,7 @@ def test_the_sdk_log_level_is_held_at_info_and_says_so(capsys):
         ({"override_settings": {"CLIP_stop_at_last_layers": 20}}, "override_settings."),
         ({"init_images": [""]}, "init_images[0]"),
         ({"rescale_cfg": 2}, "rescale_cfg"),
+        ({"enable_hr": True, "width": 1536, "height": 1536}, "enable_hr"),  # A1111's hr_scale 2
         # the engine's own refusal (steps x strength), after parsing: the name sent, still
         ({"init_images": ["data:image/png;base64,{png}"], "denoising_strength": 0.1}, "denoising"),
     ],

@@ -219,7 +219,7 @@ def test_every_sampler_and_schedule_type_builds_and_steps():
         assert ("use_karras_sigmas" in params) == (sampler not in NO_SIGMA_SCHEDULES), sampler
         for schedule in SCHEDULE_TYPES:
             name = canonical_scheduler(f"{sampler} {schedule}")
-            if name is None:
+            if name is None or name == sampler:  # DDIM and PNDM on their own DDIM schedule
                 continue
             assert split_schedule(name) == (split_schedule(sampler)[0], schedule)
             scheduler = build_scheduler(name, base)
@@ -723,3 +723,46 @@ def test_hr_scheduler_automatic_is_the_first_pass_schedule_type():
     karras = {**job, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "hr_scheduler": "Karras"}
     assert parse_job(karras).scheduler == "DPM++ 2M Karras"
     assert error_of({**karras, "hr_scheduler": "Exponential"}).field == "hr_scheduler"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"vae": 5, "override_settings": {"forge_additional_modules": ["a.safetensors"]}}, "ov"),
+        ({"override_settings": {"k\ud800": 1}}, "override_settings"),
+        ({"k\ud800": 1}, "input"),
+        ({"loras": [{"n\udc00": 1}]}, "loras[0]"),
+    ],
+)
+def test_odd_payloads_are_invalid_input_on_a_field_that_can_be_sent_back(payload, field):
+    error = error_of({"prompt": "x", **payload})
+    assert error.field.startswith(field) if field != "ov" else "override_settings" in error.field
+    assert "\ud800" not in str(error) and "\udc00" not in str(error)
+    str(error).encode("utf-8")  # the reply can be serialised
+
+
+def test_hr_scheduler_is_read_against_sampler_index_as_against_sampler_name():
+    job = {"prompt": "x", "enable_hr": True, "sampler_index": "Euler", "scheduler": "Karras"}
+    assert parse_job({**job, "hr_scheduler": "Karras"}).scheduler == "Euler Karras"
+    assert error_of({**job, "hr_scheduler": "Automatic"}).field == "hr_scheduler"
+
+
+def test_cog_sdxls_prompt_strength_beside_an_image_url_is_the_strength():
+    job = parse_job(
+        {"prompt": "x", "image_url": "https://example.com/a.png", "prompt_strength": 0.5}
+    )
+    assert job.strength == 0.5
+    error = error_of({"prompt": "x", "strength": 0.4, "prompt_strength": 0.5, "image": "aGk="})
+    assert error.field == "prompt_strength" and "'strength'" in error.message
+
+
+def test_a1111_txt2img_denoising_strength_without_enable_hr_is_ignored_as_a1111_does():
+    job = parse_job({"prompt": "x", "denoising_strength": 0.7, "enable_hr": False})
+    assert "strength" not in job.model_fields_set  # no refiner strength, no warning
+    img2img = parse_job({"prompt": "x", "init_images": ["aGk="], "denoising_strength": 0.4})
+    assert img2img.strength == 0.4
+
+
+@pytest.mark.parametrize(("name", "canonical"), [("DDIM DDIM", "DDIM"), ("PLMS DDIM", "PNDM")])
+def test_ddim_and_pndm_on_the_ddim_schedule_are_themselves(name, canonical):
+    assert parse_job({"prompt": "x", "scheduler": name}).scheduler == canonical
