@@ -519,26 +519,49 @@ class Engine:
         `job_id` names the job's folder in the bucket.
         """
         with self._lock:
+            started = time.perf_counter()
             try:
-                return self._run(
-                    job,
-                    progress or (lambda p: None),
-                    cancelled or (lambda: False),
-                    inline_limit,
-                    job_id,
-                )
-            except torch.OutOfMemoryError:
-                # outside the denoise and decode retries: loading or moving models, LoRAs, VAEs
-                log.warning("out of memory while loading this job's models")
-                free_memory()
-                raise OutOfMemory(
-                    "the GPU ran out of memory loading this job's models",
-                    accepted="fewer models resident on the GPU (GPU_CHECKPOINTS), or a new worker",
-                    refresh_worker=True,
-                ) from None
-            except RuntimeError as error:
-                _raise_if_cuda_failure(error)
+                result = self._run_on_the_gpu(job, progress, cancelled, inline_limit, job_id)
+            except WorkerError as error:
+                log.info("job %s failed: %s (%.0f ms)", job_id, error.code, _ms(started))
                 raise
+        # one line per job, without its prompt unless LOG_PROMPTS=1 (never image data or URLs)
+        prompt = f" prompt={job.prompt!r}" if self.settings.log_prompts else ""
+        log.info(
+            "job %s done: model=%s size=%dx%d steps=%d images=%d timings_ms=%s%s",
+            job_id,
+            result.checkpoint,
+            result.width,
+            result.height,
+            result.steps,
+            len(result.images),
+            result.timings_ms,
+            prompt,
+        )
+        return result
+
+    def _run_on_the_gpu(self, job, progress, cancelled, inline_limit, job_id) -> Result:
+        """`_run`, with the GPU's failures outside its own retries made job errors."""
+        try:
+            return self._run(
+                job,
+                progress or (lambda p: None),
+                cancelled or (lambda: False),
+                inline_limit,
+                job_id,
+            )
+        except torch.OutOfMemoryError:
+            # outside the denoise and decode retries: loading or moving models, LoRAs, VAEs
+            log.warning("out of memory while loading this job's models")
+            free_memory()
+            raise OutOfMemory(
+                "the GPU ran out of memory loading this job's models",
+                accepted="fewer models resident on the GPU (GPU_CHECKPOINTS), or a new worker",
+                refresh_worker=True,
+            ) from None
+        except RuntimeError as error:
+            _raise_if_cuda_failure(error)
+            raise
 
     def _run(self, job: Job, progress, cancelled, inline_limit, job_id: str) -> Result:
         started = time.perf_counter()

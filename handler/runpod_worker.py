@@ -73,8 +73,8 @@ def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
     """Run one job synchronously; every failure becomes {"error": "<code>: ..."}."""
     job_id = job.get("id", "local")
     job_input = job.get("input")
-    started = time.perf_counter()
     engine = get_engine()
+    parsed = None
     try:
         if isinstance(job_input, dict) and "action" in job_input:
             return _run_action(engine, job_input)
@@ -89,12 +89,8 @@ def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
     except WorkerError as error:
         if isinstance(job_input, dict):  # the engine names native fields: say the client's
             error.field = field_as_sent(error.field, job_input)
-        log.info(
-            "job %s failed: %s (%.0f ms)",
-            job_id,
-            error.code,
-            (time.perf_counter() - started) * 1000,
-        )
+        if parsed is None:  # refused before it reached the engine, which logs the others
+            log.info("job %s failed: %s", job_id, error.code)
         reply: dict[str, Any] = {"error": str(error)}
         if error.refresh_worker:
             reply["refresh_worker"] = True
@@ -102,18 +98,6 @@ def run_job(job: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
     except Exception:
         log.exception("job %s: unexpected error", job_id)
         return {"error": str(InternalError("unexpected error; the worker log has the details"))}
-    prompt = f" prompt={parsed.prompt!r}" if engine.settings.log_prompts else ""
-    log.info(
-        "job %s done: model=%s size=%dx%d steps=%d images=%d timings_ms=%s%s",
-        job_id,
-        result.checkpoint,
-        result.width,
-        result.height,
-        result.steps,
-        len(result.images),
-        result.timings_ms,
-        prompt,
-    )
     return result.model_dump(exclude_none=True)
 
 

@@ -832,3 +832,17 @@ def test_the_engines_errors_name_the_forms_inputs(cog):
     job = {"prompt": "x", "image": upload, "num_inference_steps": 4, "prompt_strength": 0.1}
     body = predict(cog, job).json()
     assert body["status"] == "failed" and "invalid_input: prompt_strength: " in body["error"], body
+
+
+def test_the_engine_logs_one_line_per_prediction_without_its_prompt(engine, caplog, tmp_path):
+    runner, inputs = predictor_on(engine)
+    runner.outputs = tmp_path  # what setup() makes
+    with caplog.at_level("INFO", logger="handler.engine"):
+        runner.run(**{**inputs, "prompt": "a secret cube", "num_inference_steps": 1})
+    done = [r.getMessage() for r in caplog.records if " done: model=" in r.getMessage()]
+    assert len(done) == 1 and "secret" not in caplog.text
+    from handler.errors import ModelNotFound
+
+    with caplog.at_level("INFO", logger="handler.engine"), pytest.raises(ModelNotFound):
+        runner.run(**{**inputs, "checkpoint": "nope"})
+    assert any(" failed: model_not_found" in r.getMessage() for r in caplog.records)
