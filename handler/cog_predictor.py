@@ -98,7 +98,7 @@ def fetch_url_inputs_like_the_worker(settings: Settings) -> None:
 _WRITTEN_BY_COG: set[str] = set()
 
 
-def read_only_files_cog_wrote() -> None:
+def record_the_files_cog_writes() -> None:
     """Record the files cog writes for `Path` inputs (`URLPath.convert`), so that run() can
     refuse a path that names a file already on the server instead of reading it."""
     import cog.types
@@ -170,7 +170,7 @@ class Predictor(BaseRunner):
 
         settings = Settings.from_env()
         fetch_url_inputs_like_the_worker(settings)
-        read_only_files_cog_wrote()
+        record_the_files_cog_writes()
         self.engine = Engine(settings)
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))

@@ -810,7 +810,7 @@ class Engine:
                     withheld = EncodedImage(
                         index, seeds[index], width, height, job.output_format, b"", nsfw
                     )
-                    pending.append(_done(withheld))
+                    pending.append(_completed_future(withheld))
                     continue
                 if nsfw:
                     image = image.filter(ImageFilter.GaussianBlur(radius=max(image.size) / 8))
@@ -1384,7 +1384,7 @@ def _raise_if_cuda_failure(error: RuntimeError) -> None:
         raise InternalError("a CUDA error left the GPU unusable", refresh_worker=True) from None
 
 
-def _done(value):
+def _completed_future(value):
     """A finished future holding `value` (for images that need no encoding)."""
     future: Future = Future()
     future.set_result(value)
