@@ -156,15 +156,26 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
             del data[name]
     _apply_hires_fields(data, warnings)  # first: with enable_hr, denoising_strength is hires
     _apply_inpaint_fields(data, warnings)
-
-    # 0. Defaults other clients send explicitly: worker-sdxl's negative_prompt null, A1111's
-    #    deprecated sampler_index (which A1111 itself ignores when sampler_name is given) and
-    #    its "Automatic" schedule type, and its refiner fields.
-    if "negative_prompt" in data and data["negative_prompt"] is None:
+    # Defaults other clients send explicitly or leave to their own defaults
+    if "negative_prompt" in data and data["negative_prompt"] is None:  # worker-sdxl's null
         data["negative_prompt"] = ""
     strengths = ("strength", *(a for a, native in FIELD_ALIASES.items() if native == "strength"))
     if data.get("image_url") and not any(name in data for name in strengths):
         data["strength"] = WORKER_SDXL_STRENGTH  # worker-sdxl's own default for its image_url
+    _apply_sampler_fields(data, warnings)
+    _apply_refiner_switch_at(data, warnings)
+    _apply_renames(data)  # two names for one field is ambiguous: refused
+    _apply_a1111_fields(data)
+    _drop_neutral_fields(data, warnings)
+    for name in MODEL_NAME_FIELDS:  # A1111 model titles, "name.safetensors [hash]"
+        if isinstance(data.get(name), str):
+            data[name] = model_title_to_name(data[name])
+    return data, warnings
+
+
+def _apply_sampler_fields(data: dict[str, Any], warnings: list[str]) -> None:
+    """A1111's deprecated sampler_index (which A1111 itself ignores beside sampler_name) and
+    its schedule type sent alone ("Automatic" is the sampler's own)."""
     if "sampler_index" in data:
         index = data.pop("sampler_index")
         if "sampler_name" not in data and (
@@ -187,6 +198,10 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 accepted="a sampler such as 'DPM++ 2M Karras', or sampler_name + scheduler",
             )
         data.pop("scheduler")
+
+
+def _apply_refiner_switch_at(data: dict[str, Any], warnings: list[str]) -> None:
+    """A1111's refiner_switch_at is high_noise_frac; 1 never switches (no refiner)."""
     switch_at = data.pop("refiner_switch_at", None)
     if switch_at is not None and data.get("refiner_checkpoint"):
         if "high_noise_frac" in data:
@@ -211,7 +226,10 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         else:
             data["high_noise_frac"] = switch_at
 
-    # 1. Plain renames; two names for one field is ambiguous, so it is refused.
+
+def _apply_renames(data: dict[str, Any]) -> None:
+    """FIELD_ALIASES onto their native fields; beside sampler_name, A1111's `scheduler` is the
+    schedule type."""
     renamed: dict[str, str] = {}  # native field -> the alias it came as
     for alias, native in FIELD_ALIASES.items():
         if alias not in data:
@@ -234,7 +252,10 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
         data[native] = value
         renamed[native] = alias
 
-    # 2. A1111: seed -1 means random, batch_size x n_iter images, model in override_settings.
+
+def _apply_a1111_fields(data: dict[str, Any]) -> None:
+    """A1111: seed -1 means random, batch_size x n_iter images, resize_mode by index, one
+    init image, and the model, clip skip and VAE in override_settings."""
     if data.get("seed") in (-1, "-1"):
         data["seed"] = None
     if data.get("subseed_strength", 0) == 0:
@@ -278,7 +299,9 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
     if "override_settings" in data:
         _apply_override_settings(data, data.pop("override_settings"))
 
-    # 3. Fields with no native equivalent: accepted at their neutral value only.
+
+def _drop_neutral_fields(data: dict[str, Any], warnings: list[str]) -> None:
+    """Fields with no native equivalent: accepted at the value that changes nothing."""
     _check_eta(data)
     for name in A1111_IGNORED:
         data.pop(name, None)
@@ -297,12 +320,6 @@ def normalize_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], list[str
                     field=name,
                     accepted=f"{name} omitted, or " + " or ".join(repr(v) for v in allowed),
                 )
-
-    # 4. A1111 model titles in the fields that name models.
-    for name in MODEL_NAME_FIELDS:
-        if isinstance(data.get(name), str):
-            data[name] = model_title_to_name(data[name])
-    return data, warnings
 
 
 # A1111 sends these with every txt2img request; they only matter when enable_hr is true.
