@@ -163,6 +163,9 @@ class Predictor(BaseRunner):
     """Stable Diffusion 1.x / 2.x / XL from the model root baked into the image (./models)."""
 
     def setup(self) -> None:
+        # The engine's line per job, as the RunPod worker logs it (coglet sets up no logging:
+        # without this, INFO lines would be dropped)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         # As `python -m handler` does: the checkpoint's disk read overlaps importing torch and
         # diffusers (this module leaves them to here).
         prefetch_default_checkpoint()
@@ -180,6 +183,7 @@ class Predictor(BaseRunner):
     def start_job_thread(self) -> None:
         """The one thread that runs every prediction's job (see `_run_shielded`)."""
         self._jobs: queue.SimpleQueue[_Handoff] = queue.SimpleQueue()
+        self._count = 0  # predictions handed to the engine: their job ids in its log
         threading.Thread(target=self._run_jobs, name="predictions", daemon=True).start()
 
     def _run_jobs(self) -> None:
@@ -190,11 +194,13 @@ class Predictor(BaseRunner):
             handoff.taken = True
             try:
                 # in the prediction's context (coglet's log routing)
+                self._count += 1
                 handoff.result = handoff.context.run(
                     self.engine.run,
                     handoff.job,
                     progress=_LogProgress(),
                     cancelled=handoff.cancel.is_set,
+                    job_id=f"prediction-{self._count}",
                 )
             except BaseException as error:  # handed to run()'s thread, which raises it
                 handoff.error = error
@@ -442,55 +448,63 @@ class Predictor(BaseRunner):
         ),
     ) -> list[Path]:
         """Generate images; each file's name and infotext carry its seed."""
-        if schedule_type != "Automatic":
-            if split_schedule(canonical_scheduler(scheduler) or scheduler)[1] is not None:
+        try:  # what the predictor refuses itself, before the engine (which logs the rest)
+            if schedule_type != "Automatic":
+                if split_schedule(canonical_scheduler(scheduler) or scheduler)[1] is not None:
+                    raise InvalidInput(
+                        f"{scheduler} already names its schedule type",
+                        field="schedule_type",
+                        accepted="Automatic with it, or the sampler without one (DPM++ 2M)",
+                    )
+                scheduler = f"{scheduler} {schedule_type}"  # the schema checks the sampler takes it
+            if hires_scale is None and hires_strength != HIRES_STRENGTH_DEFAULT:
                 raise InvalidInput(
-                    f"{scheduler} already names its schedule type",
-                    field="schedule_type",
-                    accepted="Automatic with it, or the sampler without one (DPM++ 2M)",
+                    "hires_strength only applies to the hires fix's second pass",
+                    field="hires_strength",
+                    accepted="a hires_scale (1.0 to 4.0) with it, or the default",
                 )
-            scheduler = f"{scheduler} {schedule_type}"  # the schema checks the sampler takes it
-        if hires_scale is None and hires_strength != HIRES_STRENGTH_DEFAULT:
-            raise InvalidInput(
-                "hires_strength only applies to the hires fix's second pass",
-                field="hires_strength",
-                accepted="a hires_scale (1.0 to 4.0) with it, or the default",
-            )
-        payload = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "checkpoint": checkpoint or None,
-            "width": width,
-            "height": height,
-            "steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "guidance_rescale": guidance_rescale,
-            "scheduler": scheduler,
-            "seed": seed,
-            "num_images": num_outputs,
-            "loras": parse_lora_list(loras),
-            "resize_mode": resize_mode,
-            "hires": {"scale": hires_scale, "strength": hires_strength} if hires_scale else None,
-            "mask_blur": mask_blur,
-            "invert_mask": invert_mask,
-            "vae": vae or None,
-            "clip_skip": clip_skip,
-            **self._refiner_fields(refine, refiner_checkpoint, high_noise_frac, refine_steps),
-            "safety_checker": False if disable_safety_checker else None,
-            "output_format": output_format,
-            "output_quality": output_quality,
-            "strip_metadata": strip_metadata,
-            "destination": "base64",
-        }
-        for name, path in (("image", image), ("mask", mask)):
-            if path is not None:
-                payload[name] = base64.b64encode(read_input_file(path, name)).decode("ascii")
-        if image is not None:  # without one, the refiner runs at cog-sdxl's 0.3
-            payload["strength"] = prompt_strength
+            payload = {
+                "prompt": prompt,
+                "negative_prompt": negative_prompt,
+                "checkpoint": checkpoint or None,
+                "width": width,
+                "height": height,
+                "steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "guidance_rescale": guidance_rescale,
+                "scheduler": scheduler,
+                "seed": seed,
+                "num_images": num_outputs,
+                "loras": parse_lora_list(loras),
+                "resize_mode": resize_mode,
+                "hires": {"scale": hires_scale, "strength": hires_strength}
+                if hires_scale
+                else None,
+                "mask_blur": mask_blur,
+                "invert_mask": invert_mask,
+                "vae": vae or None,
+                "clip_skip": clip_skip,
+                **self._refiner_fields(refine, refiner_checkpoint, high_noise_frac, refine_steps),
+                "safety_checker": False if disable_safety_checker else None,
+                "output_format": output_format,
+                "output_quality": output_quality,
+                "strip_metadata": strip_metadata,
+                "destination": "base64",
+            }
+            for name, path in (("image", image), ("mask", mask)):
+                if path is not None:
+                    payload[name] = base64.b64encode(read_input_file(path, name)).decode("ascii")
+            if image is not None:  # without one, the refiner runs at cog-sdxl's 0.3
+                payload["strength"] = prompt_strength
+            job = parse_job(payload)
+        except WorkerError as error:
+            error.field = form_field(error.field)
+            log.info("prediction refused: %s", error.code)
+            raise
         # A WorkerError fails the prediction with "<code>: <field>: ..."; anything else, as on
         # RunPod, with internal_error and the traceback in the log only.
         try:
-            result = self._run_shielded(parse_job(payload))
+            result = self._run_shielded(job)
         except WorkerError as error:
             error.field = form_field(error.field)
             if error.refresh_worker:

@@ -846,3 +846,16 @@ def test_the_engine_logs_one_line_per_prediction_without_its_prompt(engine, capl
     with caplog.at_level("INFO", logger="handler.engine"), pytest.raises(ModelNotFound):
         runner.run(**{**inputs, "checkpoint": "nope"})
     assert any(" failed: model_not_found" in r.getMessage() for r in caplog.records)
+
+
+def test_the_server_logs_one_line_per_prediction_without_its_prompt(cog_server):
+    url, server = cog_server
+    secret = "a confidential lighthouse"
+    job = {"prompt": secret, "width": 64, "height": 64, "num_inference_steps": 1}
+    body = predict(url, job).json()
+    assert body["status"] == "succeeded", body
+    refused = predict(url, {**job, "checkpoint": "nope"}).json()
+    assert refused["status"] == "failed"
+    text = server.log() + body["logs"] + (refused.get("logs") or "")
+    assert " done: model=demo-sd15" in text and " failed: model_not_found" in text, text[-3000:]
+    assert secret not in text
