@@ -175,7 +175,7 @@ def test_a_prediction_that_may_poison_the_gpu_fails_the_health_check_after_it():
     class FailingEngine:
         error: Exception
 
-        def run(self, job, progress=None, cancelled=None):
+        def run(self, job, progress=None, cancelled=None, job_id="local"):
             raise self.error
 
     engine = FailingEngine()
@@ -202,7 +202,7 @@ def test_coglets_cancel_never_lands_inside_the_engines_cleanup():
     class SlowCleanupEngine:
         cleaning, cleaned = threading.Event(), False
 
-        def run(self, job, progress=None, cancelled=None):
+        def run(self, job, progress=None, cancelled=None, job_id="local"):
             try:
                 for _ in range(300):  # denoising steps, checking for a cancel
                     if cancelled():
@@ -249,7 +249,7 @@ def test_a_cancel_at_any_line_of_the_hand_off_leaves_no_job_running():
     class CountingEngine:
         running = 0
 
-        def run(self, job, progress=None, cancelled=None):
+        def run(self, job, progress=None, cancelled=None, job_id="local"):
             self.running += 1
             try:
                 for _ in range(500):
@@ -773,7 +773,7 @@ def test_an_unexpected_error_fails_as_internal_error_without_its_text():
     from handler.errors import InternalError
 
     class BrokenEngine:
-        def run(self, job, progress=None, cancelled=None):
+        def run(self, job, progress=None, cancelled=None, job_id="local"):
             raise IndexError("tuple index out of range, with a secret prompt")
 
     runner, inputs = predictor_on(BrokenEngine())
