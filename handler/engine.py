@@ -847,10 +847,14 @@ class Engine:
             )
         loras = []
         for name, scale, field, tag in requested:
-            if tag:
-                model = self._inline_lora_file(name, tag)
-            else:
-                model = self.registry.resolve("lora", name, field)
+            try:
+                if tag:
+                    model = self._inline_lora_file(name, tag)
+                else:
+                    model = self.registry.resolve("lora", name, field)
+            except ModelNotFound as error:  # suggest only the LoRAs that would fit
+                error.accepted = self._loras_that_fit(error.accepted, architecture)
+                raise
             check_compatible(model, architecture, field)
             loras.append(AppliedLora(model.name, scale, model, field))
         return job.model_copy(update={"prompt": prompt, "negative_prompt": negative}), loras
@@ -866,6 +870,21 @@ class Engine:
         )
         warnings += embedding_warnings
         return embeddings
+
+    def _loras_that_fit(self, names: Any, architecture: str) -> Any:
+        """Of the LoRA names a not-found error suggests, those made for `architecture`."""
+        if not isinstance(names, list):
+            return names
+        fitting = []
+        for name in names:
+            try:
+                check_compatible(
+                    self.registry.resolve("lora", name, "loras"), architecture, "loras"
+                )
+            except WorkerError:
+                continue
+            fitting.append(name)
+        return fitting or f"a LoRA for {architecture}: none of the close names is one"
 
     def _inline_lora_file(self, name: str, tag: str):
         """The file a prompt's LoRA tag names; errors say which tag, without quoting its name

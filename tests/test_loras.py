@@ -742,3 +742,13 @@ def test_sdxl_embeddings_with_mismatched_parts_are_skipped(engine, demo_volume):
             assert tuple(len(t) for t in tokenizers) == sizes
     finally:
         path.unlink()
+
+
+def test_a_missing_loras_suggestions_are_the_loras_that_fit_the_checkpoint(engine):
+    from handler.errors import ModelNotFound
+
+    job = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "checkpoint": "demo-sd15"}
+    for extra in ({"loras": [{"name": "demo_sdxl"}]}, {"prompt": "x <lora:demo_sdxl:1>"}):
+        with pytest.raises(ModelNotFound) as info:
+            engine.run(parse_job({**job, **extra}))
+        assert info.value.accepted and all("sd15" in n for n in info.value.accepted), extra
