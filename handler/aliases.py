@@ -629,12 +629,12 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
         first = sorted(overrides, key=str)[0]
         raise InvalidInput(
             f"unsupported override_settings: {unknown}",
-            field=f"override_settings.{first}" if _is_text(first) else "override_settings",
+            field=f"override_settings.{first}" if is_text(first) else "override_settings",
             accepted=", ".join([*OVERRIDE_FIELDS, "forge_additional_modules"]),
         )
 
 
-def _is_text(value: Any) -> bool:
+def is_text(value: Any) -> bool:
     """A string that is valid text (JSON can carry a lone UTF-16 surrogate, which is not)."""
     if not isinstance(value, str):
         return False
@@ -650,7 +650,7 @@ def _check_keys_are_text(value: Any, path: str) -> None:
     a reply holding a lone surrogate cannot be sent."""
     if isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and not _is_text(key):
+            if isinstance(key, str) and not is_text(key):
                 raise InvalidInput(
                     "a field name is not valid text (it holds a lone UTF-16 surrogate)",
                     field=path,

@@ -601,7 +601,8 @@ class Engine:
         self._check_generator(model, job)
         if job.refiner_checkpoint:
             self._check_refiner(job.refiner_checkpoint)
-        architecture = self.registry.detect(model).architecture
+        detection = self.registry.detect(model)
+        architecture = detection.architecture
         native = NATIVE_SIZE[architecture]
         default_w, default_h = (
             (native, native)
@@ -620,7 +621,7 @@ class Engine:
         if job.vae:
             self.registry.resolve("vae", job.vae, "vae")
         loaded, _ = self.checkpoint(name, job_vae=job.vae)
-        warnings += self.registry.detect(loaded.model).notes  # what was assumed about the file
+        warnings += detection.notes  # what was assumed about the file
         refiner = self._refiner_for(job, loaded, warnings)
         embeddings = self._embeddings_for(job, loaded, warnings)
         vae, vae_name = self._vae_for(job, loaded)
@@ -1161,7 +1162,8 @@ class Engine:
     def _check_refiner(self, name: str) -> None:
         """Refuse a refiner that is no SDXL refiner, from its file alone (nothing loads)."""
         model = self.registry.resolve("checkpoint", name, "refiner_checkpoint")
-        architecture = self.registry.detect(model).architecture
+        detection = self.registry.detect(model)
+        architecture = detection.architecture
         if architecture != "sdxl-refiner":
             raise InvalidInput(
                 f"{model.name} is {architecture}, not an SDXL refiner",
@@ -1171,7 +1173,8 @@ class Engine:
 
     def _check_generator(self, model: ModelFile, job: Job) -> None:
         """Refuse a checkpoint that cannot run this job, from its file alone (nothing loads)."""
-        architecture = self.registry.detect(model).architecture
+        detection = self.registry.detect(model)
+        architecture = detection.architecture
         if architecture in INPAINT_ARCHITECTURES and not job.mask:
             raise InvalidInput(
                 f"{model.name} is an inpainting checkpoint: it needs image and mask",

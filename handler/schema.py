@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handler.aliases import FIELD_ALIASES, LATENT_UPSCALERS, normalize_payload
+from handler.aliases import FIELD_ALIASES, LATENT_UPSCALERS, is_text, normalize_payload
 from handler.errors import InvalidInput, shown
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
@@ -42,11 +42,8 @@ class JobModel(BaseModel):
             kinds = typing.get_args(annotation) or (annotation,)
             if bool not in kinds and (int in kinds or float in kinds):
                 raise ValueError("must be a number, not true or false")
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("is not valid text (it holds a lone UTF-16 surrogate)") from None
+        if isinstance(value, str) and not is_text(value):
+            raise ValueError("is not valid text (it holds a lone UTF-16 surrogate)")
         return value
 
 

@@ -687,18 +687,22 @@ def test_a_cancel_right_after_the_prediction_starts_never_wedges_the_container(c
     assert predict(cog, job).json()["status"] == "succeeded"
 
 
+# A small prediction taking an image (or mask) input
+IMAGE_JOB = {
+    "prompt": "x",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 2,
+    "prompt_strength": 0.5,
+}
+
+
 def test_url_inputs_follow_the_worker_url_rules(cog):
     # coglet would download these itself; the predictor routes them through handler.inputs
     sink = WebhookSink()
     try:
         base = sink.url.rsplit("/", 1)[0]
-        job = {
-            "prompt": "x",
-            "width": 64,
-            "height": 64,
-            "num_inference_steps": 2,
-            "prompt_strength": 0.5,
-        }
+        job = IMAGE_JOB
         for url, expected in (
             (f"{base}/red.png", "http:// URLs are not accepted"),
             (base.replace("http://", "https://") + "/red.png", "non-public address"),
@@ -727,13 +731,7 @@ def test_a_path_on_the_server_is_never_read(cog, tmp_path):
     secret = tmp_path / "secret.png"
     secret.write_bytes(sink_png())
     missing = tmp_path / "missing.png"
-    job = {
-        "prompt": "x",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "prompt_strength": 0.5,
-    }
+    job = IMAGE_JOB
     upload = "data:image/png;base64," + base64.b64encode(sink_png()).decode("ascii")
     for value in (str(secret), f"file://{secret}", str(missing), "HTTP://127.0.0.1:9/a.png"):
         for field in ("image", "mask"):
