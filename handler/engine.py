@@ -749,6 +749,14 @@ class Engine:
                     loaded.pipeline, plan.loras, plan.embeddings, self.state_dicts, loaded.adapters
                 )
             )
+            if refiner is not None and plan.embeddings:  # an SDXL embedding's clip_g part
+                if refiner.adapters is None:
+                    refiner.adapters = ResidentAdapters(self.settings.resident_loras)
+                undo.enter_context(
+                    job_additions(
+                        refiner.pipeline, [], plan.embeddings, self.state_dicts, refiner.adapters
+                    )
+                )
             if plan.loras or plan.embeddings:
                 timings["loras"] = _ms(applying)  # loading (first use) and merging, embeddings
             if plan.vae is not None:

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from handler.errors import InvalidInput, LoraIncompatible
+from handler.prompts import embedding_token
 from handler.registry import (
     ModelFile,
     detect_lora,
@@ -42,7 +43,10 @@ log = logging.getLogger(__name__)
 
 # A1111's inline syntax: <lora:name>, <lora:name:scale>, and the text-encoder / UNet split
 # <lora:name:te:unet> or <lora:name:te=..:unet=..>; <lyco:...> the same; any case.
-INLINE_LORA = re.compile(r"<(?:lora|lyco):([^>]*)>", re.IGNORECASE)
+# A tag's text ends at the next "<" too: searching on to a ">" from every unclosed "<lora:"
+# took time quadratic in the prompt's length (12 s for 96 kB of them).
+INLINE_LORA = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
+_UNCLOSED_LORA = re.compile(r"<(?:lora|lyco):", re.IGNORECASE)
 # The bound of a LoRA's scale, inline as in the `loras` list (schema.LoraSpec).
 MAX_LORA_SCALE = 4.0
 INLINE_ACCEPTED = (
@@ -73,6 +77,12 @@ def extract_inline_loras(prompt: str, field: str = "prompt") -> tuple[str, list[
         for number, match in enumerate(INLINE_LORA.finditer(prompt), 1)
     ]
     clean = INLINE_LORA.sub("", prompt)
+    if _UNCLOSED_LORA.search(clean):
+        raise InvalidInput(
+            f"a LoRA tag of {field} has no closing '>' before the next '<'",
+            field=field,
+            accepted=INLINE_ACCEPTED,
+        )
     return re.sub(r"\s{2,}", " ", clean).strip(), found
 
 
@@ -455,14 +465,25 @@ def _drop_adapters(pipeline: Any, resident: ResidentAdapters) -> None:
 
 def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) -> list[str]:
     """Add one A1111 embedding's token(s) to the text encoder(s) it was made for."""
-    state = cache.get(embedding.path)
-    token = Path(embedding.name).name
-    vectors = state["clip_l"] if "clip_l" in state else _vectors(state)
-    count = vectors.shape[0] if vectors is not None and vectors.ndim == 2 else 1
-    # A multi-vector embedding becomes the tokens "name", "name_1", ... "name_{n-1}".
-    tokens = [token] + [f"{token}_{i}" for i in range(1, count)]
+    name = Path(embedding.name).name
+    parts = _embedding_parts(cache.get(embedding.path), pipeline)
+    if isinstance(parts, str):
+        raise InvalidInput(
+            f"embedding {name} cannot be used here ({parts})",
+            field="prompt",
+            accepted="embeddings made for this checkpoint",
+        )
+    token = embedding_token(name)
+    vectors = parts[0][0]
+    # A multi-vector embedding becomes the tokens "token", "token_1", ... "token_{n-1}".
+    tokens = [token] + [
+        f"{token}_{i}" for i in range(1, vectors.shape[0] if vectors.ndim == 2 else 1)
+    ]
     try:
-        _add_embedding_tokens(pipeline, state, token)
+        for vectors, tokenizer, encoder in parts:
+            pipeline.load_textual_inversion(
+                {"emb_params": vectors}, token=token, text_encoder=encoder, tokenizer=tokenizer
+            )
     except BaseException:
         _unload_embeddings(pipeline, tokens)  # all or nothing: no token of it stays behind
         raise
@@ -475,46 +496,37 @@ def _vectors(state: dict[str, Any]) -> torch.Tensor | None:
     return vectors if isinstance(vectors, torch.Tensor) else None
 
 
-def _add_embedding_tokens(pipeline: Any, state: dict[str, Any], token: str) -> None:
-    if "clip_l" in state and "clip_g" in state:  # SDXL embeddings carry one tensor per encoder
-        if getattr(pipeline, "text_encoder_2", None) is None:
-            raise InvalidInput(
-                f"embedding {token} is for SDXL",
-                field="prompt",
-                accepted="embeddings made for this checkpoint",
-            )
-        pipeline.load_textual_inversion(
-            {"emb_params": state["clip_l"]},
-            token=token,
-            text_encoder=pipeline.text_encoder,
-            tokenizer=pipeline.tokenizer,
-        )
-        pipeline.load_textual_inversion(
-            {"emb_params": state["clip_g"]},
-            token=token,
-            text_encoder=pipeline.text_encoder_2,
-            tokenizer=pipeline.tokenizer_2,
-        )
+def _embedding_parts(state: dict[str, Any], pipeline: Any) -> list[tuple[Any, Any, Any]] | str:
+    """Each (vectors, tokenizer, text encoder) an embedding adds its token to, or why it does
+    not fit the pipeline. An SDXL embedding holds one part per text encoder; the SDXL refiner
+    has only the second, and takes only that part."""
+    is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    if "clip_l" in state and "clip_g" in state:
+        if not is_sdxl:
+            return "made for SDXL"
+        parts = [
+            (state["clip_l"], pipeline.tokenizer, pipeline.text_encoder),
+            (state["clip_g"], pipeline.tokenizer_2, pipeline.text_encoder_2),
+        ]
+        parts = [part for part in parts if part[2] is not None]
     else:
         vectors = _vectors(state)
         if vectors is None:
-            raise InvalidInput(
-                f"embedding {token} has no vectors",
-                field="prompt",
-                accepted="A1111 textual-inversion embeddings",
-            )
-        if getattr(pipeline, "text_encoder_2", None) is not None:
-            raise InvalidInput(
-                f"embedding {token} is for SD 1.x/2.x, not SDXL",
-                field="prompt",
-                accepted="embeddings made for this checkpoint",
-            )
-        pipeline.load_textual_inversion(
-            {"emb_params": vectors},
-            token=token,
-            text_encoder=pipeline.text_encoder,
-            tokenizer=pipeline.tokenizer,
-        )
+            return "no vectors"
+        if is_sdxl:
+            return "made for SD 1.x/2.x"
+        parts = [(vectors, pipeline.tokenizer, pipeline.text_encoder)]
+    counts = set()
+    for vectors, _, encoder in parts:
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
+            return "its vectors are not a list of vectors"
+        if vectors.shape[-1] != width:
+            return f"{vectors.shape[-1]}-wide vectors; this model's text encoder takes {width}"
+        counts.add(vectors.shape[0] if vectors.ndim == 2 else 1)
+    if len(counts) > 1:
+        return "its clip_l and clip_g parts hold different numbers of vectors"
+    return parts
 
 
 def _unload_embeddings(pipeline: Any, tokens: list[str]) -> None:
@@ -553,18 +565,18 @@ def embeddings_for(
     chosen: dict[str, ModelFile] = {}
     warnings = []
     for embedding in embeddings_in(prompts, available):
-        token = Path(embedding.name).name
-        if token in chosen:
+        word = Path(embedding.name).name.lower()  # found in any case
+        if word in chosen:
             warnings.append(
-                f"embeddings {chosen[token].name} and {embedding.name} share the word "
-                f"{token!r}: {chosen[token].name} was used"
+                f"embeddings {chosen[word].name} and {embedding.name} share the word "
+                f"{Path(embedding.name).name!r}: {chosen[word].name} was used"
             )
             continue
         why = _why_unusable(embedding, pipeline, cache, allow_pickle)
         if why:
             warnings.append(f"embedding {embedding.name} not applied ({why}): its word is text")
         else:
-            chosen[token] = embedding
+            chosen[word] = embedding
     return list(chosen.values()), warnings
 
 
@@ -577,37 +589,8 @@ def _why_unusable(
         state = cache.get(embedding.path)
     except Exception as error:  # safetensors and torch raise their own types
         return f"unreadable: {type(error).__name__}"
-    tokenizer = pipeline.tokenizer
-    if tokenizer.convert_tokens_to_ids(Path(embedding.name).name) != tokenizer.unk_token_id:
-        # diffusers refuses a token the tokenizer already has ("style"): rename the file
-        # (a lookup, not `get_vocab()`, which copies all 49,408 entries: 14 ms on the CI machine)
-        return "its name is already in the tokenizer's vocabulary"
-    is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
-    if "clip_l" in state and "clip_g" in state:
-        if not is_sdxl:
-            return "made for SDXL"
-        parts = [
-            (state["clip_l"], pipeline.text_encoder),
-            (state["clip_g"], pipeline.text_encoder_2),
-        ]
-    else:
-        vectors = _vectors(state)
-        if vectors is None:
-            return "no vectors"
-        if is_sdxl:
-            return "made for SD 1.x/2.x"
-        parts = [(vectors, pipeline.text_encoder)]
-    shapes = []
-    for vectors, encoder in parts:
-        width = encoder.get_input_embeddings().weight.shape[1]
-        if not isinstance(vectors, torch.Tensor) or vectors.ndim not in (1, 2):
-            return "its vectors are not a list of vectors"
-        if vectors.shape[-1] != width:
-            return f"{vectors.shape[-1]}-wide vectors; this model's text encoder takes {width}"
-        shapes.append(vectors.shape[0] if vectors.ndim == 2 else 1)
-    if len(set(shapes)) > 1:
-        return "its clip_l and clip_g parts hold different numbers of vectors"
-    return None
+    parts = _embedding_parts(state, pipeline)
+    return parts if isinstance(parts, str) else None
 
 
 def embeddings_in(prompts: list[str], available: list[ModelFile]) -> list[ModelFile]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from handler.errors import InvalidInput
+
 CHUNK_TOKENS = 75  # 77 minus BOS and EOS
 ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
 _TOKEN = re.compile(
@@ -28,16 +30,26 @@ _TOKEN = re.compile(
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _SYNTAX = re.compile(r"[()\[\]]|\bBREAK\b")
 # A1111's extra-network tags; <lora:...> and <lyco:...> are read before (handler.loras)
-EXTRA_NETWORK = re.compile(r"<(\w+):[^>]+>")
+EXTRA_NETWORK = re.compile(r"<(\w+):[^<>]+>")  # not past a "<": linear time (`INLINE_LORA`)
 # the other kinds A1111 and its extensions know, named in warnings; any other tag's name is
 # prompt text, and stays out of logs
 KNOWN_EXTRA_NETWORKS = ("hypernet", "lycoris", "locon", "loha", "lokr")
 _AND = re.compile(r"\bAND\b")
+# The prompt-editing parser recurses per bracket: past Python's recursion limit ("[" * 600),
+# a job failed with internal_error after its checkpoint loaded.
+MAX_NESTING = 50
+_BRACKET = re.compile(r"\\.|[()\[\]]", re.DOTALL)
 
 
 def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
     """Remove other extra networks' tags and name A1111 syntax that this worker reads as text;
-    returns the text and warnings."""
+    returns the text and warnings. Brackets nested deeper than `MAX_NESTING` are refused."""
+    if _nesting(text) > MAX_NESTING:
+        raise InvalidInput(
+            f"{field} nests brackets more than {MAX_NESTING} deep",
+            field=field,
+            accepted=f"( ) and [ ] nested at most {MAX_NESTING} deep",
+        )
     warnings = []
     kinds = sorted({match.group(1) for match in EXTRA_NETWORK.finditer(text)})
     if kinds:
@@ -52,6 +64,18 @@ def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
             "encoded as one text, AND included"
         )
     return text, warnings
+
+
+def _nesting(text: str) -> int:
+    """How deep brackets nest (escaped ones are text)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(text):
+        if match.group() in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif match.group() in ")]":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 # -- prompt editing and alternation (A1111's prompt_parser schedules) ---------------------
@@ -294,16 +318,16 @@ def is_break(text: str, weight: float) -> bool:
 
 
 def needs_own_encoding(pipeline, prompts: list[str]) -> bool:
-    """True when a prompt uses A1111 syntax, a multi-vector embedding, or is longer than one
-    77-token window (diffusers would cut what goes past)."""
+    """True when a prompt uses A1111 syntax or an embedding (diffusers' tokenizer would not find
+    its token, see `embedding_token`), or is longer than one 77-token window (diffusers would
+    cut what goes past)."""
     tokenizer = pipeline.tokenizer or pipeline.tokenizer_2
     for prompt in prompts:
         if _SYNTAX.search(prompt):
             return True
-        spelled_out = _multi_vector(prompt, tokenizer)
-        if spelled_out != prompt:  # never diffusers' own spelling out (`_multi_vector`)
+        if with_embedding_tokens(prompt, tokenizer) != prompt:
             return True
-        if len(tokenizer(spelled_out, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
+        if len(tokenizer(prompt, add_special_tokens=False).input_ids) > CHUNK_TOKENS:
             return True
     return False
 
@@ -392,19 +416,32 @@ def _pad_windows(chunks: list[Chunks], tokenizer) -> None:
             each.weights.append(list(empty.weights[0]))
 
 
-def _multi_vector(text: str, tokenizer) -> str:
-    """A multi-vector embedding's name spelled out as all its tokens ("emb" -> "emb emb_1"),
-    as diffusers' `maybe_convert_prompt` does, but only where the name is a whole word, in any
-    case, as embeddings are found (`loras.embeddings_in`): diffusers replaces it inside other
-    words too (EasyNegative inside EasyNegativeV2). Weights around the name cover them all."""
+_EMBEDDING_OPEN, _EMBEDDING_CLOSE = "\ue000", "\ue001"  # Unicode private use
+
+
+def embedding_token(name: str) -> str:
+    """The token an embedding is loaded as: its name between two private-use characters, which
+    no prompt holds (`with_embedding_tokens` removes them). So the tokenizer never finds a name
+    inside a longer word, and a name that is also a word of CLIP's vocabulary ("style") can be
+    an embedding, as in A1111, which matches embeddings by their whole tokens."""
+    return f"{_EMBEDDING_OPEN}{name}{_EMBEDDING_CLOSE}"
+
+
+def with_embedding_tokens(text: str, tokenizer) -> str:
+    """`text` with the name of each embedding loaded into `tokenizer` replaced by its token, a
+    multi-vector one's by all its tokens ("name" -> its tokens for "name", "name_1", ...), where
+    the name is a whole word, in any case, as embeddings are found (`loras.embeddings_in`).
+    Weights around the name cover them all."""
+    text = text.replace(_EMBEDDING_OPEN, "").replace(_EMBEDDING_CLOSE, "")
     added = tokenizer.added_tokens_encoder
     spelled: dict[str, str] = {}
-    for name in added:
+    for token in added:
+        if not (token.startswith(_EMBEDDING_OPEN) and token.endswith(_EMBEDDING_CLOSE)):
+            continue  # a multi-vector embedding's further tokens end in _1, _2, ...
         count = 1
-        while f"{name}_{count}" in added:
+        while f"{token}_{count}" in added:
             count += 1
-        if count > 1:
-            spelled[name.lower()] = " ".join([name] + [f"{name}_{i}" for i in range(1, count)])
+        spelled[token[1:-1].lower()] = " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
     if not spelled or not text:
         return text
     names = "|".join(re.escape(name) for name in sorted(spelled, key=len, reverse=True))
@@ -423,7 +460,7 @@ def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str,
 def encode_sd_texts(pipeline, texts: list[str], clip_skip: int) -> list[torch.Tensor]:
     """Each text's hidden states for SD 1.x/2.x, all padded to the same number of windows."""
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
-    chunks = [tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts]
+    chunks = [tokenize_chunks(with_embedding_tokens(text, tokenizer), tokenizer) for text in texts]
     _pad_windows(chunks, tokenizer)
     device = encoder.device
 
@@ -481,7 +518,9 @@ def encode_sdxl_texts(
     hidden: list[list[torch.Tensor]] = [[] for _ in texts]
     pooled: list[torch.Tensor | None] = [None for _ in texts]
     for tokenizer, encoder in pairs:
-        chunks = [tokenize_chunks(_multi_vector(text, tokenizer), tokenizer) for text in texts]
+        chunks = [
+            tokenize_chunks(with_embedding_tokens(text, tokenizer), tokenizer) for text in texts
+        ]
         _pad_windows(chunks, tokenizer)
         for index, each in enumerate(chunks):
             states, pooled[index] = _encode_windows(encoder, each, layer, device)

@@ -378,26 +378,65 @@ def test_multi_vector_embeddings_use_every_vector_in_weighted_prompts(
     assert (pixels(weighted) == pixels(ours)).all()
     in_any_case = engine.run(parse_job({**base, "prompt": f"a cube, {embedding.upper()}"}))
     assert (pixels(in_any_case) == pixels(ours)).all()  # found, and spelled out, in any case
+    # diffusers' own encoding, given the embedding's token as our encoder spells it
+    from handler.prompts import embedding_token
+
     monkeypatch.setattr("handler.engine.needs_own_encoding", lambda *args: False)
-    diffusers_own = engine.run(parse_job({**base, "prompt": f"a cube, {embedding}"}))
+    prompt = f"a cube, {embedding_token(embedding)}"
+    diffusers_own = engine.run(parse_job({**base, "prompt": prompt}))
     assert (pixels(diffusers_own) == pixels(ours)).all()
 
 
 def test_a_multi_vector_embedding_is_spelled_out_only_as_a_whole_word(engine):
     """diffusers' maybe_convert_prompt replaces the name inside other words and names too
     (EasyNegative inside EasyNegativeV2); A1111 matches whole words, in any case."""
-    from handler.prompts import _multi_vector
+    from handler.prompts import embedding_token, with_embedding_tokens
 
     loaded, _ = engine.checkpoint("demo-sd15")
     tokenizer = loaded.pipeline.tokenizer.__class__.from_pretrained(
         loaded.pipeline.tokenizer.name_or_path
     )
-    tokenizer.add_tokens(["zqxemb", "zqxemb_1", "zqxembv2", "zqxembv2_1", "zqxembv2_2"])
-    text = "zqxemb, zqxembV2, (ZQXEMB:1.2), zqxembroidery, my-zqxemb"
-    assert _multi_vector(text, tokenizer) == (
-        "zqxemb zqxemb_1, zqxembv2 zqxembv2_1 zqxembv2_2, (zqxemb zqxemb_1:1.2), zqxembroidery, "
-        "my-zqxemb"
+    emb, v2 = embedding_token("zqxemb"), embedding_token("zqxembV2")
+    tokenizer.add_tokens([emb, f"{emb}_1", v2, f"{v2}_1", f"{v2}_2"])
+    text = "zqxemb, zqxembv2, (ZQXEMB:1.2), zqxembroidery, my-zqxemb"
+    assert with_embedding_tokens(text, tokenizer) == (
+        f"{emb} {emb}_1, {v2} {v2}_1 {v2}_2, ({emb} {emb}_1:1.2), zqxembroidery, my-zqxemb"
     )
+
+
+def test_a_loaded_embedding_is_not_found_inside_a_longer_word(engine):
+    """The tokenizer matches its added tokens anywhere in a text: an embedding loaded under its
+    own name turned "zqxembroidery" into the embedding and "roidery". Its token is private."""
+    from handler.prompts import embedding_token, with_embedding_tokens
+
+    loaded, _ = engine.checkpoint("demo-sd15")
+    tokenizer = loaded.pipeline.tokenizer.__class__.from_pretrained(
+        loaded.pipeline.tokenizer.name_or_path
+    )
+    plain = tokenizer.tokenize("zqxembroidery, a cube")
+    tokenizer.add_tokens([embedding_token("zqxemb")])
+    tokens = tokenizer.tokenize(with_embedding_tokens("zqxemb zqxembroidery, a cube", tokenizer))
+    assert tokens == [embedding_token("zqxemb"), *plain]
+    # a prompt cannot write the token itself: the private-use marks are removed from prompts
+    assert with_embedding_tokens("a \ue000other\ue001 cube", tokenizer) == "a other cube"
+
+
+def test_an_embedding_named_like_a_word_of_the_vocabulary_is_used(engine, demo_volume):
+    """diffusers refuses a token its tokenizer already has ("style"), so such embeddings were
+    skipped; A1111 uses them. The word's own token stays what it was elsewhere."""
+    import shutil
+
+    path = demo_volume / "embeddings" / "style.safetensors"
+    shutil.copy(demo_volume / "embeddings" / "demo-sd15-embedding.safetensors", path)
+    try:
+        job = {**SD15, "prompt": "a cube, style"}
+        used = engine.run(parse_job(job))
+        assert not any("style" in w for w in used.warnings), used.warnings
+        path.unlink()
+        word = engine.run(parse_job(job))
+        assert np.abs(pixels(used) - pixels(word)).max() > 0
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_vae_override_applies_and_is_restored(engine):

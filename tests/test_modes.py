@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from handler.errors import InvalidInput
@@ -608,6 +609,34 @@ def test_the_refiner_reads_a1111_prompt_syntax_as_the_base_does(engine):
         hook.remove()
     words = refiner.tokenizer_2.convert_ids_to_tokens(seen[0][0])
     assert "red</w>" in words and "(</w>" not in words and ":</w>" not in words
+
+
+@pytest.mark.parametrize("refiner", [{"high_noise_frac": 0.5}, {"refiner_inference_steps": 4}])
+def test_the_refiner_takes_an_sdxl_embeddings_clip_g_part(engine, refiner):
+    """As in A1111 and ComfyUI, the refiner's one text encoder reads the embedding's vectors
+    made for it; before, the refiner read the embedding's name as words."""
+    from safetensors.torch import load_file
+
+    pipeline = engine.checkpoint("demo-sdxl-refiner")[0].pipeline
+    vocab = len(pipeline.tokenizer_2)
+    clip_g = load_file(f"{engine.settings.models_dir}/embeddings/demo-sdxl-embedding.safetensors")
+    seen = []
+
+    def record(module, args, output):
+        seen.append(output[-1].clone())  # the input embeddings of the last window
+
+    hook = pipeline.text_encoder_2.get_input_embeddings().register_forward_hook(record)
+    try:
+        job = {**REFINE, "refiner_checkpoint": "demo-sdxl-refiner", **refiner}
+        used = engine.run(parse_job({**job, "prompt": "demo-sdxl-embedding"}))
+    finally:
+        hook.remove()
+    vectors = clip_g["clip_g"].to(seen[0].dtype)
+    assert any(torch.equal(each[1 : 1 + len(vectors)], vectors) for each in seen)
+    assert len(pipeline.tokenizer_2) == vocab  # and its tokens are gone after the job
+    assert not used.warnings
+    word = engine.run(parse_job({**job, "prompt": "demo sdxl embedding"}))
+    assert np.abs(pixels(used) - pixels(word)).max() > 0
 
 
 def test_hires_sizes_truncate_to_whole_latents_as_a1111_does(engine):

@@ -300,3 +300,34 @@ def test_errors_and_warnings_never_quote_prompt_text(engine, prompt):
     except WorkerError as error:
         texts = [str(error)]
     assert texts and not any("MARKER" in text for text in texts)
+
+
+def test_prompts_that_would_take_the_worker_down_are_refused_before_the_load(engine, monkeypatch):
+    """From a security audit: brackets nested past Python's recursion limit were internal_error
+    after the load; unclosed tags took time quadratic in their number; prompts had no length
+    bound. Each is invalid_input on its field now."""
+    from handler.errors import InvalidInput
+    from handler.schema import MAX_PROMPT_CHARS
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(engine, "checkpoint", no_load)
+    job = {"width": 64, "height": 64, "steps": 1, "checkpoint": "demo-sd15"}
+    cases = [
+        ("prompt", "[" * 600, "nested at most"),
+        ("negative_prompt", "(" * 51 + "x", "nested at most"),
+        ("prompt", "<lora:" * 3000, "<lora:name>"),
+        ("prompt", "x" * (MAX_PROMPT_CHARS + 1), f"at most {MAX_PROMPT_CHARS} characters"),
+    ]
+    for field, text, accepted in cases:
+        with pytest.raises(InvalidInput) as info:
+            engine.run(parse_job({"prompt": "x", **job, field: text}))
+        assert info.value.field == field and accepted in info.value.accepted
+    # fifty deep is still a prompt, and an unclosed tag's text stays out of the message
+    from handler.prompts import check_syntax
+
+    assert check_syntax("(" * 50 + "x", "prompt")[0] == "(" * 50 + "x"
+    with pytest.raises(InvalidInput) as info:
+        engine.run(parse_job({**job, "prompt": "<lora:SECRET a castle, <lora:x:1>"}))
+    assert "SECRET" not in str(info.value)
