@@ -90,6 +90,12 @@ A1111_SCHEDULE_TYPES = {
     "uniform": "",
     "normal": "",
     **{name.lower(): name for name in SCHEDULE_TYPES},
+    # ComfyUI's: its ddim_uniform is diffusers' leading spacing with the configs' offset of 1
+    # (the same timesteps when the steps divide 1000; otherwise ComfyUI adds a step at the top);
+    # its simple takes every (1000 / steps)-th sigma from the top, as trailing spacing does,
+    # rounding down where trailing rounds to the nearest (one timestep apart at most)
+    "ddim uniform": "DDIM",
+    "simple": "SGM Uniform",
 }
 # "Automatic" (or no schedule type) is the sampler's own default in A1111 >= 1.9
 # (modules/sd_samplers_kdiffusion.py); the samplers not named here use the plain schedule.
@@ -560,7 +566,8 @@ def _with_schedule_type(sampler: Any, schedule: Any) -> Any:
         raise InvalidInput(
             f"schedule type {shown(schedule)} is not supported",
             field="scheduler",
-            accepted="Automatic, Uniform, Normal, " + ", ".join(SCHEDULE_TYPES),
+            accepted="Automatic, Uniform, Normal, Simple, DDIM Uniform, "
+            + ", ".join(SCHEDULE_TYPES),
         )
     base = canonical_scheduler(sampler) if isinstance(sampler, str) else None
     if _schedule_key(schedule) == "automatic":

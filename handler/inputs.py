@@ -23,7 +23,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image, ImageOps
 
-from handler.errors import InputFetchFailed, InvalidInput
+from handler.errors import InputFetchFailed, InvalidInput, shown
 from handler.settings import Settings
 
 MAX_REDIRECTS = 3
@@ -50,9 +50,8 @@ def load_image(value: str, field: str, settings: Settings, as_mask: bool = False
     elif head.startswith("s3://"):
         data = fetch_s3(value, field, settings)
     elif "://" in value:
-        scheme = value.split("://", 1)[0]
         raise InvalidInput(
-            f"{scheme}:// inputs are not accepted",
+            f"URLs of the scheme {shown(value.split('://', 1)[0])} are not accepted",
             field=field,
             accepted="https URLs, s3://bucket/key, data URIs or raw base64",
         )
@@ -334,11 +333,18 @@ def _resolve(host: str, port: int, field: str, settings: Settings, deadline: flo
     return found["infos"]
 
 
+# Addresses is_global calls global (depending on the Python version) that reach a cloud host's
+# own services: 192.0.0.0/24 holds Oracle Cloud's legacy metadata address (192.0.0.192), and
+# 168.63.129.16 is Azure's WireServer.
+_HOST_SERVICES = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("168.63.129.16/32"))
+
+
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     # is_global says True for the deprecated IPv6 site-local range (fec0::/10), which may
     # still route to a private network
     site_local = ip.version == 6 and ip.is_site_local
-    return ip.is_global and not ip.is_multicast and not site_local
+    host_service = any(ip in network for network in _HOST_SERVICES)
+    return ip.is_global and not ip.is_multicast and not site_local and not host_service
 
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address a gateway may route to: NAT64 (RFC 6052,
@@ -491,6 +497,13 @@ def fit_image(
     cover = (mode == "crop") == (ratio > src_ratio)
     scaled_w = width if cover else round(height * src_ratio)
     scaled_h = round(width / src_ratio) if cover else height
+    if mode == "crop":
+        # Only the part that stays is resampled: scaled whole, a 4 x 1,000,000 image cropped
+        # to 64 x 64 would first become 64 x 16,000,000 pixels (4 GB).
+        scale_x, scale_y = scaled_w / image.width, scaled_h / image.height
+        left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+        box = (left / scale_x, top / scale_y, (left + width) / scale_x, (top + height) / scale_y)
+        return image.resize((width, height), resample=resample, box=box)
     scaled = image.resize((max(1, scaled_w), max(1, scaled_h)), resample=resample)
     canvas = Image.new(image.mode, (width, height))
     left, top = (width - scaled.width) // 2, (height - scaled.height) // 2

@@ -485,6 +485,12 @@ def _checked_name(name: str, field_name: str) -> PurePosixPath:
             field=field_name,
             accepted="a name relative to its folder, e.g. 'sdxl/juggernaut'",
         )
+    if not path.parts:  # "." or "./": the folder itself, whose name + ".safetensors" is beside it
+        raise InvalidInput(
+            "must name a model, not its folder",
+            field=field_name,
+            accepted="a name from list_models",
+        )
     if ".." in path.parts:
         raise InvalidInput(
             "'..' is not accepted in model names",

@@ -1,7 +1,8 @@
 """Scheduler (sampler) names: the canonical set, their aliases, and how each is built.
 
 Canonical names are A1111's sampler names, which most users know. A1111's older combined names
-("DPM++ 2M Karras"), worker-sdxl's K_* names and diffusers class names are accepted as aliases.
+("DPM++ 2M Karras"), worker-sdxl's K_* names, ComfyUI's names and diffusers class names are
+accepted as aliases; a class name runs as diffusers runs it by default.
 A sampler followed by one of A1111's schedule types ("DPM++ 2M Exponential", "Euler SGM
 Uniform") is a name too, for the samplers whose diffusers class has that schedule.
 """
@@ -92,7 +93,18 @@ _EXTRA_ALIASES = {
     "k_dpm_2_ka": "DPM2 Karras",
     "k_dpm_2_a_ka": "DPM2 a Karras",
     "PLMS": "PNDM",
-    # diffusers class names (the sampler, on A1111's schedule as its name is)
+    # ComfyUI's sampler names that the folding below does not already make ours
+    "euler_ancestral": "Euler a",
+    "dpm_2_ancestral": "DPM2 a",
+    "dpmpp_sde_gpu": "DPM++ SDE",
+    "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
+    "uni_pc": "UniPC",
+}
+
+
+# diffusers class names: the sampler as diffusers runs it by default, on the checkpoint config's
+# own spacing ("leading" for SD and SDXL: the "DDIM" schedule type of the k-diffusion samplers)
+DIFFUSERS_CLASSES = {
     "EulerDiscreteScheduler": "Euler",
     "EulerAncestralDiscreteScheduler": "Euler a",
     "HeunDiscreteScheduler": "Heun",
@@ -117,6 +129,11 @@ def _key(name: str) -> str:
 _ALIASES: dict[str, str] = {_key(name): name for name in SCHEDULERS}
 _ALIASES.update({_key(alias): name for alias, name in _EXTRA_ALIASES.items()})
 _ALIASES.update({_key(name.replace(" ", "_")): name for name in SCHEDULERS})
+_ALIASES.update({_key(name): sampler for name, sampler in DIFFUSERS_CLASSES.items()})
+_CLASS_KEYS = {_key(name) for name in DIFFUSERS_CLASSES}
+# Names of the Uniform schedule, which the k-diffusion samplers run without a schedule type
+# (A1111's "Uniform", ComfyUI's "normal"), as a suffix: "DPM++ 2M Uniform" is "DPM++ 2M".
+_UNIFORM_KEYS = ("uniform", "normal")
 
 
 def canonical_scheduler(name: str) -> str | None:
@@ -124,6 +141,8 @@ def canonical_scheduler(name: str) -> str | None:
     Karras"), or None if unknown or a schedule type the sampler does not have."""
     known = _ALIASES.get(_key(name))
     if known is not None:
+        if _key(name) in _CLASS_KEYS and known in K_DIFFUSION_SAMPLERS:
+            return f"{known} DDIM"  # diffusers' default spacing for SD and SDXL
         return known
     for schedule in SCHEDULE_TYPES:
         if _key(name).endswith(_key(schedule)):
@@ -132,6 +151,10 @@ def canonical_scheduler(name: str) -> str | None:
                 return f"{base} {schedule}"
             if base in ("DDIM", "PNDM") and schedule == "DDIM":
                 return base  # they run on the DDIM schedule already
+    for uniform in _UNIFORM_KEYS:
+        base = _ALIASES.get(_key(name).removesuffix(uniform))
+        if _key(name).endswith(uniform) and base in K_DIFFUSION_SAMPLERS:
+            return base
     return None
 
 

@@ -23,6 +23,9 @@ from handler.schedulers import (
 
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 150  # steps of a pass: the job's, the hires pass's, the refiner's
+# Characters of a prompt or negative prompt: about 5,000 tokens or more, 70 windows of CLIP's
+# 77. Longer texts only cost time and memory (and quadratic time in tag parsing).
+MAX_PROMPT_CHARS = 20_000
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -82,8 +85,12 @@ class Job(JobModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
-    prompt: str = Field(description="What to draw. A1111 syntax is accepted.")
-    negative_prompt: str = Field("", description="What to keep out of the image.")
+    prompt: str = Field(
+        description="What to draw. A1111 syntax is accepted.", max_length=MAX_PROMPT_CHARS
+    )
+    negative_prompt: str = Field(
+        "", description="What to keep out of the image.", max_length=MAX_PROMPT_CHARS
+    )
     checkpoint: str | None = Field(
         None,
         description="Checkpoint name on the model root (relative to checkpoints/, extension "
@@ -235,6 +242,20 @@ class Job(JobModel):
             raise ValueError(f"unknown scheduler {shown(value)}")
         return name
 
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _format_in_any_case(cls, value: Any) -> Any:
+        """ "PNG", "JPEG" and "jpg" (the extension, as Replicate's models name it) too."""
+        if isinstance(value, str) and value.lower() in ("png", "jpeg", "jpg", "webp"):
+            return "jpeg" if value.lower() == "jpg" else value.lower()
+        return value
+
+    @field_validator("vae", mode="before")
+    @classmethod
+    def _checkpoints_own_vae(cls, value: Any) -> Any:
+        """A1111's names for the checkpoint's own VAE, as its `sd_vae` setting takes them."""
+        return None if value in ("Automatic", "None", "") else value
+
     @field_validator("image", "mask")
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
@@ -337,6 +358,8 @@ def _accepted(error: dict[str, Any]) -> str | None:
             return "an object with " + ", ".join(item.model_fields)
     if kind == "too_long" and "max_length" in ctx:
         return f"a list of at most {ctx['max_length']}"
+    if kind == "string_too_long" and "max_length" in ctx:
+        return f"text of at most {ctx['max_length']} characters"
     if kind == "value_error" and "surrogate" in error["msg"]:
         return "UTF-8 text"
     if kind == "value_error" and "is empty" in error["msg"]:

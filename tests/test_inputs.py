@@ -114,6 +114,8 @@ def test_private_addresses_are_refused(image_server, settings):
         "https://10.0.0.1/x",
         "https://192.168.1.1/x",
         "https://localhost/x",
+        "https://192.0.0.192/opc/v1/instance/",  # Oracle Cloud's legacy metadata address
+        "https://168.63.129.16/machine",  # Azure's WireServer
     ):
         with pytest.raises(InvalidInput):
             load_image(url, "image", settings)
@@ -146,6 +148,32 @@ def test_http_needs_a_setting(image_server, settings):
 def test_other_schemes_are_refused(settings, url):
     with pytest.raises(InvalidInput):
         load_image(url, "image", settings)
+
+
+def test_a_refused_scheme_is_quoted_short(settings):
+    """What comes before :// is the client's text (it may hold a token): cut, as errors cut
+    every value they quote."""
+    with pytest.raises(InvalidInput) as info:
+        load_image("gopher" + "A" * 300 + "://x", "image", settings)
+    assert "A" * 41 not in info.value.message and "characters" in info.value.message
+
+
+def test_cropping_an_extreme_aspect_ratio_resamples_only_what_stays(monkeypatch):
+    """Scaled whole to cover 64 x 64 first, a 4 x 1,048,576 strip became 64 x 16,777,216
+    pixels (6 GB of peak memory in the audit); now only the crop is resampled."""
+    from handler.inputs import fit_image
+
+    sizes, resize = [], Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        sizes.append(size)
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    strip = Image.new("RGB", (4, 1_048_576), (10, 200, 30))
+    cropped = fit_image(strip, 64, 64, "crop")
+    assert sizes == [(64, 64)] and cropped.size == (64, 64)
+    assert cropped.getpixel((32, 32)) == (10, 200, 30)
 
 
 def test_fetch_failures(image_server, local_fetch):

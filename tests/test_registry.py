@@ -129,6 +129,20 @@ def test_refuses_names_that_escape_the_root(registry, name):
     assert info.value.field == "checkpoint"
 
 
+@pytest.mark.parametrize("name", [".", "./", "./."])
+def test_a_name_that_is_its_folder_is_refused(registry, demo_volume, name):
+    """ "." named the folder itself, whose name with an extension is a file beside the folder
+    (`<root>/loras.safetensors`): outside the folder, and an internal error after."""
+    beside = demo_volume / "loras.safetensors"
+    beside.write_bytes((demo_volume / "loras" / "demo_sd15_peft.safetensors").read_bytes())
+    try:
+        with pytest.raises(InvalidInput) as info:
+            registry.resolve("lora", name, "loras[0].name")
+        assert info.value.field == "loras[0].name"
+    finally:
+        beside.unlink()
+
+
 def test_refuses_symlinks_pointing_outside_the_root(registry, demo_volume, tmp_path):
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes((demo_volume / "checkpoints" / "demo-sd15.safetensors").read_bytes())
@@ -545,9 +559,12 @@ def test_embeddings_that_cannot_apply_are_skipped_with_a_warning(settings, demo_
     assert any("empty not applied (unreadable" in w for w in plain.warnings)
     styled = engine.run(_job(checkpoint="m", prompt="a cube, dupe-style", seed=1))
     assert any("share the word 'dupe-style': a/dupe-style was used" in w for w in styled.warnings)
-    # diffusers refuses a token its tokenizer has: that embedding stays a word, with a warning
+    # a word of CLIP's vocabulary is an embedding's name like any other (its token is private)
     worded = engine.run(_job(checkpoint="m", prompt="a cube in style", seed=1))
-    assert any("style not applied (its name is already" in w for w in worded.warnings)
+    assert not worded.warnings
+    from tests.test_modes import infotext_fields
+
+    assert infotext_fields(worded).get("TI hashes", "").startswith("style: ")
 
 
 def test_a_diffusers_vae_folder_is_named_by_its_folder(settings, demo_volume, tmp_path, engine):

@@ -68,8 +68,15 @@ def test_unknown_fields_are_named_not_dropped():
     assert error.field == "stepz" and "stepz" in error.message
 
 
+def test_a1111s_names_for_the_checkpoints_own_vae_are_no_vae():
+    for name in ("Automatic", "None", ""):
+        assert parse_job({"prompt": "x", "vae": name}).vae is None
+
+
 def test_output_format_choices():
     assert "png" in error_of({"prompt": "x", "output_format": "gif"}).accepted
+    for sent, format in (("PNG", "png"), ("jpg", "jpeg"), ("JPG", "jpeg"), ("WebP", "webp")):
+        assert parse_job({"prompt": "x", "output_format": sent}).output_format == format
 
 
 @pytest.mark.parametrize(
@@ -79,8 +86,16 @@ def test_output_format_choices():
         ("euler_a", "Euler a"),
         ("K_EULER_ANCESTRAL", "Euler a"),
         ("K_EULER", "Euler"),
-        ("DPMSolverMultistep", "DPM++ 2M"),
+        ("DPMSolverMultistep", "DPM++ 2M DDIM"),  # diffusers' own default spacing
+        ("EulerAncestralDiscreteScheduler", "Euler a DDIM"),
+        ("EulerDiscreteScheduler karras", "Euler Karras"),
         ("dpmpp_2m_karras", "DPM++ 2M Karras"),
+        ("euler_ancestral", "Euler a"),  # ComfyUI's names
+        ("dpm_2_ancestral", "DPM2 a"),
+        ("dpmpp_2m_sde_gpu", "DPM++ 2M SDE"),
+        ("uni_pc", "UniPC"),
+        ("DPM++ 2M Uniform", "DPM++ 2M"),  # the schedule they run on without a type
+        ("euler normal", "Euler"),
         ("DPM++ SDE Karras", "DPM++ SDE Karras"),
         ("DDIMScheduler", "DDIM"),
         ("PNDM", "PNDM"),
@@ -116,6 +131,9 @@ def test_scheduler_aliases(alias, name):
         ("DPM++ 2M", "Uniform", "DPM++ 2M"),
         ("k_euler_a", None, "Euler a"),
         ("k_dpmpp_2m_ka", None, "DPM++ 2M Karras"),
+        ("euler", "simple", "Euler SGM Uniform"),  # ComfyUI's sampler and scheduler
+        ("dpmpp_2m", "ddim_uniform", "DPM++ 2M DDIM"),
+        ("euler_ancestral", "normal", "Euler a"),
     ],
 )
 def test_a1111_sampler_and_schedule_type(sampler_name, schedule, name):
@@ -254,6 +272,31 @@ def test_k_diffusion_samplers_run_on_a1111s_uniform_schedule(name):
     # a checkpoint that chose its spacing (zero terminal SNR: trailing) keeps it
     trailing = build_scheduler(canonical_scheduler(name), {**base, "timestep_spacing": "trailing"})
     assert trailing.config.timestep_spacing == "trailing"
+
+
+def test_diffusers_class_names_run_as_diffusers_runs_them_by_default():
+    """A diffusers user naming EulerDiscreteScheduler expects the images of
+    `EulerDiscreteScheduler.from_config(pipe.scheduler.config)`, not A1111's Uniform."""
+    import json
+
+    import diffusers
+
+    from handler.registry import CONFIG_ROOT
+    from handler.schedulers import DIFFUSERS_CLASSES, build_scheduler
+
+    for config in ("sd15", "sdxl"):
+        base = json.loads((CONFIG_ROOT / f"{config}/scheduler/scheduler_config.json").read_text())
+        for class_name in DIFFUSERS_CLASSES:
+            if class_name == "PNDMScheduler" and config == "sdxl":
+                continue  # SDXL's config (Euler's) leaves PNDM its Runge-Kutta warm-up: skipped,
+                # as SD's config does and A1111's PLMS
+            ours = build_scheduler(canonical_scheduler(class_name), base)
+            real_name = class_name.removesuffix("Scheduler") + "Scheduler"  # DPMSolverMultistep
+            theirs = getattr(diffusers, real_name).from_config(base)
+            for scheduler in (ours, theirs):
+                scheduler.set_timesteps(30)
+            assert type(ours) is type(theirs)
+            assert ours.timesteps.tolist() == theirs.timesteps.tolist(), (config, class_name)
 
 
 def test_null_a1111_fields_are_absent():
