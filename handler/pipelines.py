@@ -143,6 +143,8 @@ def load_checkpoint(
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if model.is_folder and not allow_pickle:
         kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
+    if model.is_folder and folder_variant(model.path):
+        kwargs["variant"] = folder_variant(model.path)
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if not detection.has_vae:
@@ -202,6 +204,22 @@ def load_checkpoint(
         load_ms=(time.perf_counter() - started) * 1000,
         import_ms=(imported - started) * 1000,
     )
+
+
+def folder_variant(path: Path) -> str | None:
+    """The variant a diffusers folder's weights were saved as, when its UNet has only those:
+    `save_pretrained(variant="fp16")` writes `unet/diffusion_pytorch_model.fp16.safetensors`
+    (sharded: `.fp16-00001-of-00002.safetensors`), which diffusers loads only when told."""
+    unet = path / "unet"
+    names = [p.name for p in unet.glob("diffusion_pytorch_model*.safetensors")]
+    plain = [
+        n
+        for n in names
+        if n.startswith(("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-"))
+    ]
+    if not names or plain:
+        return None
+    return names[0].split(".")[1].split("-")[0]
 
 
 def missing_vae(model: ModelFile) -> InvalidInput:

@@ -105,6 +105,30 @@ def test_diffusers_folder_loads_and_matches_single_file(engine, demo_volume):
     assert _pixels(from_folder.images[0]) == _pixels(from_file.images[0])
 
 
+@pytest.mark.parametrize("renamed", ["all", "unet only"])
+def test_a_diffusers_folder_saved_as_the_fp16_variant_loads(engine, demo_volume, renamed):
+    """`save_pretrained(variant="fp16")` (and an SDXL repo's fp16 files alone) name the weights
+    `*.fp16.safetensors`: the folder was listed as sd15, and every job on it failed."""
+    import shutil
+
+    from handler.schema import parse_job
+
+    loaded, _ = engine.checkpoint("demo-sd15")
+    folder = demo_volume / "checkpoints" / f"demo-sd15-fp16-{renamed.replace(' ', '-')}"
+    loaded.pipeline.save_pretrained(folder, variant="fp16")
+    if renamed == "unet only":  # the other parts as plain files: diffusers falls back to them
+        for part in folder.iterdir():
+            for weights in part.glob("*.fp16.safetensors") if part.name != "unet" else []:
+                weights.rename(weights.with_name(weights.name.replace(".fp16", "")))
+    try:
+        job = {"prompt": "a cube", "width": 64, "height": 64, "steps": 2, "seed": 5}
+        from_file = engine.run(parse_job({**job, "checkpoint": "demo-sd15"}))
+        from_folder = engine.run(parse_job({**job, "checkpoint": folder.name}))
+        assert _pixels(from_folder.images[0]) == _pixels(from_file.images[0])
+    finally:
+        shutil.rmtree(folder)
+
+
 def _pixels(image_result) -> bytes:
     import base64
     import io
