@@ -67,6 +67,7 @@ from handler.pipelines import (
 )
 from handler.prompts import (
     check_syntax,
+    comfyui_embeddings,
     encode_sd,
     encode_sd_texts,
     encode_sdxl,
@@ -844,6 +845,11 @@ class Engine:
         prompt, prompt_warnings = check_syntax(prompt, "prompt")
         negative, negative_warnings = check_syntax(negative, "negative_prompt")
         warnings += prompt_warnings + negative_warnings
+        if "embedding:" in (prompt + negative).lower():  # ComfyUI's syntax
+            names = [embedding.name for embedding in self.registry.files("embedding")]
+            prompt, prompt_warnings = comfyui_embeddings(prompt, names, "prompt")
+            negative, negative_warnings = comfyui_embeddings(negative, names, "negative_prompt")
+            warnings += prompt_warnings + negative_warnings
         requested = [(s.name, s.scale, f"loras[{i}].name", None) for i, s in enumerate(job.loras)]
         requested += [
             (name, scale, "prompt", f"LoRA tag {n}") for n, (name, scale) in enumerate(inline, 1)

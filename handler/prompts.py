@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ _AND = re.compile(r"\bAND\b")
 # a job failed with internal_error after its checkpoint loaded.
 MAX_NESTING = 50
 _BRACKET = re.compile(r"\\.|[()\[\]]", re.DOTALL)
+# ComfyUI's way to name an embedding; the name ends at a space, comma, bracket or weight colon
+_COMFYUI_EMBEDDING = re.compile(r"(?<![\w-])embedding:([^\s,:()\[\]<>|]+)", re.IGNORECASE)
 
 
 def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
@@ -64,6 +67,37 @@ def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
             "encoded as one text, AND included"
         )
     return text, warnings
+
+
+def comfyui_embeddings(text: str, names: list[str], field: str) -> tuple[str, list[str]]:
+    """ComfyUI's `embedding:name` (its extension optional) written as the embedding's name,
+    the word by which embeddings are found here (`loras.embeddings_in`); one that names no
+    embedding is removed with a warning, as ComfyUI ignores it. Returns the text and warnings."""
+    if "embedding:" not in text.lower():
+        return text, []
+    words: dict[str, str] = {}
+    for name in names:  # by its path or file name, in any case
+        words.setdefault(name.lower(), PurePosixPath(name).name)
+        words.setdefault(PurePosixPath(name).name.lower(), PurePosixPath(name).name)
+    missing = []
+
+    def word(match: re.Match) -> str:
+        written = match.group(1)
+        name = written.rstrip(".")  # a sentence's full stop after it stays text
+        key = name.lower()
+        for extension in (".safetensors", ".pt", ".bin"):
+            key = key.removesuffix(extension)
+        if key in words:
+            return words[key] + written[len(name) :]
+        missing.append(written)
+        return ""
+
+    text = _COMFYUI_EMBEDDING.sub(word, text)
+    warnings = [
+        f"{field}: {len(missing)} embedding: tag(s) name no embedding on the volume and were "
+        "removed"
+    ]
+    return text, warnings if missing else []
 
 
 def _nesting(text: str) -> int:

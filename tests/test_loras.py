@@ -387,6 +387,22 @@ def test_multi_vector_embeddings_use_every_vector_in_weighted_prompts(
     assert (pixels(diffusers_own) == pixels(ours)).all()
 
 
+def test_comfyuis_embedding_syntax_names_the_embedding(engine):
+    """ComfyUI writes `embedding:name` (extension optional): the prefix was encoded as words
+    beside the embedding. One that names no embedding is removed with a warning, as ComfyUI
+    ignores it (a misspelt name ran as plain text, silently)."""
+    base = {**SD15, "prompt": "a cube, demo-sd15-embedding"}
+    ours = engine.run(parse_job(base))
+    for written in ("embedding:demo-sd15-embedding", "EMBEDDING:demo-sd15-embedding.safetensors"):
+        comfy = engine.run(parse_job({**base, "prompt": f"a cube, {written}"}))
+        assert (pixels(comfy) == pixels(ours)).all() and not comfy.warnings
+    plain = engine.run(parse_job({**SD15, "prompt": "a cube"}))
+    missing = engine.run(parse_job({**SD15, "prompt": "a cube embedding:SECRET-misspelt"}))
+    assert (pixels(missing) == pixels(plain)).all()
+    assert any("name no embedding" in w for w in missing.warnings)
+    assert not any("SECRET" in w for w in missing.warnings)
+
+
 def test_a_multi_vector_embedding_is_spelled_out_only_as_a_whole_word(engine):
     """diffusers' maybe_convert_prompt replaces the name inside other words and names too
     (EasyNegative inside EasyNegativeV2); A1111 matches whole words, in any case."""
