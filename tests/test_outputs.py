@@ -501,19 +501,25 @@ def test_infotext_in_exif_is_typed_as_a1111_writes_it(fmt):
 
 
 @pytest.mark.parametrize(
-    "prompt",
-    ["red, " * 6600, "🐱" * 16500],  # 33,000 characters; 16,500 take 4 UTF-16 bytes each
+    ("prompt", "negative"),
+    # 33,000 characters in all (each prompt within its 20,000); 16,500 emoji take 4 UTF-16
+    # bytes each
+    [("red, " * 3300, "blue, " * 2750), ("🐱" * 16500, "")],
 )
-def test_an_infotext_too_long_for_a_jpegs_exif_is_refused_before_generating(engine, prompt):
+def test_an_infotext_too_long_for_a_jpegs_exif_is_refused_before_generating(
+    engine, prompt, negative
+):
     """A jpeg's EXIF segment holds 64 KiB: Pillow failed the save, after the whole job ran."""
-    job = {"prompt": prompt, "steps": 1, "width": 64, "height": 64, "checkpoint": "demo-sd15"}
+    job = {"prompt": prompt, "negative_prompt": negative, "steps": 1, "width": 64, "height": 64}
+    job["checkpoint"] = "demo-sd15"
     steps = []
     with pytest.raises(InvalidInput) as info:
         engine.run(parse_job({**job, "output_format": "jpeg"}), progress=steps.append)
     assert info.value.field == "output_format" and "png or webp" in info.value.accepted
     assert not any(p.phase == "denoising" for p in steps)
     with pytest.raises(ValueError, match="EXIF data is too long"):  # what happened instead
-        Image.new("RGB", (8, 8)).save(io.BytesIO(), "JPEG", exif=a1111_exif(prompt))
+        exif = a1111_exif(f"{prompt}\nNegative prompt: {negative}")
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), "JPEG", exif=exif)
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
