@@ -652,7 +652,8 @@ def test_hires_img2img_inpainting_and_the_refiner_run_graphed_as_eager(cuda_engi
             "checkpoint": "demo-sdxl",
             "refiner_checkpoint": "demo-sdxl-refiner",
             "high_noise_frac": 0.6,
-            "prompt": "a (red:1.3) cube BREAK studio light",  # encoded for the refiner too
+            # encoded for the refiner too, the embedding through its clip_g part
+            "prompt": "a (red:1.3) cube BREAK studio light, demo-sdxl-embedding",
         },
     }[mode]
     job = parse_job({**JOB, "checkpoint": "demo-sd15", **extra})
