@@ -21,7 +21,7 @@ from cog import BaseRunner, Input, Path
 
 from handler.errors import InternalError, InvalidInput, WorkerError, shown
 from handler.registry import prefetch_default_checkpoint
-from handler.schedulers import canonical_scheduler, split_schedule
+from handler.schedulers import SCHEDULE_TYPES, canonical_scheduler, split_schedule, takes_schedule
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -456,7 +456,17 @@ class Predictor(BaseRunner):
                         field="schedule_type",
                         accepted="Automatic with it, or the sampler without one (DPM++ 2M)",
                     )
-                scheduler = f"{scheduler} {schedule_type}"  # the schema checks the sampler takes it
+                sampler = canonical_scheduler(scheduler)
+                if sampler and not canonical_scheduler(f"{scheduler} {schedule_type}"):
+                    raise InvalidInput(
+                        f"{sampler} has no {schedule_type} schedule type",
+                        field="schedule_type",
+                        accepted=", ".join(
+                            ["Automatic"]
+                            + [t for t in SCHEDULE_TYPES if takes_schedule(sampler, t)]
+                        ),
+                    )
+                scheduler = f"{scheduler} {schedule_type}"
             if hires_scale is None and hires_strength != HIRES_STRENGTH_DEFAULT:
                 raise InvalidInput(
                     "hires_strength only applies to the hires fix's second pass",

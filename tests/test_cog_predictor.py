@@ -512,11 +512,13 @@ def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
     for scheduler, schedule, field in (
         ("DPM++ 2M Karras", "Beta", "schedule_type"),  # names its own already
         ("KarrasDPM", "Karras", "schedule_type"),  # cog-sdxl's name for DPM++ 2M Karras
-        ("Euler a", "Karras", "scheduler"),  # has no Karras schedule
+        ("Euler a", "Karras", "schedule_type"),  # has no Karras schedule: the type's fault
     ):
         inputs = {**job, "scheduler": scheduler, "schedule_type": schedule}
         body = predict(cog, inputs).json()
         assert body["status"] == "failed" and f"invalid_input: {field}: " in body["error"], body
+    # what the form would take with it: schedule types, not A1111's combined names
+    assert "(accepted: Automatic, SGM Uniform, DDIM)" in body["error"], body["error"]
 
 
 def test_out_of_range_input_is_a_422_naming_the_field(cog):
