@@ -18,6 +18,7 @@ from handler.schedulers import (
     SCHEDULE_TYPES,
     SCHEDULER_NAMES,
     canonical_scheduler,
+    sampler_named,
     split_schedule,
     takes_schedule,
 )
@@ -569,13 +570,18 @@ def _with_schedule_type(sampler: Any, schedule: Any) -> Any:
             accepted="Automatic, Uniform, Normal, Simple, DDIM Uniform, "
             + ", ".join(SCHEDULE_TYPES),
         )
-    base = canonical_scheduler(sampler) if isinstance(sampler, str) else None
-    if _schedule_key(schedule) == "automatic":
+    automatic = _schedule_key(schedule) == "automatic"
+    base = None
+    if isinstance(sampler, str):
+        base = canonical_scheduler(sampler) if automatic else sampler_named(sampler)
+    if automatic:
         suffix = A1111_AUTOMATIC_SCHEDULES.get(base or "", "")
     else:
         suffix = A1111_SCHEDULE_TYPES[_schedule_key(schedule)]
-    if not suffix or base is None:
-        return sampler  # the plain schedule; an unknown sampler is the schema's error
+    if base is None:
+        return sampler  # an unknown sampler is the schema's error
+    if not suffix:
+        return base  # the plain schedule
     if split_schedule(base)[1] == suffix or (suffix == "DDIM" and base in ("DDIM", "PNDM")):
         return base  # "DPM++ 2M Karras" with "Karras"; DDIM and PNDM run on DDIM's schedule
     if split_schedule(base)[1] is None and takes_schedule(base, suffix):

@@ -79,7 +79,7 @@ def extract_inline_loras(prompt: str, field: str = "prompt") -> tuple[str, list[
     clean = INLINE_LORA.sub("", prompt)
     if _UNCLOSED_LORA.search(clean):
         raise InvalidInput(
-            f"a LoRA tag of {field} has no closing '>' before the next '<'",
+            f"a LoRA tag of {field} is not closed: '>' must end it, before any other '<'",
             field=field,
             accepted=INLINE_ACCEPTED,
         )
@@ -523,6 +523,8 @@ def _embedding_parts(state: dict[str, Any], pipeline: Any) -> list[tuple[Any, An
             return "its vectors are not a list of vectors"
         if vectors.shape[-1] != width:
             return f"{vectors.shape[-1]}-wide vectors; this model's text encoder takes {width}"
+        if vectors.ndim == 2 and vectors.shape[0] == 0:
+            return "no vectors"
         counts.add(vectors.shape[0] if vectors.ndim == 2 else 1)
     if len(counts) > 1:
         return "its clip_l and clip_g parts hold different numbers of vectors"

@@ -143,8 +143,8 @@ def load_checkpoint(
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if model.is_folder and not allow_pickle:
         kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
-    if model.is_folder and folder_variant(model.path):
-        kwargs["variant"] = folder_variant(model.path)
+    if model.is_folder and folder_variant(model.path / "unet"):
+        kwargs["variant"] = folder_variant(model.path / "unet")
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if not detection.has_vae:
@@ -206,12 +206,12 @@ def load_checkpoint(
     )
 
 
-def folder_variant(path: Path) -> str | None:
-    """The variant a diffusers folder's weights were saved as, when its UNet has only those:
-    `save_pretrained(variant="fp16")` writes `unet/diffusion_pytorch_model.fp16.safetensors`
-    (sharded: `.fp16-00001-of-00002.safetensors`), which diffusers loads only when told."""
-    unet = path / "unet"
-    names = [p.name for p in unet.glob("diffusion_pytorch_model*.safetensors")]
+def folder_variant(folder: Path) -> str | None:
+    """The variant a diffusers model folder's weights were saved as, when it holds only those:
+    `save_pretrained(variant="fp16")` writes `diffusion_pytorch_model.fp16.safetensors`
+    (sharded: `.fp16-00001-of-00002.safetensors`), which diffusers loads only when told. For a
+    pipeline folder, its `unet/` decides."""
+    names = [p.name for p in folder.glob("diffusion_pytorch_model*.safetensors")]
     plain = [
         n
         for n in names
@@ -239,7 +239,11 @@ def load_vae(path: Path, config_dir, dtype: torch.dtype, allow_pickle: bool = Fa
 
     if path.is_dir():
         return AutoencoderKL.from_pretrained(
-            str(path), torch_dtype=dtype, use_safetensors=not allow_pickle, local_files_only=True
+            str(path),
+            torch_dtype=dtype,
+            use_safetensors=not allow_pickle,
+            local_files_only=True,
+            variant=folder_variant(path),
         )
     with lowercase_suffix(path) as link:
         return AutoencoderKL.from_single_file(

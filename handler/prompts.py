@@ -468,19 +468,23 @@ def with_embedding_tokens(text: str, tokenizer) -> str:
     Weights around the name cover them all."""
     text = text.replace(_EMBEDDING_OPEN, "").replace(_EMBEDDING_CLOSE, "")
     added = tokenizer.added_tokens_encoder
-    spelled: dict[str, str] = {}
+    names, spelled = [], []
     for token in added:
         if not (token.startswith(_EMBEDDING_OPEN) and token.endswith(_EMBEDDING_CLOSE)):
             continue  # a multi-vector embedding's further tokens end in _1, _2, ...
         count = 1
         while f"{token}_{count}" in added:
             count += 1
-        spelled[token[1:-1].lower()] = " ".join([token] + [f"{token}_{i}" for i in range(1, count)])
-    if not spelled or not text:
+        names.append(token[1:-1])
+        spelled.append(" ".join([token] + [f"{token}_{i}" for i in range(1, count)]))
+    if not names or not text:
         return text
-    names = "|".join(re.escape(name) for name in sorted(spelled, key=len, reverse=True))
-    pattern = re.compile(rf"(?<![\w-])({names})(?![\w-])", re.IGNORECASE)
-    return pattern.sub(lambda match: spelled[match.group(1).lower()], text)
+    # one group per name, longest first, each matched as the search found it (in any case, by
+    # the regex's own rules, which str.lower() does not follow for every letter: "İ", "ſ")
+    order = sorted(range(len(names)), key=lambda i: len(names[i]), reverse=True)
+    groups = "|".join(f"({re.escape(names[i])})" for i in order)
+    pattern = re.compile(rf"(?<![\w-])(?:{groups})(?![\w-])", re.IGNORECASE)
+    return pattern.sub(lambda match: spelled[order[match.lastindex - 1]], text)
 
 
 @torch.no_grad()

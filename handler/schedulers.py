@@ -63,7 +63,9 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Exponential": {"use_exponential_sigmas": True},
     "Beta": {"use_beta_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
-    "DDIM": {"timestep_spacing": "leading"},
+    # the checkpoint config's own spacing, as diffusers runs it by default: "leading" for SD and
+    # SDXL, which is A1111's DDIM schedule; a zero-terminal-SNR checkpoint's "trailing"
+    "DDIM": {},
 }
 # Samplers whose diffusers class has no sigma schedules (use_*_sigmas): only SGM Uniform.
 NO_SIGMA_SCHEDULES = frozenset({"Euler a", "DDIM", "PNDM", "LCM"})
@@ -156,6 +158,14 @@ def canonical_scheduler(name: str) -> str | None:
         if _key(name).endswith(uniform) and base in K_DIFFUSION_SAMPLERS:
             return base
     return None
+
+
+def sampler_named(name: str) -> str | None:
+    """`canonical_scheduler`, but a diffusers class name is its sampler alone: its default
+    schedule gives way to a schedule type sent beside it ("EulerDiscreteScheduler" + "Karras")."""
+    if _key(name) in _CLASS_KEYS:
+        return _ALIASES[_key(name)]
+    return canonical_scheduler(name)
 
 
 def takes_schedule(sampler: str, schedule: str) -> bool:

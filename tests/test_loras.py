@@ -437,6 +437,34 @@ def test_a_loaded_embedding_is_not_found_inside_a_longer_word(engine):
     assert with_embedding_tokens("a \ue000other\ue001 cube", tokenizer) == "a other cube"
 
 
+def test_embedding_names_match_in_any_case_by_the_regex_rules_of_the_search(engine):
+    """Names were looked up by str.lower() after a case-insensitive match: "ΟΔΟΣ" matched
+    "οδοσ" and then failed the lookup (internal_error, with the word in the log), and "İmage"
+    was found by the search but never rewritten (silently not applied)."""
+    from handler.prompts import embedding_token, with_embedding_tokens
+
+    loaded, _ = engine.checkpoint("demo-sd15")
+    tokenizer = loaded.pipeline.tokenizer.__class__.from_pretrained(
+        loaded.pipeline.tokenizer.name_or_path
+    )
+    greek, dotted = embedding_token("ΟΔΟΣ"), embedding_token("İmage")
+    tokenizer.add_tokens([greek, dotted, f"{dotted}_1"])
+    text = with_embedding_tokens("a cube, οδοσ, İmage, images", tokenizer)
+    assert text == f"a cube, {greek}, {dotted} {dotted}_1, images"
+
+
+def test_an_embedding_with_no_vectors_is_skipped(engine, demo_volume):
+    from safetensors.torch import save_file
+
+    path = demo_volume / "embeddings" / "no-vectors.safetensors"
+    save_file({"emb_params": torch.zeros(0, 32)}, str(path))
+    try:
+        result = engine.run(parse_job({**SD15, "prompt": "a cube, no-vectors"}))
+        assert any("no-vectors not applied (no vectors)" in w for w in result.warnings)
+    finally:
+        path.unlink()
+
+
 def test_an_embedding_named_like_a_word_of_the_vocabulary_is_used(engine, demo_volume):
     """diffusers refuses a token its tokenizer already has ("style"), so such embeddings were
     skipped; A1111 uses them. The word's own token stays what it was elsewhere."""

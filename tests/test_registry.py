@@ -573,9 +573,12 @@ def test_a_diffusers_vae_folder_is_named_by_its_folder(settings, demo_volume, tm
         tmp_path, demo_volume, {"checkpoints/m.safetensors": "checkpoints/demo-sd15.safetensors"}
     )
     loaded.pipeline.vae.save_pretrained(root / "vae" / "my-vae")
+    loaded.pipeline.vae.save_pretrained(root / "vae" / "fp16-vae", variant="fp16")
     own = _engine(settings, root)
-    assert [v["name"] for v in own.list_models()["vaes"]] == ["my-vae"]
-    assert own.run(_job(checkpoint="m", vae="my-vae")).images
+    assert [v["name"] for v in own.list_models()["vaes"]] == ["fp16-vae", "my-vae"]
+    plain = own.run(_job(checkpoint="m", vae="my-vae"))
+    variant = own.run(_job(checkpoint="m", vae="fp16-vae"))  # only *.fp16.safetensors in it
+    assert plain.images[0].image.split(",")[1] != "" and variant.images
 
 
 def test_a_replaced_file_with_its_old_mtime_is_not_served_from_cache(tmp_path):

@@ -131,6 +131,9 @@ def test_scheduler_aliases(alias, name):
         ("DPM++ 2M", "Uniform", "DPM++ 2M"),
         ("k_euler_a", None, "Euler a"),
         ("k_dpmpp_2m_ka", None, "DPM++ 2M Karras"),
+        ("EulerDiscreteScheduler", "Karras", "Euler Karras"),  # a class name gives way
+        ("EulerDiscreteScheduler", "Uniform", "Euler"),
+        ("DPMSolverMultistepScheduler", None, "DPM++ 2M DDIM"),  # diffusers' own default
         ("euler", "simple", "Euler SGM Uniform"),  # ComfyUI's sampler and scheduler
         ("dpmpp_2m", "ddim_uniform", "DPM++ 2M DDIM"),
         ("euler_ancestral", "normal", "Euler a"),
@@ -284,8 +287,15 @@ def test_diffusers_class_names_run_as_diffusers_runs_them_by_default():
     from handler.registry import CONFIG_ROOT
     from handler.schedulers import DIFFUSERS_CLASSES, build_scheduler
 
-    for config in ("sd15", "sdxl"):
-        base = json.loads((CONFIG_ROOT / f"{config}/scheduler/scheduler_config.json").read_text())
+    sd15 = json.loads((CONFIG_ROOT / "sd15/scheduler/scheduler_config.json").read_text())
+    # a zero-terminal-SNR checkpoint's config, as the loader records it: "trailing" spacing
+    ztsnr = {**sd15, "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}
+    for config in ("sd15", "sdxl", "ztsnr"):
+        base = (
+            ztsnr
+            if config == "ztsnr"
+            else json.loads((CONFIG_ROOT / f"{config}/scheduler/scheduler_config.json").read_text())
+        )
         for class_name in DIFFUSERS_CLASSES:
             if class_name == "PNDMScheduler" and config == "sdxl":
                 continue  # SDXL's config (Euler's) leaves PNDM its Runge-Kutta warm-up: skipped,
@@ -296,6 +306,10 @@ def test_diffusers_class_names_run_as_diffusers_runs_them_by_default():
             for scheduler in (ours, theirs):
                 scheduler.set_timesteps(30)
             assert type(ours) is type(theirs)
+            if config == "ztsnr":  # the spacing is theirs; the betas are rescaled here,
+                # also for the classes that have no rescale_betas_zero_snr (diffusers drops it)
+                assert ours.config.timestep_spacing == "trailing", class_name
+                continue
             assert ours.timesteps.tolist() == theirs.timesteps.tolist(), (config, class_name)
 
 
