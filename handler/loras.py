@@ -474,11 +474,10 @@ def _load_embedding(pipeline: Any, embedding: ModelFile, cache: StateDictCache) 
             accepted="embeddings made for this checkpoint",
         )
     token = embedding_token(name)
-    vectors = parts[0][0]
+    first = parts[0][0]
+    count = first.shape[0] if first.ndim == 2 else 1
     # A multi-vector embedding becomes the tokens "token", "token_1", ... "token_{n-1}".
-    tokens = [token] + [
-        f"{token}_{i}" for i in range(1, vectors.shape[0] if vectors.ndim == 2 else 1)
-    ]
+    tokens = [token] + [f"{token}_{i}" for i in range(1, count)]
     try:
         for vectors, tokenizer, encoder in parts:
             pipeline.load_textual_inversion(

@@ -143,8 +143,8 @@ def load_checkpoint(
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
     if model.is_folder and not allow_pickle:
         kwargs["use_safetensors"] = True  # never a part's .bin, whatever sits beside it
-    if model.is_folder and folder_variant(model.path / "unet"):
-        kwargs["variant"] = folder_variant(model.path / "unet")
+    if model.is_folder:
+        kwargs["variant"] = folder_variant(model.path / "unet")  # None: the plain files
     if "safety_checker" in pipeline_class._optional_components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if not detection.has_vae:
