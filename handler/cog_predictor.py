@@ -175,6 +175,15 @@ class Predictor(BaseRunner):
         fetch_url_inputs_like_the_worker(settings)
         record_the_files_cog_writes()
         self.engine = Engine(settings)
+        if not settings.default_checkpoint and not self.engine.registry.names("checkpoint"):
+            # the image's models are baked in: an empty root is a build mistake, and a
+            # container that says READY would fail every prediction
+            raise InvalidInput(
+                "no checkpoint on the model roots "
+                f"({', '.join(str(r) for r in settings.model_roots)})",
+                field="MODELS_DIR",
+                accepted="checkpoints under ./models/checkpoints in the image, or MODELS_DIR",
+            )
         self.engine.setup()
         self.outputs = FilePath(tempfile.mkdtemp(prefix="sd-outputs-"))
         self.gpu_unusable = False

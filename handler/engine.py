@@ -206,6 +206,15 @@ class Engine:
         self.settings = settings or Settings.from_env()
         self.registry = Registry(self.settings)
         self.device = pick_device(self.settings.device)
+        if self.settings.require_gpu and self.device.type != "cuda":
+            # before minutes of loading on the CPU; both platforms stop at start
+            raise InvalidInput(
+                f"is set, but this worker would run on {self.device.type}: CUDA is not available"
+                if not torch.cuda.is_available()
+                else f"is set, but DEVICE is {self.device.type}",
+                field="REQUIRE_GPU",
+                accepted="a worker with a CUDA GPU, or REQUIRE_GPU unset",
+            )
         # fp16 on the GPU; fp32 on the CPU, where half precision is slow and inexact.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         # A configured refiner stays on the device beside the base checkpoint.
@@ -232,10 +241,11 @@ class Engine:
         # later ones
         self.precompiled_dir: Path | None = None
         if self.settings.compile and self.device.type == "cuda":
-            compile_cache = fastpath.compile_cache_dir(
-                self.settings.compile_cache_dir, self.settings.model_roots
+            compile_cache = fastpath.use_compile_cache(
+                fastpath.compile_cache_dir(
+                    self.settings.compile_cache_dir, self.settings.model_roots
+                )
             )
-            fastpath.use_compile_cache(compile_cache)
             if compile_cache is not None:
                 fastpath.prune_compile_caches(compile_cache, self.settings.compile_cache_keep_days)
                 if self.settings.precompile:
@@ -264,17 +274,19 @@ class Engine:
             if not default:
                 names = self._base_checkpoint_names()
                 default = names[0] if len(names) == 1 else None
-            if default and not self._preloadable(default, "DEFAULT_CHECKPOINT", refiner=False):
-                default = None
-            if default:
-                started = time.perf_counter()
-                loaded, _ = self.checkpoint(default, "DEFAULT_CHECKPOINT")
-                self.startup_ms["load"] = loaded.load_ms
-                self.startup_ms["pipeline_import"] = loaded.import_ms
-                self.startup_ms["resolve_and_load"] = _ms(started)
+            with _named_as("DEFAULT_CHECKPOINT"):
+                if default and not self._preloadable(default, "DEFAULT_CHECKPOINT", refiner=False):
+                    default = None
+                if default:
+                    started = time.perf_counter()
+                    loaded, _ = self.checkpoint(default, "DEFAULT_CHECKPOINT")
+                    self.startup_ms["load"] = loaded.load_ms
+                    self.startup_ms["pipeline_import"] = loaded.import_ms
+                    self.startup_ms["resolve_and_load"] = _ms(started)
             refiner = self.settings.refiner_checkpoint
-            if refiner and self._preloadable(refiner, "REFINER_CHECKPOINT", refiner=True):
-                self.checkpoint(refiner, "REFINER_CHECKPOINT")
+            with _named_as("REFINER_CHECKPOINT"):
+                if refiner and self._preloadable(refiner, "REFINER_CHECKPOINT", refiner=True):
+                    self.checkpoint(refiner, "REFINER_CHECKPOINT")
             if default and self.settings.warmup and self.device.type == "cuda":
                 self.startup_ms["warm_up"] = self.warm_up(default)
         finally:
@@ -1374,6 +1386,18 @@ def _check_clip_skip(pipeline, job: Job) -> None:
             field="clip_skip",
             accepted=f"1 to {deepest}",
         )
+
+
+@contextlib.contextmanager
+def _named_as(variable: str):
+    """A configured checkpoint's errors name its variable, not a job's field: the file's
+    checks and load name `checkpoint`."""
+    try:
+        yield
+    except WorkerError as error:
+        if error.field == "checkpoint":
+            error.field = variable
+        raise
 
 
 @contextlib.contextmanager

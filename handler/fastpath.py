@@ -851,16 +851,27 @@ def compile_cache_dir(configured: str | None, roots: list[Path]) -> Path | None:
 LAST_USED = ".last-used"  # touched at each start: marks a compile cache as the worker's own
 
 
-def use_compile_cache(folder: Path | None) -> None:
-    """Point inductor's and triton's on-disk caches at `folder` (before anything compiles)."""
+def use_compile_cache(folder: Path | None) -> Path | None:
+    """Point inductor's and triton's on-disk caches at `folder` (before anything compiles);
+    returns it, or None when it cannot be written (then compiles are kept by this worker only,
+    in torch's default places)."""
     if folder is None:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LAST_USED).touch()
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / LAST_USED).touch()
+    except OSError as error:
+        log.warning(
+            "compile cache %s cannot be written (%s): compiling without a shared cache",
+            folder,
+            error.strerror or type(error).__name__,
+        )
+        return None
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
     os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return folder
 
 
 def prune_compile_caches(folder: Path, keep_days: float) -> list[str]:

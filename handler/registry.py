@@ -9,6 +9,7 @@ weights load), a diffusers folder's from its JSON; a pickle (ALLOW_PICKLE=1 only
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -100,8 +101,16 @@ class Registry:
 
     @property
     def roots(self) -> list[Path]:
-        """Existing model roots, in search order."""
-        return [r for r in self.settings.model_roots if r.is_dir()]
+        """Existing model roots the worker's user can read, in search order."""
+        roots = []
+        for root in self.settings.model_roots:
+            if not root.is_dir():
+                continue
+            if not os.access(root, os.R_OK | os.X_OK):
+                _warn_unreadable(root)
+                continue
+            roots.append(root)
+        return roots
 
     # -- names ----------------------------------------------------------------------------
 
@@ -439,6 +448,11 @@ def prefetch(model: ModelFile) -> threading.Thread:
     return thread
 
 
+@functools.cache
+def _warn_unreadable(root: Path) -> None:
+    log.warning("model root %s is not readable by this worker's user: it is skipped", root)
+
+
 def prefetch_default_checkpoint(settings: Settings | None = None) -> threading.Thread | None:
     """Start prefetching DEFAULT_CHECKPOINT (if set and valid: a bad setting or name is
     reported by the worker's start-up)."""
@@ -449,7 +463,7 @@ def prefetch_default_checkpoint(settings: Settings | None = None) -> threading.T
         model = Registry(settings).resolve(
             "checkpoint", settings.default_checkpoint, "DEFAULT_CHECKPOINT"
         )
-    except (InvalidInput, ModelNotFound):
+    except (InvalidInput, ModelNotFound, OSError):
         return None
     return prefetch(model)
 
@@ -576,15 +590,21 @@ def read_safetensors_header(
     def refuse(why: str, accepted: str = ".safetensors files") -> UnsupportedModel:
         return UnsupportedModel(f"{path.name} {why}", field=field, accepted=accepted)
 
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise refuse(f"is {size} bytes: too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length < 2 or length > MAX_HEADER_BYTES or length > size - 8:
-            raise refuse("is not a safetensors file (bad header length)")
-        raw = handle.read(length)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise refuse(f"is {size} bytes: too short to be a safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length < 2 or length > MAX_HEADER_BYTES or length > size - 8:
+                raise refuse("is not a safetensors file (bad header length)")
+            raw = handle.read(length)
+    except OSError as error:  # a file the worker's user may not read, a volume that failed
+        raise refuse(
+            f"cannot be read ({error.strerror or type(error).__name__})",
+            "files the worker's user can read",
+        ) from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -230,7 +230,7 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        settings = Settings.from_env()
+        Settings.from_env()  # a malformed variable stops the worker before any import
     except WorkerError as error:  # a malformed variable: say which, without a traceback
         log.error("worker cannot start: %s", error)
         raise SystemExit(1) from None
@@ -238,12 +238,6 @@ def main() -> None:
     keep_sdk_log_at_info()
     for check in fitness_checks():
         runpod.serverless.register_fitness_check(check)
-    if settings.require_gpu:
-        import torch
-
-        if not torch.cuda.is_available():  # fail before spending minutes loading on the CPU
-            log.error("worker cannot start: REQUIRE_GPU=1 but CUDA is not available")
-            raise SystemExit(1)
     started = time.perf_counter()
     try:
         get_engine()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,8 +54,8 @@ def _int(name: str, default: int, minimum: int = 0, maximum: int | None = None) 
     return _number(int, name, default, minimum, maximum)
 
 
-def _float(name: str, default: float, minimum: float = 0.0) -> float:
-    return _number(float, name, default, minimum, None)
+def _float(name: str, default: float, minimum: float = 0.0, maximum: float | None = None) -> float:
+    return _number(float, name, default, minimum, maximum)
 
 
 def _number(kind: type, name: str, default, minimum, maximum):
@@ -67,14 +68,16 @@ def _number(kind: type, name: str, default, minimum, maximum):
         value = kind(text)
     except ValueError:
         raise InvalidInput(f"{text!r} is not a number", field=name, accepted=accepted) from None
+    if not math.isfinite(value):  # float("nan"), float("inf")
+        raise InvalidInput(f"{text!r} is not a finite number", field=name, accepted=accepted)
     if value < minimum or (maximum is not None and value > maximum):
         raise InvalidInput(f"{text} is out of range", field=name, accepted=accepted)
     return value
 
 
 def _str(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+    value = (os.environ.get(name) or "").strip()  # a stray space from a template's form
+    return value or default
 
 
 # An AWS S3 endpoint's host: s3.amazonaws.com, s3.<region>.amazonaws.com,
@@ -136,11 +139,41 @@ def _bucket_location() -> dict[str, Any]:
             f"{where} is set but BUCKET_NAME is not: images are returned inline as base64 "
             "until BUCKET_NAME is set"
         )
+    if bucket and not endpoint and not _str("BUCKET_ACCESS_KEY_ID"):
+        _warn_once(
+            "BUCKET_NAME is set but neither BUCKET_ENDPOINT_URL nor BUCKET_ACCESS_KEY_ID is: "
+            "images are returned inline as base64 until one of them is set"
+        )
     return {
         "bucket_endpoint_url": endpoint,
         "bucket_name": bucket,
         "bucket_region": region or "us-east-1",
     }
+
+
+def _bucket_credentials() -> dict[str, str | None]:
+    """The key pair, both or neither: boto3 refuses half a pair only at the first upload."""
+    key_id, secret = _str("BUCKET_ACCESS_KEY_ID"), _str("BUCKET_SECRET_ACCESS_KEY")
+    if bool(key_id) != bool(secret):
+        missing = "BUCKET_SECRET_ACCESS_KEY" if key_id else "BUCKET_ACCESS_KEY_ID"
+        raise InvalidInput(
+            "is not set, but its pair is",
+            field=missing,
+            accepted="BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY both, or neither "
+            "(boto3's own credentials: an instance role, ~/.aws)",
+        )
+    return {"bucket_access_key_id": key_id, "bucket_secret_access_key": secret}
+
+
+def _public_url() -> str | None:
+    url = _str("BUCKET_PUBLIC_URL")
+    if url and urlsplit(url).scheme not in ("http", "https"):
+        raise InvalidInput(
+            "is not an http(s) URL",
+            field="BUCKET_PUBLIC_URL",
+            accepted="https://host[/path], the public address the bucket's keys are served under",
+        )
+    return url
 
 
 @functools.cache
@@ -222,7 +255,7 @@ class Settings:
             default_checkpoint=_str("DEFAULT_CHECKPOINT"),
             allow_pickle=_flag("ALLOW_PICKLE"),
             log_prompts=_flag("LOG_PROMPTS"),
-            device=_str("DEVICE"),
+            device=(_str("DEVICE") or "").lower() or None,
             max_pixels=_int("MAX_IMAGE_PIXELS", 2048 * 2048, minimum=64 * 64),
             gpu_checkpoints=_int("GPU_CHECKPOINTS", 1, minimum=1),
             cpu_checkpoints=_int("CPU_CHECKPOINTS", 1),
@@ -235,7 +268,7 @@ class Settings:
             graph_shapes=_int("GRAPH_SHAPES", 4, minimum=1),
             compile=_flag("COMPILE"),
             compile_cache_dir=_str("COMPILE_CACHE_DIR"),
-            compile_cache_keep_days=_float("COMPILE_CACHE_KEEP_DAYS", 14),
+            compile_cache_keep_days=_float("COMPILE_CACHE_KEEP_DAYS", 14, maximum=36500),
             precompile=_flag("PRECOMPILE", True),
             attention=(_str("ATTENTION_BACKEND", "auto") or "auto").strip().lower(),
             warmup=_flag("WARMUP", True),
@@ -245,13 +278,12 @@ class Settings:
             allow_private_inputs=_flag("ALLOW_PRIVATE_INPUTS"),
             max_input_bytes=_int("MAX_INPUT_BYTES", 20 * 1024 * 1024, minimum=1),
             max_input_pixels=_int("MAX_INPUT_PIXELS", 4096 * 4096, minimum=1),
-            input_timeout_s=_float("INPUT_TIMEOUT_S", 15, minimum=0.1),
+            input_timeout_s=_float("INPUT_TIMEOUT_S", 15, minimum=0.1, maximum=3600),
             **_bucket_location(),
-            bucket_access_key_id=_str("BUCKET_ACCESS_KEY_ID"),
-            bucket_secret_access_key=_str("BUCKET_SECRET_ACCESS_KEY"),
+            **_bucket_credentials(),
             bucket_prefix=_str("BUCKET_PREFIX", "images"),
             bucket_presign_ttl=_int("BUCKET_PRESIGN_TTL", 3600, minimum=1, maximum=7 * 86400),
-            bucket_public_url=_str("BUCKET_PUBLIC_URL"),
+            bucket_public_url=_public_url(),
             bucket_path_style=_flag("BUCKET_PATH_STYLE"),
             input_buckets=tuple(
                 b.strip() for b in (_str("INPUT_BUCKETS") or "").split(",") if b.strip()

@@ -859,3 +859,17 @@ def test_the_server_logs_one_line_per_prediction_without_its_prompt(cog_server):
     text = server.log() + body["logs"] + (refused.get("logs") or "")
     assert " done: model=demo-sd15" in text and " failed: model_not_found" in text, text[-3000:]
     assert secret not in text
+
+
+def test_setup_fails_when_the_image_holds_no_checkpoint(tmp_path, monkeypatch):
+    """A Cog image's models are baked in: with none, the container said READY and failed every
+    prediction with model_not_found. setup() fails instead (SETUP_FAILED on /health-check)."""
+    from handler.cog_predictor import Predictor
+    from handler.errors import InvalidInput
+
+    monkeypatch.setenv("MODELS_DIR", str(tmp_path))
+    monkeypatch.delenv("DEFAULT_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)  # ./models, the image's own root, holds nothing here either
+    with pytest.raises(InvalidInput) as info:
+        Predictor().setup()
+    assert info.value.field == "MODELS_DIR" and "no checkpoint" in info.value.message

@@ -284,8 +284,11 @@ def test_an_unknown_choice_stops_the_worker_at_start(monkeypatch, name, value, a
         ("GPU_CHECKPOINTS", "0", "int from 1 up"),
         ("CPU_CHECKPOINTS", "-5", "int from 0 up"),
         ("LORA_CACHE_MB", "-1", "int from 0 up"),
-        ("COMPILE_CACHE_KEEP_DAYS", "-3", "float from 0.0 up"),
-        ("INPUT_TIMEOUT_S", "abc", "float from 0.1 up"),
+        ("COMPILE_CACHE_KEEP_DAYS", "-3", "float from 0.0 to 36500"),
+        ("COMPILE_CACHE_KEEP_DAYS", "nan", "float from 0.0 to 36500"),  # pruned every cache
+        ("INPUT_TIMEOUT_S", "abc", "float from 0.1 to 3600"),
+        ("INPUT_TIMEOUT_S", "inf", "float from 0.1 to 3600"),  # failed every URL job
+        ("INPUT_TIMEOUT_S", "1e10", "float from 0.1 to 3600"),
         ("BUCKET_PRESIGN_TTL", "864000", "int from 1 to 604800"),  # SigV4's limit is 7 days
     ],
 )
@@ -296,6 +299,100 @@ def test_a_malformed_setting_stops_the_worker_naming_it(monkeypatch, name, value
     with pytest.raises(InvalidInput) as info:
         Settings.from_env()
     assert info.value.field == name and info.value.accepted == accepted
+
+
+@pytest.mark.parametrize(
+    ("variables", "field"),
+    [
+        ({"BUCKET_ACCESS_KEY_ID": "a"}, "BUCKET_SECRET_ACCESS_KEY"),
+        ({"BUCKET_SECRET_ACCESS_KEY": "s"}, "BUCKET_ACCESS_KEY_ID"),
+        ({"BUCKET_PUBLIC_URL": "cdn.example.com"}, "BUCKET_PUBLIC_URL"),
+    ],
+)
+def test_bucket_settings_that_would_fail_every_upload_stop_the_worker(
+    monkeypatch, variables, field
+):
+    """Half a key pair started the worker, and every job then failed (internal_error, even
+    inline ones: the client is built per job); a public URL without a scheme made URLs that
+    are none."""
+    from handler.settings import Settings
+
+    monkeypatch.setenv("BUCKET_NAME", "images")
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9")
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidInput) as info:
+        Settings.from_env()
+    assert info.value.field == field
+
+
+def test_names_and_devices_in_variables_forgive_spaces_and_case(monkeypatch):
+    from handler.settings import Settings
+
+    monkeypatch.setenv("DEFAULT_CHECKPOINT", " demo-sd15 ")
+    monkeypatch.setenv("DEVICE", "CPU")
+    settings = Settings.from_env()
+    assert (settings.default_checkpoint, settings.device) == ("demo-sd15", "cpu")
+
+
+def test_require_gpu_stops_an_engine_without_cuda(settings, monkeypatch):
+    """Checked by the engine, so Cog's setup fails too: only the RunPod worker checked it."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(InvalidInput) as info:
+        Engine(replace(settings, require_gpu=True, device=None))
+    assert info.value.field == "REQUIRE_GPU"
+
+
+def test_a_configured_checkpoints_errors_name_its_variable(settings, demo_volume, tmp_path):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+    from handler.errors import UnsupportedModel
+
+    root = tmp_path / "root"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "broken.safetensors").write_bytes(b"7 bytes")
+    engine = Engine(replace(settings, models_dir=str(root), default_checkpoint="broken"))
+    with pytest.raises(UnsupportedModel) as info:
+        engine.setup()
+    assert info.value.field == "DEFAULT_CHECKPOINT"
+
+
+def test_an_unreadable_model_root_is_skipped_with_a_warning(settings, monkeypatch, caplog):
+    """Workers often run as root, for whom every file is readable: the check is os.access."""
+    import os
+
+    from handler.registry import Registry
+
+    real_access = os.access
+    demo = settings.models_dir
+    monkeypatch.setattr(
+        "os.access", lambda path, mode, **kw: str(path) != demo and real_access(path, mode, **kw)
+    )
+    assert str(demo) not in [str(r) for r in Registry(settings).roots]
+    assert "not readable" in caplog.text
+
+
+def test_an_unreadable_model_file_is_a_clean_refusal(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from handler.errors import UnsupportedModel
+    from handler.registry import read_safetensors_header
+
+    path = tmp_path / "locked.safetensors"
+    path.write_bytes(b"x" * 64)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(UnsupportedModel) as info:
+        read_safetensors_header(Path(path), "loras")
+    assert "cannot be read (Permission denied)" in info.value.message
 
 
 @pytest.mark.parametrize("device", ["foo", "cuda:99", "meta"])
