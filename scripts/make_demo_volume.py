@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -378,6 +379,13 @@ def make_demo_volume(root: Path, include_all: bool = False) -> dict:
             written.append(write_checkpoint(root, f"demo-{arch}", arch, seed=10 + index))
     written.append(write_vae(root, "demo-vae-sd15", "sd15", seed=300))
     written.append(write_safety_checker(root, seed=400))
+    # safetensors writes its files for their owner alone (0600): a worker running as another
+    # user could not read the volume. Give them the modes the umask gives new files.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     return {
         "root": str(root),
         "files": sorted(str(p.relative_to(root)) for p in written),

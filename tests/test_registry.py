@@ -674,3 +674,15 @@ def test_the_default_roots_find_a1111_and_comfyui_pod_installs_on_the_volume(tmp
     registry = Registry(Settings(extra_roots=volume_roots(str(tmp_path)), device="cpu"))
     for (kind, name), path in files.items():
         assert registry.resolve(kind, name, kind).path == path.with_suffix(".safetensors")
+
+
+def test_the_demo_volumes_files_take_the_umasks_modes(demo_volume):
+    """safetensors writes 0600 files: a worker running as another user could not read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [  # the script's own files (other tests add theirs to the same volume)
+        *demo_volume.glob("checkpoints/demo-*.safetensors"),
+        *demo_volume.glob("embeddings/demo-*.safetensors"),
+    ]
+    modes = {p.stat().st_mode & 0o777 for p in written}
+    assert modes == {0o666 & ~umask}
