@@ -311,6 +311,22 @@ class Engine:
                 field=field,
                 accepted="a base checkpoint; set the refiner as REFINER_CHECKPOINT",
             )
+        if not refiner and detection.architecture.endswith("inpaint"):
+            log.warning(
+                "%s %s is an inpainting checkpoint: jobs without a mask on it are refused",
+                field,
+                model.name,
+            )
+        native = NATIVE_SIZE.get(detection.architecture, 0)
+        if not refiner and native * native > self.settings.max_pixels:
+            log.warning(
+                "%s %s draws %dx%d by default, over MAX_IMAGE_PIXELS: its jobs must send a "
+                "smaller width and height",
+                field,
+                model.name,
+                native,
+                native,
+            )
         if detection.has_vae or vae_sidecar(model) is not None:
             return True
         log.warning(

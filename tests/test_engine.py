@@ -453,3 +453,17 @@ engine.run(parse_job({{**job, "prompt": "x", "image": image, "strength": 0.5, "s
     assert done.returncode == 0, done.stderr[-2000:]
     for noise in ("Loading weights", "Warning", "it/s]"):
         assert noise not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_default_checkpoint_that_cannot_run_plain_jobs_is_said_at_start(settings, caplog):
+    """An inpainting DEFAULT_CHECKPOINT, or a MAX_IMAGE_PIXELS below its native size, started
+    a worker whose plain jobs all failed, with nothing in its log."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    assert Engine(settings)._preloadable("demo-sd15-inpaint", "DEFAULT_CHECKPOINT", refiner=False)
+    small = Engine(replace(settings, max_pixels=256 * 256))
+    small._preloadable("demo-sd15", "DEFAULT_CHECKPOINT", refiner=False)
+    assert "demo-sd15-inpaint is an inpainting checkpoint" in caplog.text
+    assert "demo-sd15 draws 512x512 by default, over MAX_IMAGE_PIXELS" in caplog.text
