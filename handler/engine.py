@@ -240,6 +240,8 @@ class Engine:
         # Where the first COMPILE=1 worker saves each compiled UNet and VAE decoder shape for
         # later ones
         self.precompiled_dir: Path | None = None
+        if self.settings.compile and self.device.type != "cuda":
+            log.warning("COMPILE=1 applies on CUDA only: this worker on %s runs eager", self.device)
         if self.settings.compile and self.device.type == "cuda":
             compile_cache = fastpath.use_compile_cache(
                 fastpath.compile_cache_dir(
