@@ -21,7 +21,13 @@ from cog import BaseRunner, Input, Path
 
 from handler.errors import InternalError, InvalidInput, WorkerError, shown
 from handler.registry import prefetch_default_checkpoint
-from handler.schedulers import SCHEDULE_TYPES, canonical_scheduler, split_schedule, takes_schedule
+from handler.schedulers import (
+    SCHEDULE_TYPES,
+    canonical_scheduler,
+    sampler_named,
+    split_schedule,
+    takes_schedule,
+)
 from handler.schema import parse_job
 from handler.settings import Settings
 
@@ -459,13 +465,14 @@ class Predictor(BaseRunner):
         """Generate images; each file's name and infotext carry its seed."""
         try:  # what the predictor refuses itself, before the engine (which logs the rest)
             if schedule_type != "Automatic":
-                if split_schedule(canonical_scheduler(scheduler) or scheduler)[1] is not None:
+                # a diffusers class name is its sampler alone here (its default gives way)
+                sampler = sampler_named(scheduler)
+                if split_schedule(sampler or scheduler)[1] is not None:
                     raise InvalidInput(
                         f"{scheduler} already names its schedule type",
                         field="schedule_type",
                         accepted="Automatic with it, or the sampler without one (DPM++ 2M)",
                     )
-                sampler = canonical_scheduler(scheduler)
                 if sampler and not canonical_scheduler(f"{scheduler} {schedule_type}"):
                     raise InvalidInput(
                         f"{sampler} has no {schedule_type} schedule type",

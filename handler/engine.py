@@ -299,14 +299,11 @@ class Engine:
         """Check a configured checkpoint's kind from its file, before anything loads. False for
         one without VAE weights or a VAE beside it: it loads with its first job, which (as
         every job on it) must name a VAE."""
-        model = self.registry.resolve("checkpoint", name, field)
-        detection = self.registry.detect(model)
-        if refiner and detection.architecture != "sdxl-refiner":
-            raise InvalidInput(
-                f"{model.name} is {detection.architecture}, not an SDXL refiner",
-                field=field,
-                accepted="an SDXL refiner checkpoint, or unset",
-            )
+        if refiner:
+            model, detection = self._check_refiner(name, field)
+        else:
+            model = self.registry.resolve("checkpoint", name, field)
+            detection = self.registry.detect(model)
         if not refiner and detection.architecture == "sdxl-refiner":
             raise InvalidInput(
                 f"{name} is an SDXL refiner, which cannot start a generation",
@@ -407,46 +404,47 @@ class Engine:
         VAE beside it; every job on such a checkpoint must name a VAE. That is checked, and the
         VAE loaded, before the cache makes room: a refused job pushes no checkpoint out.
         """
-        model = self.registry.resolve("checkpoint", name, field)
-        detection = self.registry.detect(model)
-        key = file_key(model.path)
-        config_dir = self.registry.config_folder(model, detection)
-        vae = vae_file = None
-        if not detection.has_vae:
-            sidecar = vae_sidecar(model)
-            # a sidecar added (or replaced) since the checkpoint was loaded means loading again
-            key += (file_key(sidecar) if sidecar else None,)
-            if sidecar is None:
-                if not job_vae:
-                    raise missing_vae(model)
-                vae_file = self.registry.resolve("vae", job_vae, "vae")
-                if key not in self.cache:
-                    vae = self._load_vae(vae_file, config_dir, detection.architecture)
+        with _named_as(field):  # a refiner's file and load errors name its field
+            model = self.registry.resolve("checkpoint", name, field)
+            detection = self.registry.detect(model)
+            key = file_key(model.path)
+            config_dir = self.registry.config_folder(model, detection)
+            vae = vae_file = None
+            if not detection.has_vae:
+                sidecar = vae_sidecar(model)
+                # a sidecar added (or replaced) since the checkpoint was loaded means loading again
+                key += (file_key(sidecar) if sidecar else None,)
+                if sidecar is None:
+                    if not job_vae:
+                        raise missing_vae(model)
+                    vae_file = self.registry.resolve("vae", job_vae, "vae")
+                    if key not in self.cache:
+                        vae = self._load_vae(vae_file, config_dir, detection.architecture)
 
-        def load() -> LoadedCheckpoint:
-            loaded = load_checkpoint(
-                model,
-                detection,
-                config_dir,
-                self.device,
-                self.dtype,
-                self.settings.allow_pickle,
-                vae=vae,
-            )
-            if vae is not None:
-                loaded.job_vae_key = file_key(vae_file.path)
-            if self.settings.cuda_graphs:
-                loaded.graphs = fastpath.accelerate(
-                    loaded.pipeline,
-                    self.settings.graph_shapes,
-                    self.settings.compile,
-                    self.settings.attention,
-                    self.layouts,
-                    self.precompiled_dir,
+            def load() -> LoadedCheckpoint:
+                loaded = load_checkpoint(
+                    model,
+                    detection,
+                    config_dir,
+                    self.device,
+                    self.dtype,
+                    self.settings.allow_pickle,
+                    vae=vae,
                 )
-            return loaded
+                if vae is not None:
+                    loaded.job_vae_key = file_key(vae_file.path)
+                if self.settings.cuda_graphs:
+                    loaded.graphs = fastpath.accelerate(
+                        loaded.pipeline,
+                        self.settings.graph_shapes,
+                        self.settings.compile,
+                        self.settings.attention,
+                        self.layouts,
+                        self.precompiled_dir,
+                    )
+                return loaded
 
-        loaded, cached = self.cache.get(key, load, beside)
+            loaded, cached = self.cache.get(key, load, beside)
         if not cached and not model.is_folder and self.registry.cached_hash(model) is None:
             # The AutoV2 hash (for infotext and list_models) is computed off the job's path,
             # and not while the worker starts, where it would compete with loading.
@@ -1203,17 +1201,19 @@ class Engine:
             args.append(entry)
         return PromptSteps(ends, args)
 
-    def _check_refiner(self, name: str) -> None:
-        """Refuse a refiner that is no SDXL refiner, from its file alone (nothing loads)."""
-        model = self.registry.resolve("checkpoint", name, "refiner_checkpoint")
-        detection = self.registry.detect(model)
-        architecture = detection.architecture
-        if architecture != "sdxl-refiner":
+    def _check_refiner(self, name: str, field: str = "refiner_checkpoint"):
+        """The refiner's file and its detection; one that is no SDXL refiner is refused, from
+        its file alone (nothing loads)."""
+        model = self.registry.resolve("checkpoint", name, field)
+        with _named_as(field):
+            detection = self.registry.detect(model)
+        if detection.architecture != "sdxl-refiner":
             raise InvalidInput(
-                f"{model.name} is {architecture}, not an SDXL refiner",
-                field="refiner_checkpoint",
+                f"{model.name} is {detection.architecture}, not an SDXL refiner",
+                field=field,
                 accepted="an SDXL refiner checkpoint",
             )
+        return model, detection
 
     def _check_generator(self, model: ModelFile, job: Job) -> None:
         """Refuse a checkpoint that cannot run this job, from its file alone (nothing loads)."""
@@ -1408,8 +1408,8 @@ def _check_clip_skip(pipeline, job: Job) -> None:
 
 @contextlib.contextmanager
 def _named_as(variable: str):
-    """A configured checkpoint's errors name its variable, not a job's field: the file's
-    checks and load name `checkpoint`."""
+    """A checkpoint's errors name the field or variable that named it (`refiner_checkpoint`,
+    `DEFAULT_CHECKPOINT`): the file's checks and load name `checkpoint`."""
     try:
         yield
     except WorkerError as error:

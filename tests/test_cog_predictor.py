@@ -509,6 +509,13 @@ def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
     assert "Sampler: DPM++ 2M, Schedule type: Exponential" in parameters
     body = predict(cog, {**job, "scheduler": "DDIM", "schedule_type": "DDIM"}).json()
     assert body["status"] == "succeeded", body  # DDIM runs on its own schedule type
+    # cog-sdxl's class name is its sampler alone: a schedule type replaces its default spacing
+    inputs = {**job, "scheduler": "DPMSolverMultistep", "schedule_type": "Karras"}
+    body = predict(cog, inputs).json()
+    assert body["status"] == "succeeded", body
+    assert (
+        "Sampler: DPM++ 2M, Schedule type: Karras" in decode(body["output"][0]).info["parameters"]
+    )
     for scheduler, schedule, field in (
         ("DPM++ 2M Karras", "Beta", "schedule_type"),  # names its own already
         ("KarrasDPM", "Karras", "schedule_type"),  # cog-sdxl's name for DPM++ 2M Karras

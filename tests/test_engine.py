@@ -174,6 +174,24 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
         assert list(engine.cache._entries) == warm and engine.cache.on_device(warm[0]), extra
 
 
+def test_a_refiner_that_is_no_checkpoint_is_the_refiners_error(settings, demo_volume, tmp_path):
+    """A LoRA file named as the refiner fails the file's checks: the error names
+    `refiner_checkpoint`, not the job's good base checkpoint."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    (tmp_path / "checkpoints").mkdir()
+    lora = demo_volume / "loras" / "demo_sdxl_kohya.safetensors"
+    shutil.copy(lora, tmp_path / "checkpoints" / "not-a-refiner.safetensors")
+    engine = Engine(replace(settings, extra_roots=(str(tmp_path),)))
+    job = {**BASE, "checkpoint": "demo-sdxl", "high_noise_frac": 0.5}
+    with pytest.raises(WorkerError) as info:
+        engine.run(parse_job({**job, "refiner_checkpoint": "not-a-refiner"}))
+    assert info.value.code == "unsupported_model"
+    assert info.value.field == "refiner_checkpoint", info.value
+
+
 def test_an_sd2_file_without_its_prediction_type_says_what_was_assumed(settings, tmp_path):
     """SD 2.x files rarely record v-prediction or epsilon; the assumption reaches the user, in
     each job's warnings and in list_models, with what to add to the volume to change it."""
