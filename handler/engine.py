@@ -808,8 +808,10 @@ class Engine:
         job, loaded, seeds = plan.job, plan.loaded, plan.seeds
         width, height = plan.final_width, plan.final_height
         overlay = (plan.init_image, _overlay_mask(plan.mask)) if plan.mask is not None else None
-        model_hash = self.registry.cached_hash(loaded.model)
-        lora_info = [(x.name, x.scale, self.registry.lora_hash(x.model)) for x in plan.loras]
+        model_hash = lora_info = None
+        if not job.strip_metadata:  # a LoRA's hash may read its whole file: only for infotext
+            model_hash = self.registry.cached_hash(loaded.model)
+            lora_info = [(x.name, x.scale, self.registry.lora_hash(x.model)) for x in plan.loras]
 
         def encode(index: int, image, nsfw: bool | None):
             infotext = None

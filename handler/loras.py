@@ -260,6 +260,8 @@ def job_additions(
                 loading = True
                 try:
                     pipeline.load_lora_weights(dict(cache.get(lora.model.path)), adapter_name=name)
+                except (torch.OutOfMemoryError, torch.AcceleratorError):
+                    raise  # the GPU's failure, not the LoRA's: the engine reports it
                 except Exception as error:
                     raise LoraIncompatible(
                         f"{lora.model.name} could not be applied ({type(error).__name__}: {str(error)[:200]})",

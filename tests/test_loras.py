@@ -791,6 +791,31 @@ def test_an_inline_lora_that_fails_to_load_names_the_prompt(settings, monkeypatc
     assert info.value.field == "prompt"  # the tag's field; there is no loras[1]
 
 
+def test_a_gpu_out_of_memory_while_loading_a_lora_is_out_of_memory(settings, monkeypatch):
+    """The GPU's failure is not the LoRA's: out_of_memory asking for a new worker, not
+    lora_incompatible; and the next job runs the LoRA as a fresh engine does."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+    from handler.errors import OutOfMemory
+
+    own = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    pipeline = own.checkpoint("demo-sd15")[0].pipeline
+    original = type(pipeline).load_lora_weights
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    monkeypatch.setattr(type(pipeline), "load_lora_weights", out_of_memory)
+    job = {**SD15, "seed": 5, "loras": [{"name": "demo_sd15_kohya", "scale": 0.8}]}
+    with pytest.raises(OutOfMemory) as info:
+        own.run(parse_job(job))
+    assert info.value.code == "out_of_memory" and info.value.refresh_worker
+    monkeypatch.setattr(type(pipeline), "load_lora_weights", original)
+    fresh = Engine(replace(settings, gpu_checkpoints=1, cpu_checkpoints=0))
+    assert np.array_equal(pixels(own.run(parse_job(job))), pixels(fresh.run(parse_job(job))))
+
+
 def test_every_undo_of_a_job_runs_even_when_one_fails():
     from handler.loras import _undo_all
 
