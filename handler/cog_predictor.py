@@ -181,7 +181,7 @@ class Predictor(BaseRunner):
         fetch_url_inputs_like_the_worker(settings)
         record_the_files_cog_writes()
         self.engine = Engine(settings)
-        if not settings.default_checkpoint and not self.engine.registry.names("checkpoint"):
+        if not self.engine.has_a_checkpoint():
             # the image's models are baked in: an empty root is a build mistake, and a
             # container that says READY would fail every prediction
             raise InvalidInput(

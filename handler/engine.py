@@ -362,6 +362,11 @@ class Engine:
 
     # -- models ---------------------------------------------------------------------------
 
+    def has_a_checkpoint(self) -> bool:
+        """Whether generation jobs have a checkpoint to run on: DEFAULT_CHECKPOINT, or any
+        checkpoint on the model roots (an empty volume: is it attached?)."""
+        return bool(self.settings.default_checkpoint or self.registry.names("checkpoint"))
+
     def default_checkpoint_name(self) -> tuple[str, str | None]:
         """DEFAULT_CHECKPOINT, else the first checkpoint by name (as A1111 does), with a warning."""
         if self.settings.default_checkpoint:

@@ -143,24 +143,20 @@ def fitness_checks() -> list:
     engine, which checks the settings, DEFAULT_CHECKPOINT and the safety checker."""
 
     def model_root_is_readable() -> None:
-        settings = Settings.from_env()
-        readable = [
-            r for r in settings.model_roots if r.is_dir() and os.access(r, os.R_OK | os.X_OK)
-        ]
-        if not readable:
-            raise RuntimeError(
-                f"no readable model root among {[str(r) for r in settings.model_roots]}"
-            )
+        registry = get_engine().registry
+        if not registry.roots:
+            searched = [str(r) for r in registry.settings.model_roots]
+            raise RuntimeError(f"no readable model root among {searched}")
 
     def volume_has_a_checkpoint() -> None:
-        settings = Settings.from_env()
-        if not settings.default_checkpoint and not get_engine().registry.names("checkpoint"):
+        engine = get_engine()
+        if not engine.has_a_checkpoint():
             # Not fatal: list_models still answers (the RunPod Hub's test runs the bare image),
             # and each job fails with model_not_found, naming the roots searched.
             log.warning(
                 "no checkpoint on the model roots %s and no DEFAULT_CHECKPOINT: generation jobs "
                 "will fail until one is there (is the network volume attached?)",
-                [str(r) for r in settings.model_roots],
+                [str(r) for r in engine.settings.model_roots],
             )
 
     return [model_root_is_readable, volume_has_a_checkpoint]

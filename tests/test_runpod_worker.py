@@ -215,15 +215,17 @@ def test_output_over_the_reply_cap_fails_with_output_too_large(engine):
     assert "BUCKET_ENDPOINT_URL" in info.value.accepted
 
 
-def test_fitness_checks(monkeypatch, tmp_path, demo_volume, engine):
-    monkeypatch.chdir(tmp_path)  # no ./models here (and no /runpod-volume on this machine)
-    monkeypatch.setattr(runpod_worker, "_engine", engine)
-    checks = {c.__name__: c for c in runpod_worker.fitness_checks()}
+def test_fitness_checks(monkeypatch, tmp_path, settings, engine):
+    from dataclasses import replace
 
-    monkeypatch.setenv("MODELS_DIR", str(tmp_path / "missing"))
+    from handler.engine import Engine
+
+    checks = {c.__name__: c for c in runpod_worker.fitness_checks()}
+    missing = Engine(replace(settings, models_dir=str(tmp_path / "missing")))
+    monkeypatch.setattr(runpod_worker, "_engine", missing)
     with pytest.raises(RuntimeError, match="no readable model root"):
         checks["model_root_is_readable"]()
-    monkeypatch.setenv("MODELS_DIR", str(demo_volume))
+    monkeypatch.setattr(runpod_worker, "_engine", engine)  # the demo volume
     checks["model_root_is_readable"]()
 
 
@@ -239,8 +241,6 @@ def test_fitness_warns_of_an_empty_volume(monkeypatch, tmp_path, settings, caplo
     bare = Engine(replace(settings, models_dir=str(empty)))
     monkeypatch.setattr(runpod_worker, "_engine", bare)
     checks = {c.__name__: c for c in runpod_worker.fitness_checks()}
-    monkeypatch.setenv("MODELS_DIR", str(empty))
-    monkeypatch.delenv("DEFAULT_CHECKPOINT", raising=False)
     with caplog.at_level("WARNING"):
         checks["volume_has_a_checkpoint"]()  # the bare image: list_models still answers
     assert "no checkpoint on the model roots" in caplog.text
