@@ -87,7 +87,7 @@ from handler.registry import (
     vae_sidecar,
 )
 from handler.schedulers import build_scheduler
-from handler.schema import MAX_STEPS, Job, Result
+from handler.schema import MAX_STEPS, Job, Result, parse_job
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -337,8 +337,6 @@ class Engine:
 
     def warm_up(self, checkpoint: str) -> float:
         """Run a two-step job on `checkpoint` (delivered nowhere); returns its milliseconds."""
-        from handler.schema import parse_job
-
         started = time.perf_counter()
         job = parse_job(
             {"prompt": "warm-up", "checkpoint": checkpoint, "steps": 2, "destination": "base64"}

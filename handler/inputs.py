@@ -151,7 +151,7 @@ def _b64decode(payload: str, field: str) -> bytes:
         raise InvalidInput(
             "is neither a URL nor valid base64",
             field=field,
-            accepted="https URLs, data URIs or raw base64",
+            accepted="https URLs, s3://bucket/key, data URIs or raw base64",
         ) from None
 
 

@@ -40,6 +40,7 @@ FOLDERS: dict[str, tuple[str, ...]] = {
     "vae": ("vae", "VAE"),
 }
 SAFE_EXTENSIONS = (".safetensors",)
+FileKey = tuple[str, float, int, int, int]  # `file_key`: path, mtime, size, inode, ctime
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_EXTENSIONS = SAFE_EXTENSIONS + PICKLE_EXTENSIONS
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -93,10 +94,10 @@ class Registry:
     """Finds models on the configured roots and tells what they are."""
 
     settings: Settings
-    _detections: dict[tuple[str, float, int], Detection] = field(default_factory=dict)
-    _hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)  # whole sha256s
-    _tensor_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
-    _lora_hashes: dict[tuple[str, float, int], str] = field(default_factory=dict)
+    _detections: dict[FileKey, Detection] = field(default_factory=dict)
+    _hashes: dict[FileKey, str] = field(default_factory=dict)  # whole sha256s
+    _tensor_hashes: dict[FileKey, str] = field(default_factory=dict)
+    _lora_hashes: dict[FileKey, str] = field(default_factory=dict)
     _hash_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -412,7 +413,7 @@ def vae_sidecar(model: ModelFile) -> Path | None:
     return sidecar if sidecar.is_file() and _is_inside(sidecar, model.root) else None
 
 
-def file_key(path: Path) -> tuple[str, float, int, int, int]:
+def file_key(path: Path) -> FileKey:
     """What identifies a file's contents for the caches: path, mtime, size, inode and ctime.
     A file replaced by one of the same size with its old mtime restored (`cp -p`, `rsync -a`)
     still gets a new ctime, and usually a new inode."""
