@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -44,14 +43,14 @@ from handler.loras import (
     unloadable_lycoris,
 )
 from handler.outputs import (
-    JPEG_MAX_EXIF_BYTES,
     EncodedImage,
     Storage,
-    a1111_exif,
-    a1111_infotext,
     check_destination,
+    check_fits_a_jpeg,
     deliver,
     encode_image,
+    job_infotext,
+    public_inputs,
 )
 from handler.pipelines import (
     TILE_PIXELS,
@@ -698,7 +697,7 @@ class Engine:
                 (PurePosixPath(e.name).name, self.registry.short_hash(e)) for e in embeddings
             ]
         if job.output_format == "jpeg" and not job.strip_metadata:
-            _check_fits_a_jpeg(job, loaded, loras, infotext_fields)
+            check_fits_a_jpeg(job, loaded.name, loras, infotext_fields)
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         job = job.model_copy(update={"seed": seed})
         plan = JobPlan(
@@ -730,7 +729,7 @@ class Engine:
         if job.sidecar:
             sidecar = {
                 "job_id": job_id,
-                "inputs": _public_inputs(job),
+                "inputs": public_inputs(job),
                 "checkpoint": loaded.name,
                 "seeds": plan.seeds,
                 "timings_ms": dict(timings),
@@ -819,8 +818,8 @@ class Engine:
         def encode(index: int, image, nsfw: bool | None):
             infotext = None
             if not job.strip_metadata:
-                infotext = _job_infotext(
-                    job, loaded, seeds[index], model_hash, lora_info, plan.infotext_fields
+                infotext = job_infotext(
+                    job, loaded.name, seeds[index], model_hash, lora_info, plan.infotext_fields
                 )
             encoded = encode_image(
                 image, index, seeds[index], job.output_format, job.output_quality, infotext
@@ -1529,36 +1528,6 @@ def refine_after_strength(job: Job) -> float:
     return REFINE_AFTER_STRENGTH
 
 
-def _job_infotext(job: Job, loaded, seed: int, model_hash, lora_info, fields) -> str:
-    return a1111_infotext(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        steps=job.steps,
-        sampler=job.scheduler,
-        cfg_scale=job.guidance_scale,
-        seed=seed,
-        model=loaded.name,
-        model_hash=model_hash,
-        loras=lora_info,
-        **fields,
-    )
-
-
-def _check_fits_a_jpeg(job: Job, loaded, loras, infotext_fields: dict[str, Any]) -> None:
-    """A jpeg's infotext goes into a 64 KiB EXIF segment, as UTF-16: a job whose infotext would
-    not fit is refused before it runs (saving the image would fail after it)."""
-    hash_ = "0" * 12  # the longest seed and hashes there can be
-    lora_info = [(lora.name, lora.scale, hash_) for lora in loras]
-    longest = _job_infotext(job, loaded, 2**64 - 1, hash_, lora_info, infotext_fields)
-    size = len(a1111_exif(longest))
-    if size > JPEG_MAX_EXIF_BYTES:
-        raise InvalidInput(
-            f"its metadata, the prompts in UTF-16, is {size} bytes: over a jpeg's 64 KiB EXIF",
-            field="output_format",
-            accepted="png or webp, strip_metadata, or shorter prompts",
-        )
-
-
 def _hires_side(value: float) -> int:
     """An upscaled side as A1111 sizes it: truncated to pixels, then to whole latents (8)."""
     return max(64, int(value) // 8 * 8)
@@ -1589,23 +1558,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
     # peft, when a second adapter loads into a model: adapters are what this worker keeps
     warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
-
-
-def _public_inputs(job: Job) -> dict[str, Any]:
-    """The job's inputs for the sidecar: no image data, and URLs without their query strings
-    (signatures) or user:password."""
-    inputs = job.model_dump(exclude_none=True)
-    for name in ("image", "mask"):
-        value = inputs.get(name)
-        if not value:
-            continue
-        if value[:8].lower().startswith(("https://", "http://", "s3://")):
-            parts = urlsplit(value)
-            host = parts.netloc.rpartition("@")[2]  # without user:password@
-            inputs[name] = urlunsplit((parts.scheme, host, parts.path, "", ""))
-        else:
-            inputs[name] = f"<inline image, {len(value)} characters>"
-    return inputs
 
 
 def _ms(since: float) -> float:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
@@ -27,7 +28,7 @@ from PIL import ExifTags, Image, PngImagePlugin
 from handler.aliases import A1111_AUTOMATIC_SCHEDULES
 from handler.errors import Cancelled, InvalidInput, OutputTooLarge, UploadFailed
 from handler.schedulers import split_schedule
-from handler.schema import ImageResult
+from handler.schema import ImageResult, Job
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,55 @@ def _quote(value: Any) -> Any:
 def _hash_name(name: str) -> str:
     """A name as A1111 writes it in `Lora hashes` / `TI hashes`: without , and :."""
     return name.replace(":", "").replace(",", "")
+
+
+def job_infotext(job: Job, model: str, seed: int, model_hash, lora_info, fields) -> str:
+    """One image's A1111 infotext: the job's prompts and settings, its own seed, and `fields`
+    (the size and extras of what ran: the engine's `_infotext_fields`)."""
+    return a1111_infotext(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        steps=job.steps,
+        sampler=job.scheduler,
+        cfg_scale=job.guidance_scale,
+        seed=seed,
+        model=model,
+        model_hash=model_hash,
+        loras=lora_info,
+        **fields,
+    )
+
+
+def check_fits_a_jpeg(job: Job, model: str, loras, infotext_fields: dict[str, Any]) -> None:
+    """A jpeg's infotext goes into a 64 KiB EXIF segment, as UTF-16: a job whose infotext would
+    not fit is refused before it runs (saving the image would fail after it)."""
+    hash_ = "0" * 12  # the longest seed and hashes there can be
+    lora_info = [(lora.name, lora.scale, hash_) for lora in loras]
+    longest = job_infotext(job, model, 2**64 - 1, hash_, lora_info, infotext_fields)
+    size = len(a1111_exif(longest))
+    if size > JPEG_MAX_EXIF_BYTES:
+        raise InvalidInput(
+            f"its metadata, the prompts in UTF-16, is {size} bytes: over a jpeg's 64 KiB EXIF",
+            field="output_format",
+            accepted="png or webp, strip_metadata, or shorter prompts",
+        )
+
+
+def public_inputs(job: Job) -> dict[str, Any]:
+    """The job's inputs for the sidecar: no image data, and URLs without their query strings
+    (signatures) or user:password."""
+    inputs = job.model_dump(exclude_none=True)
+    for name in ("image", "mask"):
+        value = inputs.get(name)
+        if not value:
+            continue
+        if value[:8].lower().startswith(("https://", "http://", "s3://")):
+            parts = urlsplit(value)
+            host = parts.netloc.rpartition("@")[2]  # without user:password@
+            inputs[name] = urlunsplit((parts.scheme, host, parts.path, "", ""))
+        else:
+            inputs[name] = f"<inline image, {len(value)} characters>"
+    return inputs
 
 
 # -- delivery ------------------------------------------------------------------------------------

@@ -880,21 +880,21 @@ def test_sidecar_holds_no_image_data_and_no_url_signatures(moto, settings):
     assert init[:40].encode() not in body and SECRET_KEY.encode() not in body
     # a presigned URL loses its signature
     signed = parse_job({"prompt": "x", "image": init, "mask": mask_url})
-    from handler.engine import _public_inputs
+    from handler.outputs import public_inputs
 
-    assert _public_inputs(signed)["mask"] == mask_url.split("?", 1)[0]
+    assert public_inputs(signed)["mask"] == mask_url.split("?", 1)[0]
 
 
 def test_sidecar_inputs_keep_an_uppercase_scheme_url_without_its_signature():
-    from handler.engine import _public_inputs
+    from handler.outputs import public_inputs
     from handler.schema import parse_job
 
     job = parse_job({"prompt": "x", "image": "HTTPS://img.example.com/a.png?X-Amz-Signature=S"})
-    assert _public_inputs(job)["image"] == "https://img.example.com/a.png"
+    assert public_inputs(job)["image"] == "https://img.example.com/a.png"
 
 
 def test_sidecar_inputs_keep_no_url_credentials_signatures_or_image_data():
-    from handler.engine import _public_inputs
+    from handler.outputs import public_inputs
     from handler.schema import parse_job
 
     job = parse_job(
@@ -904,7 +904,7 @@ def test_sidecar_inputs_keep_no_url_credentials_signatures_or_image_data():
             "mask": "data:image/png;base64,AAAA",
         }
     )
-    inputs = _public_inputs(job)
+    inputs = public_inputs(job)
     assert inputs["image"] == "https://img.example.com:8443/a.png"
     assert inputs["mask"] == "<inline image, 26 characters>"
 
