@@ -53,8 +53,6 @@ FORM_NAMES = {
     "hires.strength": "hires_strength",
     "safety_checker": "disable_safety_checker",
 }
-# cog-sdxl's `refine` choices: whether the SDXL refiner runs, and how
-REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 
 
 def parse_lora_list(text: str) -> list[dict]:
@@ -301,22 +299,19 @@ class Predictor(BaseRunner):
         negative_prompt: str = Input(default="", description="What to keep out of the image."),
         checkpoint: str | None = Input(
             default=None,
-            description="Checkpoint name on the model root (e.g. sdxl/juggernaut). Empty uses "
-            "the model's default checkpoint.",
+            description="Checkpoint name on the model root (e.g. sdxl/juggernaut). Empty uses the model's default checkpoint.",
         ),
         width: int | None = Input(
             default=None,
             ge=64,
             le=2048,
-            description="Width in pixels, a multiple of 8. Empty uses the init image's size "
-            "(rounded down to a multiple of 8), else the checkpoint's native size.",
+            description="Width in pixels, a multiple of 8. Empty uses the init image's size (rounded down to a multiple of 8), else the checkpoint's native size.",
         ),
         height: int | None = Input(
             default=None,
             ge=64,
             le=2048,
-            description="Height in pixels, a multiple of 8. Empty uses the init image's size "
-            "(rounded down to a multiple of 8), else the checkpoint's native size.",
+            description="Height in pixels, a multiple of 8. Empty uses the init image's size (rounded down to a multiple of 8), else the checkpoint's native size.",
         ),
         num_inference_steps: int = Input(default=30, ge=1, le=150, description="Denoising steps."),
         guidance_scale: float = Input(
@@ -326,8 +321,7 @@ class Predictor(BaseRunner):
             default=0.0,
             ge=0.0,
             le=1.0,
-            description="CFG rescale (diffusers' guidance_rescale): 0 is off; about 0.7 suits "
-            "v-prediction and zero-terminal-SNR models. Needs guidance_scale above 1.",
+            description="CFG rescale (diffusers' guidance_rescale): 0 is off; about 0.7 suits v-prediction and zero-terminal-SNR models. Needs guidance_scale above 1.",
         ),
         scheduler: str = Input(
             default="DPM++ 2M Karras",
@@ -348,15 +342,18 @@ class Predictor(BaseRunner):
                 "PNDM",
                 "UniPC",
                 "LCM",
-                *COG_SDXL_SCHEDULERS,
+                "K_EULER",
+                "K_EULER_ANCESTRAL",
+                "DPMSolverMultistep",
+                "KarrasDPM",
+                "HeunDiscrete",
             ],
             description="Sampler (A1111 names; cog-sdxl's names, the last five, work too).",
         ),
         schedule_type: str = Input(
             default="Automatic",
             choices=["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform", "DDIM"],
-            description="A1111's schedule type for the sampler: Automatic keeps the sampler's "
-            "own (Karras for 'DPM++ 2M Karras').",
+            description="A1111's schedule type for the sampler: Automatic keeps the sampler's own (Karras for 'DPM++ 2M Karras').",
         ),
         seed: int | None = Input(
             default=None,
@@ -367,8 +364,7 @@ class Predictor(BaseRunner):
         num_outputs: int = Input(default=1, ge=1, le=8, description="Number of images."),
         loras: str = Input(
             default="",
-            description="LoRAs as 'name:scale, name:scale' (names under loras/). "
-            "<lora:name:scale> in the prompt works too.",
+            description="LoRAs as 'name:scale, name:scale' (names under loras/). <lora:name:scale> in the prompt works too.",
         ),
         image: Path | None = Input(
             default=None, description="Init image for img2img, or the image to inpaint."
@@ -386,14 +382,12 @@ class Predictor(BaseRunner):
             default=0.75,
             ge=0.0,
             le=1.0,
-            description="img2img and inpainting: how much of the image is repainted (1.0 "
-            "ignores it). It runs num_inference_steps x prompt_strength steps, which must be at least 1.",
+            description="img2img and inpainting: how much of the image is repainted (1.0 ignores it). It runs num_inference_steps x prompt_strength steps, which must be at least 1.",
         ),
         resize_mode: str = Input(
             default="just_resize",
             choices=["just_resize", "crop", "fill"],
-            description="How image (and mask) fit width x height: stretch, crop to fill, or fit "
-            "and fill the borders (A1111's just resize / crop and resize / resize and fill).",
+            description="How image (and mask) fit width x height: stretch, crop to fill, or fit and fill the borders (A1111's just resize / crop and resize / resize and fill).",
         ),
         hires_scale: float | None = Input(
             default=None,
@@ -414,37 +408,28 @@ class Predictor(BaseRunner):
             default=1,
             ge=1,
             le=12,
-            description=(
-                "A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before. "
-                "SDXL already uses the one before: 1 and 2 are the same there."
-            ),
+            description="A1111's CLIP skip: 1 uses the last text-encoder layer, 2 the one before. SDXL already uses the one before: 1 and 2 are the same there.",
         ),
         refine: str = Input(
             default="no_refiner",
-            choices=list(REFINE_MODES),
-            description="SDXL refiner, as cog-sdxl runs it: expert_ensemble_refiner hands the "
-            "last part of the noise schedule (1 - high_noise_frac) to the refiner; "
-            "base_image_refiner refines the finished image.",
+            choices=["no_refiner", "expert_ensemble_refiner", "base_image_refiner"],
+            description="SDXL refiner, as cog-sdxl runs it: expert_ensemble_refiner hands the last part of the noise schedule (1 - high_noise_frac) to the refiner; base_image_refiner refines the finished image.",
         ),
         refiner_checkpoint: str | None = Input(
             default=None,
-            description="The SDXL refiner checkpoint for refine. Empty uses the model's "
-            "REFINER_CHECKPOINT.",
+            description="The SDXL refiner checkpoint for refine. Empty uses the model's REFINER_CHECKPOINT.",
         ),
         high_noise_frac: float = Input(
             default=0.8,
             ge=0.05,
             le=0.95,
-            description="For expert_ensemble_refiner: the fraction of the noise schedule the "
-            "base model denoises (0.8: down to timestep 200).",
+            description="For expert_ensemble_refiner: the fraction of the noise schedule the base model denoises (0.8: down to timestep 200).",
         ),
         refine_steps: int | None = Input(
             default=None,
             ge=1,
             le=150,
-            description="The refiner's schedule length: it runs the part after high_noise_frac "
-            "(expert_ensemble_refiner), or 0.3 of it (base_image_refiner). Empty uses "
-            "num_inference_steps.",
+            description="The refiner's schedule length: it runs the part after high_noise_frac (expert_ensemble_refiner), or 0.3 of it (base_image_refiner). Empty uses num_inference_steps.",
         ),
         output_format: str = Input(
             default="png", choices=["png", "jpeg", "webp"], description="Image file format."
@@ -458,8 +443,7 @@ class Predictor(BaseRunner):
         ),
         disable_safety_checker: bool = Input(
             default=False,
-            description="API only: skip the safety checker for this prediction (when the model "
-            "runs one).",
+            description="API only: skip the safety checker for this prediction (when the model runs one).",
         ),
     ) -> list[Path]:
         """Generate images; each file's name and infotext carry its seed."""

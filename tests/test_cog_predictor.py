@@ -110,6 +110,60 @@ def test_every_cog_input_matches_the_schema():
             assert not cog_field.choices, name
 
 
+def _as_cog_reads_it(node, source: str, scope: dict):
+    """What Cog's static schema parser (the CLI's tree-sitter reader, which `cog build` runs
+    instead of the predictor) makes of an `Input()` argument: a literal as its source text
+    (a string is the text between its quotes, escapes and all), or a module-level literal's
+    name. None where it gives up; it then drops a description, defaults to None, or fails the
+    build over choices."""
+    import ast
+    import tokenize
+
+    if isinstance(node, ast.Name):
+        return scope.get(node.id)
+    text = ast.get_source_segment(source, node)
+    if isinstance(node, ast.List):
+        items = [_as_cog_reads_it(item, source, scope) for item in node.elts]
+        return None if any(item is None for item in items) else ("list", *items)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.string]
+        if len(tokens) != 1 or text[0] not in "\"'":  # "a" "b" and ("a") are not read
+            return None
+        return ("str", text[1:-1])
+    if isinstance(node, ast.Constant | ast.UnaryOp):
+        return ("literal", text)
+    return None
+
+
+def test_every_input_reads_the_same_to_cogs_static_parser():
+    """`cog build` reads the form from this file's source. Each description, default, bound
+    and choice must be a literal that it reads as Python does."""
+    import ast
+
+    source = (REPO / "handler" / "cog_predictor.py").read_text()
+    module = ast.parse(source)
+    scope = {}
+    for statement in module.body:
+        if isinstance(statement, ast.Assign) and isinstance(statement.targets[0], ast.Name):
+            value = _as_cog_reads_it(statement.value, source, {})
+            if value is not None:
+                scope[statement.targets[0].id] = value
+    (run,) = [n for n in ast.walk(module) if isinstance(n, ast.FunctionDef) and n.name == "run"]
+    read = 0
+    for default in run.args.defaults:
+        assert isinstance(default, ast.Call) and default.func.id == "Input"
+        for keyword in default.keywords:
+            written = ast.get_source_segment(source, keyword).split("=", 1)[1].lstrip()
+            assert not written.startswith("("), keyword.arg  # a parenthesized value is not read
+            seen = _as_cog_reads_it(keyword.value, source, scope)
+            assert seen is not None, (keyword.arg, ast.get_source_segment(source, keyword.value))
+            value = ast.literal_eval(keyword.value) if seen[0] != "str" else keyword.value.value
+            if seen[0] == "str":  # no escapes: the text between the quotes is the value
+                assert seen[1] == value, keyword.arg
+            read += 1
+    assert read > 60
+
+
 def test_every_schema_field_is_in_the_form_or_left_out_for_a_reason():
     inputs = set(cog_inputs())
     missing = [n for n in Job.model_fields if n not in inputs and n not in NOT_IN_FORM]
