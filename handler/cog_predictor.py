@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from cog import BaseRunner, Input, Path
 
-from handler.errors import InternalError, InvalidInput, WorkerError, shown
+from handler.errors import ContentWithheld, InternalError, InvalidInput, WorkerError, shown
 from handler.registry import prefetch_default_checkpoint
 from handler.schedulers import (
     SCHEDULE_TYPES,
@@ -536,4 +536,9 @@ class Predictor(BaseRunner):
             files.append(Path(path))
         for warning in result.warnings:
             print(f"warning: {warning}")
+        if not files:  # an empty output would read as success, as a list nobody can index
+            raise ContentWithheld(
+                f"the safety checker withheld all {len(result.images)} images",
+                accepted="another seed or prompt (the images' seeds are in the log)",
+            )
         return files

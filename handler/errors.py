@@ -99,6 +99,12 @@ class OutOfMemory(WorkerError):
     code = "out_of_memory"
 
 
+class ContentWithheld(WorkerError):
+    """Under Cog, whose output is files alone: the safety checker withheld every image."""
+
+    code = "content_withheld"
+
+
 class Cancelled(WorkerError):
     """The job was cancelled before it finished."""
 

@@ -909,6 +909,23 @@ def test_the_engine_logs_one_line_per_prediction_without_its_prompt(engine, capl
     assert any(" failed: model_not_found" in r.getMessage() for r in caplog.records)
 
 
+def test_a_prediction_whose_every_image_is_withheld_fails(settings, tmp_path, capsys):
+    """Cog's output is the files alone: every image withheld would be an empty success."""
+    from dataclasses import replace
+
+    from handler.engine import Engine
+    from handler.errors import ContentWithheld
+
+    strict = Engine(replace(settings, safety_checker=True, safety_policy="withhold"))
+    runner, inputs = predictor_on(strict)
+    runner.outputs = tmp_path
+    with pytest.raises(ContentWithheld) as info:
+        runner.run(**{**inputs, "num_inference_steps": 1, "seed": 2, "num_outputs": 2})
+    assert str(info.value).startswith("content_withheld: the safety checker withheld all 2")
+    assert "image 1: seed 3, withheld by the safety checker" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_server_logs_one_line_per_prediction_without_its_prompt(cog_server):
     url, server = cog_server
     secret = "a confidential lighthouse"
