@@ -149,7 +149,11 @@ def form_field(field: str | None) -> str | None:
 
 
 class _LogProgress:
-    """Prints denoising progress to the prediction log, at most about twice a second."""
+    """Prints denoising progress to the prediction log, at most about twice a second, as tqdm
+    lines (` 50%|#####     | 15/30 [denoising]`): Replicate's clients read progress from the
+    log's last line of that shape (replicate-javascript's `parseProgressFromLogs`)."""
+
+    BAR = 20
 
     def __init__(self) -> None:
         self._last = 0.0
@@ -160,7 +164,12 @@ class _LogProgress:
             now - self._last >= 0.5 or progress.step == progress.total
         ):
             self._last = now
-            print(f"{progress.phase} {progress.step}/{progress.total}", flush=True)
+            done = progress.step / progress.total
+            bar = ("#" * round(done * self.BAR)).ljust(self.BAR)
+            print(
+                f"{done:4.0%}|{bar}| {progress.step}/{progress.total} [{progress.phase}]",
+                flush=True,
+            )
 
 
 class Predictor(BaseRunner):

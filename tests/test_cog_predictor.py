@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -540,6 +541,10 @@ def test_prediction_returns_images_with_seeds(cog):
     assert "image 0: seed 9" in body["logs"] and "image 1: seed 10" in body["logs"]
     assert "Seed: 10" in decode(body["output"][1]).info["parameters"]
     assert "<lora:demo_sd15_kohya:0.5>" in decode(body["output"][0]).info["parameters"]
+    # progress as tqdm prints it: Replicate's clients read it (replicate-javascript's pattern)
+    tqdm = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)\/(\d+)")
+    progress = [tqdm.match(line) for line in body["logs"].splitlines() if tqdm.match(line)]
+    assert progress and progress[-1].groups() == ("100", "2", "2"), body["logs"]
 
 
 def test_cfg_rescale_runs_and_needs_cfg(cog):
@@ -698,7 +703,7 @@ def test_cancel_stops_between_steps_and_leaves_no_state(cog):
             assert time.monotonic() < deadline, sink.events[-1:]
             time.sleep(0.2)
         final = next(e for e in sink.events if e.get("status") == "canceled")
-        assert "denoising 150/150" not in (final.get("logs") or "")
+        assert "150/150 [denoising]" not in (final.get("logs") or "")
     finally:
         sink.close()
     plain = {k: v for k, v in job.items() if k != "loras"}
@@ -858,18 +863,18 @@ def test_cog_sdxls_inputs_run_as_cog_sdxl_runs_them(cog):
     }
     body = predict(cog, job).json()
     assert body["status"] == "succeeded", body
-    assert len(body["output"]) == 2 and "denoising 4/4" in body["logs"]
+    assert len(body["output"]) == 2 and "4/4 [denoising]" in body["logs"]
     assert "refining" not in body["logs"]
     assert "Sampler: Euler," in decode(body["output"][0]).info["parameters"]
     refiner = {"refiner_checkpoint": "demo-sdxl-refiner", "num_outputs": 1}
     ensemble = {**job, **refiner, "refine": "expert_ensemble_refiner", "high_noise_frac": 0.5}
     body = predict(cog, ensemble).json()
     assert body["status"] == "succeeded", body
-    assert "denoising 2/2" in body["logs"] and "refining 2/2" in body["logs"], body["logs"]
+    assert "2/2 [denoising]" in body["logs"] and "2/2 [refining]" in body["logs"], body["logs"]
     after = {**job, **refiner, "refine": "base_image_refiner", "refine_steps": 10}
     body = predict(cog, after).json()
     assert body["status"] == "succeeded", body
-    assert "denoising 4/4" in body["logs"] and "refining 3/3" in body["logs"], body["logs"]
+    assert "4/4 [denoising]" in body["logs"] and "3/3 [refining]" in body["logs"], body["logs"]
 
 
 @pytest.mark.parametrize(
