@@ -269,11 +269,18 @@ class Predictor(BaseRunner):
         return handoff.result
 
     def _refiner_fields(
-        self, refine: str, checkpoint: str | None, high_noise_frac: float, steps: int | None
+        self,
+        refine: str,
+        checkpoint: str | None,
+        high_noise_frac: float,
+        steps: int | None,
+        without_refiner: bool,
     ) -> dict:
         """The job's refiner fields for cog-sdxl's `refine`: none, the ensemble (the base hands
         over at high_noise_frac), or refining the finished image (no high_noise_frac). As in
-        cog-sdxl, high_noise_frac (always sent by the form) matters only to the ensemble."""
+        cog-sdxl, high_noise_frac (always sent by the form) matters only to the ensemble.
+        `without_refiner`: the job inpaints or runs the hires fix, which run without it (a
+        RunPod job gets a warning; here the choice was explicit)."""
         if refine == "no_refiner":
             if checkpoint or steps is not None:
                 raise InvalidInput(
@@ -283,6 +290,12 @@ class Predictor(BaseRunner):
                     accepted="expert_ensemble_refiner or base_image_refiner with them",
                 )
             return {}
+        if without_refiner:
+            raise InvalidInput(
+                "inpainting (a mask) and the hires fix (hires_scale) run without the refiner",
+                field="refine",
+                accepted="no_refiner with a mask or hires_scale",
+            )
         name = checkpoint or self.engine.settings.refiner_checkpoint
         if not name:
             raise InvalidInput(
@@ -503,7 +516,13 @@ class Predictor(BaseRunner):
                 "invert_mask": invert_mask,
                 "vae": vae or None,
                 "clip_skip": clip_skip,
-                **self._refiner_fields(refine, refiner_checkpoint, high_noise_frac, refine_steps),
+                **self._refiner_fields(
+                    refine,
+                    refiner_checkpoint,
+                    high_noise_frac,
+                    refine_steps,
+                    without_refiner=mask is not None or hires_scale is not None,
+                ),
                 "safety_checker": False if disable_safety_checker else None,
                 "output_format": output_format,
                 "output_quality": output_quality,

@@ -883,9 +883,19 @@ def test_cog_sdxls_inputs_run_as_cog_sdxl_runs_them(cog):
         {"refiner_checkpoint": "demo-sdxl-refiner"},  # refine is no_refiner
         {"refine_steps": 10},
         {"refine": "expert_ensemble_refiner"},  # this model sets no REFINER_CHECKPOINT
+        # the hires fix and inpainting run without the refiner: an explicit choice is refused
+        {"refine": "base_image_refiner", "hires_scale": 1.5},
+        {
+            "refine": "expert_ensemble_refiner",
+            "refiner_checkpoint": "demo-sdxl-refiner",
+            "image": "PNG",
+            "mask": "PNG",
+        },
     ],
 )
 def test_refiner_inputs_that_cannot_run_as_asked_are_refused(cog, inputs):
+    upload = "data:image/png;base64," + base64.b64encode(sink_png()).decode("ascii")
+    inputs = {name: upload if value == "PNG" else value for name, value in inputs.items()}
     job = {"prompt": "a cube", "checkpoint": "demo-sdxl", "width": 64, "height": 64}
     body = predict(cog, {**job, "num_inference_steps": 2, **inputs}).json()
     assert body["status"] == "failed" and "invalid_input: refine: " in body["error"], body
