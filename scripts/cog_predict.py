@@ -4,8 +4,8 @@
 
 Starts coglet (`python -m cog.server.http`) on a free port on 127.0.0.1 with the predictor from
 cog.yaml, waits for setup, sends one prediction, writes the output files to cog-output/, prints
-the prediction JSON (outputs shortened) and stops the server. Values are parsed as JSON when
-they can be (numbers, booleans), else used as strings; `@path` sends a file as a data URL.
+the prediction JSON (outputs shortened) and stops the server. Values are read by the input's
+type in `.cog/openapi_schema.json`, as the cog CLI reads them; `@path` sends a file as a data URL.
 """
 
 from __future__ import annotations
@@ -24,22 +24,49 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO / ".cog" / "openapi_schema.json"
 
 
-def parse_inputs(pairs: list[str]) -> dict:
+def input_types() -> dict[str, str]:
+    """Each form input's JSON type, from the committed OpenAPI schema (choices are strings)."""
+    properties = json.loads(SCHEMA.read_text())["components"]["schemas"]["Input"]["properties"]
+    return {name: spec.get("type", "string") for name, spec in properties.items()}
+
+
+def parse_inputs(pairs: list[str], types: dict[str, str]) -> dict:
+    """`name=value` pairs as the cog CLI reads them: by the input's type (`prompt=1984` is
+    text), `@path` as a file, and an input the form lacks as JSON if it parses (coglet drops
+    it, with a line in its log)."""
     inputs = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
+        kind = types.get(name)
         if value.startswith("@"):
             path = Path(value[1:])
             mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             inputs[name] = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-            continue
-        try:
-            inputs[name] = json.loads(value)
-        except json.JSONDecodeError:
+        elif kind == "string":
             inputs[name] = value
+        elif kind in ("integer", "number", "boolean"):
+            inputs[name] = _typed(name, value, kind)
+        else:
+            try:
+                inputs[name] = json.loads(value)
+            except json.JSONDecodeError:
+                inputs[name] = value
     return inputs
+
+
+def _typed(name: str, value: str, kind: str) -> int | float | bool:
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            return float(value)
+        return {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+    except (ValueError, KeyError):
+        article = "an" if kind == "integer" else "a"
+        raise SystemExit(f"-i {name}: {value!r} is not {article} {kind}") from None
 
 
 def main() -> None:
@@ -51,8 +78,15 @@ def main() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    inputs = parse_inputs(args.input, input_types())
     env = {
         **os.environ,
+        # the server runs in the repository: a relative MODELS_DIR is the caller's
+        **(
+            {"MODELS_DIR": os.path.abspath(os.environ["MODELS_DIR"])}
+            if "MODELS_DIR" in os.environ
+            else {}
+        ),
         "COG_PREDICT_TYPE_STUB": "handler/cog_predictor.py:Predictor",
         "PORT": str(port),
         # coglet starts its worker with `python` from PATH: make it this interpreter.
@@ -80,9 +114,7 @@ def main() -> None:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit("the Cog server did not become ready")
             time.sleep(0.5)
-        body = requests.post(
-            f"{url}/predictions", json={"input": parse_inputs(args.input)}, timeout=3600
-        ).json()
+        body = requests.post(f"{url}/predictions", json={"input": inputs}, timeout=3600).json()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -195,6 +195,22 @@ def test_committed_openapi_schema_is_current():
     )
 
 
+def test_the_local_cog_predict_reads_values_by_the_inputs_type(tmp_path):
+    """scripts/cog_predict.py, as the cog CLI: `prompt=1984` is text, numbers and booleans by
+    the schema, `@file` a data URL, and a value of the wrong type stops it before any server."""
+    from scripts.cog_predict import input_types, parse_inputs
+
+    image = tmp_path / "in.png"
+    image.write_bytes(sink_png())
+    pairs = ["prompt=1984", "seed=5", "guidance_scale=7", "strip_metadata=true", f"image=@{image}"]
+    inputs = parse_inputs([*pairs, "scheduler=Euler a"], input_types())
+    assert inputs["prompt"] == "1984" and inputs["seed"] == 5 and inputs["guidance_scale"] == 7.0
+    assert inputs["strip_metadata"] is True and inputs["scheduler"] == "Euler a"
+    assert inputs["image"].startswith("data:image/png;base64,")
+    with pytest.raises(SystemExit, match="-i seed: '' is not an integer"):
+        parse_inputs(["seed="], input_types())
+
+
 def test_lora_string_parsing():
     from handler.cog_predictor import parse_lora_list
 
