@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # zlib level 1: see README "Encoding" for the measurement behind it.
 PNG_COMPRESS_LEVEL = 1
-UPLOAD_ATTEMPTS = 4  # in all, the first included: boto3 "standard" retries, backoff with jitter
+UPLOAD_ATTEMPTS = 4  # in all, the first included: boto3's retries, backoff with jitter
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,10 @@ def s3_client(
     connect_timeout: float = 5,
     read_timeout: float = 30,
 ):
-    """A boto3 S3 client for the configured endpoint and credentials, with standard retries."""
+    """A boto3 S3 client for the configured endpoint and credentials, retrying transient errors
+    (5xx, throttling, dropped connections) `attempts` times in all. botocore's "legacy" mode:
+    its "standard" mode draws retries from a budget that only successes refill, so a few
+    failed jobs during an outage left a worker that (kept for its life) never retried again."""
     import boto3
     from botocore.config import Config
 
@@ -303,7 +306,7 @@ def s3_client(
         aws_secret_access_key=settings.bucket_secret_access_key,
         region_name=settings.bucket_region,
         config=Config(
-            retries={"total_max_attempts": attempts, "mode": "standard"},
+            retries={"total_max_attempts": attempts, "mode": "legacy"},
             s3={"addressing_style": "path" if settings.bucket_path_style else "auto"},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -497,9 +500,13 @@ def _upload(
         body = json.dumps(sidecar, indent=2).encode()
         try:
             storage.put(storage.key(job_id, "job.json"), body, "application/json")
+            keys.append(storage.key(job_id, "job.json"))
         except Exception as error:
             log.warning("job %s: sidecar upload failed (%s)", job_id, _describe(error))
             warnings.append(f"sidecar not written: its upload failed ({_describe(error)})")
+        if cancelled():  # while the sidecar uploaded
+            storage.delete_quietly(keys)
+            raise Cancelled("the job was cancelled; its uploaded images were deleted")
     return results, warnings
 
 

@@ -260,7 +260,56 @@ def test_a_failed_batch_deletes_the_images_it_uploaded(moto, settings, monkeypat
     assert listed.get("KeyCount", 0) == 0  # images 0 and 2 were uploaded, then deleted
 
 
-def test_a_job_cancelled_while_uploading_fails_as_cancelled_and_leaves_no_images(moto, settings):
+def test_uploads_keep_their_retries_after_an_outage(settings, monkeypatch):
+    """An endpoint that answers 500 to every PUT: each of 40 uploads is tried 4 times. (With
+    botocore's "standard" retries, the 12th and later were tried once: its budget ran out.)"""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import botocore.endpoint
+
+    from handler.errors import UploadFailed
+
+    puts = []
+
+    class Failing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # answers boto3's "Expect: 100-continue" at once
+
+        def do_PUT(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            puts.append(self.path)
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(botocore.endpoint.time, "sleep", lambda seconds: None)  # the backoff
+    try:
+        storage = Storage(bucket_settings(settings, f"http://127.0.0.1:{server.server_port}"))
+        for _ in range(40):
+            with pytest.raises(UploadFailed):
+                deliver(
+                    encoded_batch(1),
+                    destination="s3",
+                    job_id="outage",
+                    storage=storage,
+                    inline_limit=None,
+                )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(puts) == 40 * 4
+
+
+@pytest.mark.parametrize("during", [".png", "job.json"])
+def test_a_job_cancelled_while_uploading_fails_as_cancelled_and_leaves_no_images(
+    moto, settings, during
+):
+    """The cancel arrives while an image uploads, or while the sidecar does (the images are
+    all in the bucket by then)."""
     from handler.errors import Cancelled
 
     storage = Storage(bucket_settings(settings, moto[0]))
@@ -268,7 +317,8 @@ def test_a_job_cancelled_while_uploading_fails_as_cancelled_and_leaves_no_images
 
     def cancelled_during_the_upload(key, data, content_type):
         put(key, data, content_type)
-        cancel.set()  # the platform's cancel arrives while the batch uploads
+        if key.endswith(during):
+            cancel.set()  # the platform's cancel arrives while this object uploads
 
     storage.put = cancelled_during_the_upload
     with pytest.raises(Cancelled):
