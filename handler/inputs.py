@@ -170,7 +170,7 @@ def fetch_s3(url: str, field: str, settings: Settings) -> bytes:
     if bucket not in readable:
         # the credentials may reach more buckets than a client should read through a job
         raise InvalidInput(
-            f"s3:// inputs are read from the worker's own buckets, not {bucket!r}",
+            f"s3:// inputs are read from the worker's own buckets, not {shown(bucket)}",
             field=field,
             accepted=", ".join(readable) + " (BUCKET_NAME, INPUT_BUCKETS)"
             if readable
@@ -265,7 +265,7 @@ def fetch_url(url: str, field: str, settings: Settings) -> bytes:
             ) from None
         if parts.scheme != "https" and not (parts.scheme == "http" and settings.allow_http_inputs):
             raise InvalidInput(
-                f"{parts.scheme}:// URLs are not accepted",
+                f"{parts.scheme[:20]}:// URLs are not accepted",  # a redirect's: cut short
                 field=field,
                 accepted="https URLs"
                 + (" (http needs ALLOW_HTTP_INPUTS=1)" if parts.scheme == "http" else ""),

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
@@ -370,7 +370,8 @@ class Storage:
     def url(self, key: str) -> str:
         """A public URL when BUCKET_PUBLIC_URL is set, else a presigned GET."""
         if self.settings.bucket_public_url:
-            return f"{self.settings.bucket_public_url.rstrip('/')}/{key}"
+            # the key as a URL path: a prefix with a space, # or ? must not end the path
+            return f"{self.settings.bucket_public_url.rstrip('/')}/{quote(key, safe='/~')}"
         return self.client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": key},

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
+import requests
 from PIL import Image
 
 from handler.engine import Engine
@@ -202,6 +203,22 @@ def test_public_base_url(moto, settings):
         encoded_batch(1), destination="s3", job_id="j", storage=storage, inline_limit=None
     )
     assert results[0].url == "https://cdn.example.com/renders/j/0-1000.png"
+
+
+def test_a_public_url_fetches_its_key_whatever_the_prefix_holds(moto, settings):
+    """BUCKET_PUBLIC_URL pointed at the endpoint itself (a public bucket): a prefix with a
+    space, # and ? is percent-encoded in the URL, which then fetches the delivered object."""
+    public = f"{moto[0]}/{BUCKET}/"
+    configured = bucket_settings(settings, moto[0], bucket_public_url=public)
+    storage = Storage(replace(configured, bucket_prefix="team a/out#1?x"))
+    results, _ = deliver(
+        encoded_batch(1), destination="s3", job_id="j", storage=storage, inline_limit=None
+    )
+    assert results[0].key == "team a/out#1?x/j/0-1000.png"
+    assert results[0].url == f"{public}team%20a/out%231%3Fx/j/0-1000.png"
+    moto[1].put_object_acl(Bucket=BUCKET, Key=results[0].key, ACL="public-read")
+    fetched = requests.get(results[0].url, timeout=10)
+    assert fetched.status_code == 200 and fetched.content == encoded_batch(1)[0].data
 
 
 def test_retries_injected_500s_and_dropped_connections(proxy, moto, settings):
