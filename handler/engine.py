@@ -1558,6 +1558,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
     # peft, when a second adapter loads into a model: adapters are what this worker keeps
     warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+    # torchsde, when DPM++ SDE's Brownian tree is asked for a time it rounds past (harmless)
+    warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
 
 
 def _ms(since: float) -> float:
