@@ -1559,7 +1559,7 @@ def _quiet_libraries() -> None:
     # peft, when a second adapter loads into a model: adapters are what this worker keeps
     warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
     # torchsde, when DPM++ SDE's Brownian tree is asked for a time it rounds past (harmless)
-    warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"Should have t[ab][<>]=t[01]", category=UserWarning)
 
 
 def _ms(since: float) -> float:

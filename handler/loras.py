@@ -40,6 +40,8 @@ from handler.registry import (
 )
 
 log = logging.getLogger(__name__)
+# CUDA's own errors (torch 2.8 and later; before, RuntimeErrors the engine reads by their text)
+ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", torch.OutOfMemoryError)
 
 # A1111's inline syntax: <lora:name>, <lora:name:scale>, and the text-encoder / UNet split
 # <lora:name:te:unet> or <lora:name:te=..:unet=..>; <lyco:...> the same; any case.
@@ -260,7 +262,7 @@ def job_additions(
                 loading = True
                 try:
                     pipeline.load_lora_weights(dict(cache.get(lora.model.path)), adapter_name=name)
-                except (torch.OutOfMemoryError, torch.AcceleratorError):
+                except (torch.OutOfMemoryError, ACCELERATOR_ERROR):
                     raise  # the GPU's failure, not the LoRA's: the engine reports it
                 except Exception as error:
                     raise LoraIncompatible(

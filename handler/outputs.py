@@ -499,9 +499,9 @@ def _upload(
             "images": [{"key": r.key, "seed": r.seed, "nsfw": r.nsfw} for r in results],
         }
         body = json.dumps(sidecar, indent=2).encode()
+        keys.append(storage.key(job_id, "job.json"))  # stored, perhaps, though its reply is lost
         try:
-            storage.put(storage.key(job_id, "job.json"), body, "application/json")
-            keys.append(storage.key(job_id, "job.json"))
+            storage.put(keys[-1], body, "application/json")
         except Exception as error:
             log.warning("job %s: sidecar upload failed (%s)", job_id, _describe(error))
             warnings.append(f"sidecar not written: its upload failed ({_describe(error)})")

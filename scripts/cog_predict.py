@@ -79,14 +79,11 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     inputs = parse_inputs(args.input, input_types())
+    models = os.environ.get("MODELS_DIR", "").strip()  # blank is unset, as the worker reads it
     env = {
         **os.environ,
         # the server runs in the repository: a relative MODELS_DIR is the caller's
-        **(
-            {"MODELS_DIR": os.path.abspath(os.environ["MODELS_DIR"])}
-            if "MODELS_DIR" in os.environ
-            else {}
-        ),
+        **({"MODELS_DIR": os.path.abspath(models)} if models else {}),
         "COG_PREDICT_TYPE_STUB": "handler/cog_predictor.py:Predictor",
         "PORT": str(port),
         # coglet starts its worker with `python` from PATH: make it this interpreter.

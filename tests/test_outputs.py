@@ -514,10 +514,13 @@ def test_engine_job_delivers_to_s3_with_infotext_and_sidecar(moto, settings, cap
     assert SECRET_KEY not in caplog.text and "X-Amz-Signature" not in caplog.text
 
 
-def test_strip_metadata_writes_no_parameters(engine, monkeypatch):
+def test_strip_metadata_writes_no_parameters(settings, monkeypatch):
+    from handler.engine import Engine
+
+    own = Engine(settings)  # its LoRA stays resident: not in the engine other tests share
     hashed = []  # a LoRA's hash, which may read its whole file, is for the infotext alone
-    monkeypatch.setattr(engine.registry, "lora_hash", lambda model: hashed.append(model))
-    result = engine.run(
+    monkeypatch.setattr(own.registry, "lora_hash", lambda model: hashed.append(model))
+    result = own.run(
         parse_job(
             {
                 "prompt": "secret",
