@@ -150,6 +150,8 @@ class Registry:
                     )
         available = self.names(kind)
         close = difflib.get_close_matches(name, available, n=5, cutoff=0.3)
+        if close and len(available) > len(close):  # the close names are not all there is
+            close.append(f"{len(available) - len(close)} more (list_models lists them)")
         raise ModelNotFound(
             f"no {kind} named {shown(name)} on the model roots "
             f"({', '.join(str(r) for r in self.roots) or 'none found'})",

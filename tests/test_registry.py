@@ -286,6 +286,9 @@ def test_model_not_found_lists_the_closest_names(registry):
         registry.resolve("checkpoint", "demo-sd1.5", "checkpoint")
     assert info.value.field == "checkpoint"
     assert "demo-sd15" in info.value.accepted
+    # the others are counted, so that one close name does not read as the only one
+    more = len(registry.names("checkpoint")) - len(info.value.accepted) + 1
+    assert info.value.accepted[-1] == f"{more} more (list_models lists them)"
 
 
 def test_allowed_pickles_are_detected_and_loaded_without_running_code(
