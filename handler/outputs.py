@@ -352,20 +352,23 @@ class Storage:
                 accepted="a bucket (and any proxy before it) that stores the bytes it is sent",
             )
 
-    def delete_quietly(self, keys: list[str]) -> None:
+    def delete_quietly(self, keys: list[str]) -> int:
         """Delete `keys` at once, logging (not raising) what fails: cleanup after a failed
-        batch, which may have failed because the bucket is unreachable."""
+        batch, which may have failed because the bucket is unreachable. Returns how many of
+        them could not be deleted."""
 
-        def delete(key: str) -> None:
+        def delete(key: str) -> bool:
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=key)
+                return True
             except Exception as error:
                 log.warning(
                     "could not delete %s after a failed upload (%s)", key, type(error).__name__
                 )
+                return False
 
         with ThreadPoolExecutor(max_workers=min(8, len(keys)) or 1) as pool:
-            list(pool.map(delete, keys))
+            return list(pool.map(delete, keys)).count(False)
 
     def url(self, key: str) -> str:
         """A public URL when BUCKET_PUBLIC_URL is set, else a presigned GET."""
@@ -480,9 +483,11 @@ def _upload(
     try:
         with ThreadPoolExecutor(max_workers=min(8, len(delivered)) or 1) as pool:
             list(pool.map(put, zip(delivered, keys, strict=True)))
-    except UploadFailed:
+    except UploadFailed as error:
         # every key, not only those S3 confirmed: a PUT whose reply was lost may be stored
-        storage.delete_quietly(keys)
+        left = storage.delete_quietly(keys)
+        if left:  # the client should know that the bucket may still hold some of them
+            error.message += f"; {left} of the batch's {len(keys)} keys could not be deleted"
         raise
     if cancelled():
         storage.delete_quietly(keys)

@@ -66,6 +66,7 @@ class FaultProxy:
         self.drop_puts = 0
         self.wrong_etag_for = ""
         self.lose_reply_for = ""
+        self.fail_deletes = False
         self.puts_seen = 0
         proxy = self
 
@@ -75,6 +76,11 @@ class FaultProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if self.command == "DELETE" and proxy.fail_deletes:
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.command == "PUT":
                     proxy.puts_seen += 1
                     if proxy.drop_puts > 0:
@@ -398,6 +404,21 @@ def test_an_image_stored_whose_reply_was_lost_is_deleted_with_the_batch(proxy, m
     assert "image 1 could not be uploaded" in info.value.message
     listed = moto[1].list_objects_v2(Bucket=BUCKET, Prefix="renders/lost/")
     assert listed.get("KeyCount", 0) == 0
+
+
+def test_a_batch_that_cannot_be_deleted_says_so(proxy, moto, settings, monkeypatch):
+    """Image 1's reply is lost and the bucket refuses every delete: the error says that the
+    batch's keys may still be there (the cleanup is best effort)."""
+    import botocore.endpoint
+
+    monkeypatch.setattr(botocore.endpoint.time, "sleep", lambda seconds: None)  # the backoff
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.lose_reply_for, proxy.fail_deletes = "/1-", True
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(3), destination="s3", job_id="kept", storage=storage, inline_limit=None
+        )
+    assert info.value.message.endswith("; 3 of the batch's 3 keys could not be deleted")
 
 
 def test_s3_on_a_worker_without_a_bucket_is_refused_before_the_job_runs(engine):
