@@ -571,7 +571,14 @@ class Engine:
         )
         return result
 
-    def _run_on_the_gpu(self, job, progress, cancelled, inline_limit, job_id) -> Result:
+    def _run_on_the_gpu(
+        self,
+        job: Job,
+        progress: ProgressCallback | None,
+        cancelled: CancelCheck | None,
+        inline_limit: int | None,
+        job_id: str,
+    ) -> Result:
         """`_run`, with the GPU's failures outside its own retries made job errors."""
         try:
             return self._run(
@@ -594,7 +601,14 @@ class Engine:
             _raise_if_cuda_failure(error)
             raise
 
-    def _run(self, job: Job, progress, cancelled, inline_limit, job_id: str) -> Result:
+    def _run(
+        self,
+        job: Job,
+        progress: ProgressCallback,
+        cancelled: CancelCheck,
+        inline_limit: int | None,
+        job_id: str,
+    ) -> Result:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         warnings: list[str] = list(job._notes)
@@ -762,7 +776,14 @@ class Engine:
             warnings=warnings,
         )
 
-    def _generate(self, plan: JobPlan, progress, cancelled, timings, warnings) -> list:
+    def _generate(
+        self,
+        plan: JobPlan,
+        progress: ProgressCallback,
+        cancelled: CancelCheck,
+        timings: dict[str, float],
+        warnings: list[str],
+    ) -> list:
         """Apply the job's LoRAs, embeddings and VAE, denoise, decode and encode; every change
         to the shared pipelines is undone on the way out, whatever happens."""
         loaded, refiner = plan.loaded, plan.refiner
@@ -801,8 +822,14 @@ class Engine:
             )
 
     def _decode_and_encode(
-        self, plan: JobPlan, decoder_pipeline, latents, timings, warnings, cancelled
-    ):
+        self,
+        plan: JobPlan,
+        decoder_pipeline: Any,
+        latents: torch.Tensor,
+        timings: dict[str, float],
+        warnings: list[str],
+        cancelled: CancelCheck,
+    ) -> list[EncodedImage]:
         """Decode image by image; each is encoded in the pool while the next one decodes.
 
         For inpainting, the init image is pasted back outside the mask (`_overlay_mask`).
@@ -1246,7 +1273,7 @@ class Engine:
             mask = mask.filter(ImageFilter.GaussianBlur(job.mask_blur))
         return mask
 
-    def _denoise(self, plan: JobPlan, progress, cancelled):
+    def _denoise(self, plan: JobPlan, progress: ProgressCallback, cancelled: CancelCheck):
         """Run the pipeline(s) to final latents; returns (latents, pipeline to decode with, ms)."""
         started = time.perf_counter()
         job, loaded, refiner, seeds = plan.job, plan.loaded, plan.refiner, plan.seeds
