@@ -96,6 +96,8 @@ INPAINT_ARCHITECTURES = ("sd15-inpaint", "sdxl-inpaint")
 MAX_LORAS = 8
 # worker-sdxl's default strength for refining a finished base image.
 REFINE_AFTER_STRENGTH = 0.3
+# list_models' reason for a .ckpt/.pt/.bin file on a worker that refuses them
+PICKLED_UNOPENED = "a pickled file: not opened unless the worker sets ALLOW_PICKLE=1"
 
 
 @dataclass(frozen=True)
@@ -461,72 +463,67 @@ class Engine:
 
     def list_models(self) -> dict[str, list[dict[str, Any]]]:
         """What the model roots hold: checkpoints with architecture, LoRAs with base, etc."""
-        checkpoints = []
-        for model in self.registry.files("checkpoint"):
-            entry: dict[str, Any] = {
-                "name": model.name,
-                "format": "diffusers" if model.is_folder else "single_file",
-            }
-            if not model.is_folder:
-                entry["size_bytes"] = model.path.stat().st_size
-                entry["hash"] = self.registry.cached_hash(model)
-            try:
-                detection = self.registry.detect(model)
-                entry["architecture"] = detection.architecture
-                if not detection.has_vae and vae_sidecar(model) is None:
-                    entry["needs_vae"] = True  # saved without one: its jobs must name a vae
-                if detection.notes:
-                    entry["notes"] = list(detection.notes)  # what was assumed about the file
-                if model.is_folder:
-                    self.registry.check_not_pickled(model.path, "checkpoint")
-            except (UnsupportedModel, InvalidInput) as error:
-                entry["architecture"] = "unsupported"
-                entry["reason"] = error.message
-            checkpoints.append(entry)
-        loras = []
-        for model in self.registry.files("lora"):
-            entry = {
-                "name": model.name,
-                "size_bytes": model.path.stat().st_size,
-                "hash": self.registry.cached_hash(model),
-            }
-            try:
-                if model.path.suffix.lower() == ".safetensors":
-                    tensors = read_safetensors_header(model.path, "loras")[0]
-                    unloadable = unloadable_lycoris(tensors)
-                    entry["base"] = "unsupported" if unloadable else detect_lora(tensors)
-                    if unloadable:
-                        entry["reason"] = unloadable
-                elif self.settings.allow_pickle:
-                    entry["base"] = "unknown"
-                else:
-                    entry["base"] = "unsupported"
-                    entry["reason"] = (
-                        "a pickled file: not opened unless the worker sets ALLOW_PICKLE=1"
-                    )
-            except UnsupportedModel as error:
-                entry["base"] = "unreadable"
-                entry["reason"] = error.message
-            loras.append(entry)
-        others = {
-            kind: [self._file_entry(m) for m in self.registry.files(kind)]
-            for kind in ("embedding", "vae")
-        }
+        files = self.registry.files
         return {
-            "checkpoints": checkpoints,
-            "loras": loras,
-            "embeddings": others["embedding"],
-            "vaes": others["vae"],
+            "checkpoints": [self._checkpoint_entry(model) for model in files("checkpoint")],
+            "loras": [self._lora_entry(model) for model in files("lora")],
+            "embeddings": [self._file_entry(model) for model in files("embedding")],
+            "vaes": [self._file_entry(model) for model in files("vae")],
         }
 
-    def _file_entry(self, model) -> dict[str, Any]:
+    def _checkpoint_entry(self, model: ModelFile) -> dict[str, Any]:
+        """A checkpoint for list_models: its format and architecture, or why it is unusable."""
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "format": "diffusers" if model.is_folder else "single_file",
+        }
+        if not model.is_folder:
+            entry["size_bytes"] = model.path.stat().st_size
+            entry["hash"] = self.registry.cached_hash(model)
+        try:
+            detection = self.registry.detect(model)
+            entry["architecture"] = detection.architecture
+            if not detection.has_vae and vae_sidecar(model) is None:
+                entry["needs_vae"] = True  # saved without one: its jobs must name a vae
+            if detection.notes:
+                entry["notes"] = list(detection.notes)  # what was assumed about the file
+            if model.is_folder:
+                self.registry.check_not_pickled(model.path, "checkpoint")
+        except (UnsupportedModel, InvalidInput) as error:
+            entry["architecture"] = "unsupported"
+            entry["reason"] = error.message
+        return entry
+
+    def _lora_entry(self, model: ModelFile) -> dict[str, Any]:
+        """A LoRA for list_models: the architecture it was made for, read from its header."""
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "size_bytes": model.path.stat().st_size,
+            "hash": self.registry.cached_hash(model),
+        }
+        if model.path.suffix.lower() != ".safetensors":
+            entry["base"] = "unknown" if self.settings.allow_pickle else "unsupported"
+            if not self.settings.allow_pickle:
+                entry["reason"] = PICKLED_UNOPENED
+            return entry
+        try:
+            tensors = read_safetensors_header(model.path, "loras")[0]
+        except UnsupportedModel as error:
+            return {**entry, "base": "unreadable", "reason": error.message}
+        unloadable = unloadable_lycoris(tensors)
+        entry["base"] = "unsupported" if unloadable else detect_lora(tensors)
+        if unloadable:
+            entry["reason"] = unloadable
+        return entry
+
+    def _file_entry(self, model: ModelFile) -> dict[str, Any]:
         """A VAE or embedding for list_models, with the reason it cannot be used, if any."""
         if model.is_folder:
             return {"name": model.name, "format": "diffusers"}
         entry: dict[str, Any] = {"name": model.name, "size_bytes": model.path.stat().st_size}
         if model.path.suffix.lower() != ".safetensors":
             if not self.settings.allow_pickle:
-                entry["reason"] = "a pickled file: not opened unless the worker sets ALLOW_PICKLE=1"
+                entry["reason"] = PICKLED_UNOPENED
             return entry
         try:
             read_safetensors_header(model.path, model.kind)
