@@ -12,7 +12,7 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from handler.errors import InvalidInput, shown
+from handler.errors import InvalidInput, as_field, shown
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULE_TYPES,
@@ -642,7 +642,7 @@ def _apply_override_settings(data: dict[str, Any], overrides: Any) -> None:
         first = sorted(overrides, key=str)[0]
         raise InvalidInput(
             f"unsupported override_settings: {unknown}",
-            field=f"override_settings.{first}" if is_text(first) else "override_settings",
+            field=as_field(first, "override_settings"),
             accepted=", ".join([*OVERRIDE_FIELDS, "forge_additional_modules"]),
         )
 

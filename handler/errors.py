@@ -15,6 +15,7 @@ WorkerError              root; callers catch this
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -132,3 +133,20 @@ def shown(value: Any) -> str:
         return f"{value[:SHOWN_CHARACTERS]!r}... ({len(value)} characters)"
     size = f" of {len(value)}" if hasattr(value, "__len__") else ""
     return f"a {type(value).__name__}{size}"
+
+
+# A key that reads as a field name; any other key (a prompt pasted as a JSON key) is not quoted
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,39}")
+
+
+def as_field(key: Any, parent: str | None = None) -> str | None:
+    """A key the client sent, as an error's field: itself (under `parent`) when it reads as a
+    field name, else `parent`: an error's field is shown whole, and the key may be any text."""
+    if isinstance(key, str) and FIELD_NAME.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return parent
+
+
+def shown_key(key: Any) -> str:
+    """A key the client sent, as an error's message may quote it (cut like a value)."""
+    return key if isinstance(key, str) and FIELD_NAME.fullmatch(key) else shown(key)

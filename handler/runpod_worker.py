@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from handler.engine import Engine, Progress
-from handler.errors import InternalError, InvalidInput, WorkerError, shown
+from handler.errors import InternalError, InvalidInput, WorkerError, as_field, shown, shown_key
 from handler.schema import field_as_sent, parse_job
 from handler.settings import Settings
 
@@ -120,8 +120,8 @@ def _action_result(engine: Engine, job_input: dict[str, Any]) -> dict[str, Any]:
         )
     if extra:
         raise InvalidInput(
-            f"{action} takes no other fields (got {', '.join(extra)})",
-            field=extra[0],
+            f"{action} takes no other fields (got {', '.join(shown_key(key) for key in extra)})",
+            field=as_field(extra[0]) or "input",
             accepted='{"action": "list_models"}',
         )
     return engine.list_models()

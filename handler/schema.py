@@ -6,13 +6,14 @@ inputs are checked against it by a parity test.
 
 from __future__ import annotations
 
+import difflib
 import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from handler.aliases import FIELD_ALIASES, LATENT_UPSCALERS, is_text, normalize_payload
-from handler.errors import InvalidInput, shown
+from handler.errors import FIELD_NAME, InvalidInput, as_field, shown, shown_key
 from handler.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULE_TYPES,
@@ -406,15 +407,38 @@ def _type_name(annotation: Any) -> str:
     return "an object" if isinstance(base, type) and issubclass(base, BaseModel) else "a value"
 
 
+# Other tools' names for fields, which no payload format here takes as they are
+OTHER_TOOLS_NAMES = {
+    "cfg": "guidance_scale",  # ComfyUI's KSampler
+    "denoise": "strength",  # ComfyUI's KSampler
+    "noise_seed": "seed",  # ComfyUI's KSamplerAdvanced
+    "ckpt_name": "checkpoint",  # ComfyUI's checkpoint loader
+    "num_images_per_prompt": "num_images",  # diffusers' pipelines
+}
+
+
+def _did_you_mean(key: Any, loc: tuple) -> str:
+    """' (did you mean guidance_scale?)' for an unknown key that names a known field."""
+    model, _ = _owner(loc[:-1]) if len(loc) > 1 else (Job, None)
+    if not isinstance(key, str) or not FIELD_NAME.fullmatch(key):
+        return ""
+    guess = OTHER_TOOLS_NAMES.get(key) if model is Job else None
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.75)
+    guess = guess or (close[0] if close else None)
+    return f" (did you mean {guess}?)" if guess else ""
+
+
 def invalid_input_from(error: ValidationError) -> InvalidInput:
     """Turn pydantic's first error into our InvalidInput (code, field, accepted)."""
     errors = error.errors()
     extra = [e for e in errors if e["type"] == "extra_forbidden"]
     if extra:
-        unknown = [field_path(e["loc"]) for e in extra]
+        places = [(field_path(e["loc"][:-1]), e["loc"][-1]) for e in extra]
+        unknown = [f"{p}.{shown_key(k)}" if p else shown_key(k) for p, k in places]
+        parent, key = places[0]
         return InvalidInput(
-            f"unknown field(s): {', '.join(unknown)}",
-            field=unknown[0],
+            f"unknown field(s): {', '.join(unknown)}{_did_you_mean(key, extra[0]['loc'])}",
+            field=as_field(key, parent) or parent or "input",
             accepted=_accepted(extra[0]),
         )
     first = errors[0]

@@ -83,6 +83,15 @@ def test_non_object_input_is_invalid(worker):
     assert reply["error"].startswith("invalid_input: input: the job input must be a JSON object")
 
 
+def test_an_action_with_other_fields_names_them_cut(worker):
+    key = "a secret prompt about someone, far longer than forty characters"
+    reply = runpod_worker.run_job(
+        {"id": "x", "input": {"action": "list_models", key: 1}}, threading.Event()
+    )
+    assert reply["error"].startswith("invalid_input: input: list_models takes no other fields")
+    assert key not in reply["error"] and key[:40] in reply["error"]
+
+
 def test_progress_updates_are_phased_and_throttled(worker):
     reply = asyncio.run(runpod_worker.handle({"id": "p", "input": {**JOB, "steps": 12}}))
     assert "images" in reply

@@ -66,6 +66,28 @@ def test_input_must_be_an_object():
 def test_unknown_fields_are_named_not_dropped():
     error = error_of({"prompt": "x", "stepz": 3})
     assert error.field == "stepz" and "stepz" in error.message
+    assert "(did you mean steps?)" in error.message
+    # other tools' names for a field: ComfyUI's KSampler, diffusers' pipelines
+    assert "(did you mean guidance_scale?)" in error_of({"prompt": "x", "cfg": 7}).message
+    error = error_of({"prompt": "x", "num_images_per_prompt": 2})
+    assert "(did you mean num_images?)" in error.message
+    error = error_of({"prompt": "x", "hires": {"scale": 2, "strenght": 0.5}})
+    assert error.field == "hires.strenght" and "(did you mean strength?)" in error.message
+
+
+@pytest.mark.parametrize("under", ["", "hires", "loras", "override_settings"])
+def test_a_key_that_is_no_field_name_is_not_quoted_whole(under):
+    """A prompt pasted as a JSON key: errors show it cut, and their field is its parent."""
+    key = "a secret prompt about someone, far longer than forty characters"
+    payload = {
+        "": {"prompt": "x", key: 1},
+        "hires": {"prompt": "x", "hires": {"scale": 2, key: 1}},
+        "loras": {"prompt": "x", "loras": [{"name": "a", key: 1}]},
+        "override_settings": {"prompt": "x", "override_settings": {key: 1}},
+    }[under]
+    error = error_of(payload)
+    assert key not in str(error) and key[:40] in error.message
+    assert error.field == {"": "input", "loras": "loras[0]"}.get(under, under)
 
 
 def test_a1111s_names_for_the_checkpoints_own_vae_are_no_vae():
