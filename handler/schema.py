@@ -451,22 +451,25 @@ def invalid_input_from(error: ValidationError) -> InvalidInput:
 
 # Native fields (or parts) under the names other clients send, where those are not plain
 # renames (FIELD_ALIASES): A1111's override_settings, init_images and hires fields.
-SENT_AS = {
-    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
-    "checkpoint": "override_settings.sd_model_checkpoint",
-    "vae": "override_settings.sd_vae",
-    "image": "init_images[0]",
-    "hires.scale": "hr_scale",
-    "hires.steps": "hr_second_pass_steps",
-    "hires.strength": "denoising_strength",
-}
+SENT_AS = [
+    ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
+    ("checkpoint", "override_settings.sd_model_checkpoint"),
+    ("vae", "override_settings.sd_vae"),
+    ("image", "init_images[0]"),
+    ("hires.scale", "hr_scale"),
+    ("hires.steps", "hr_second_pass_steps"),
+    ("hires.strength", "denoising_strength"),
+    ("scheduler", "sampler_index"),  # A1111's deprecated name, alone
+    ("mask_blur", "mask_blur_x"),
+    ("mask_blur", "mask_blur_y"),
+]
 
 
 def field_as_sent(field: str | None, payload: dict[str, Any]) -> str | None:
     """An error's field under the name the client used: `cfg_scale`, not `guidance_scale`."""
     if field is None or _top(field) in payload:
         return field
-    candidates = [(a, n) for a, n in FIELD_ALIASES.items()] + [(a, n) for n, a in SENT_AS.items()]
+    candidates = [(a, n) for a, n in FIELD_ALIASES.items()] + [(a, n) for n, a in SENT_AS]
     for alias, native in candidates:
         if (field == native or field.startswith((f"{native}.", f"{native}["))) and _sent(
             alias, payload

@@ -75,6 +75,19 @@ def test_unknown_fields_are_named_not_dropped():
     assert error.field == "hires.strenght" and "(did you mean strength?)" in error.message
 
 
+@pytest.mark.parametrize(
+    "sent, field",
+    [
+        ({"sampler_index": "Euler z"}, "sampler_index"),  # A1111's deprecated name, alone
+        ({"sampler_index": 5}, "sampler_index"),
+        ({"mask_blur_x": 100}, "mask_blur_x"),
+        ({"mask_blur_y": "a"}, "mask_blur_y"),
+    ],
+)
+def test_errors_name_a1111s_other_field_names_as_sent(sent, field):
+    assert error_of({"prompt": "x", **sent}).field == field
+
+
 @pytest.mark.parametrize("under", ["", "hires", "loras", "override_settings"])
 def test_a_key_that_is_no_field_name_is_not_quoted_whole(under):
     """A prompt pasted as a JSON key: errors show it cut, and their field is its parent."""
