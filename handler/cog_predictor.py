@@ -26,7 +26,6 @@ from handler.schedulers import (
     canonical_scheduler,
     sampler_named,
     split_schedule,
-    takes_schedule,
 )
 from handler.schema import parse_job
 from handler.settings import Settings
@@ -485,7 +484,7 @@ class Predictor(BaseRunner):
                         field="schedule_type",
                         accepted=", ".join(
                             ["Automatic"]
-                            + [t for t in SCHEDULE_TYPES if takes_schedule(sampler, t)]
+                            + [t for t in SCHEDULE_TYPES if canonical_scheduler(f"{sampler} {t}")]
                         ),
                     )
                 scheduler = f"{scheduler} {schedule_type}"

@@ -963,8 +963,12 @@ class Engine:
         try:
             return self.registry.resolve("lora", name, "prompt")
         except (ModelNotFound, InvalidInput) as error:
-            missing = isinstance(error, ModelNotFound)
-            what = "names no LoRA on the model roots" if missing else "names no usable LoRA"
+            if isinstance(error, ModelNotFound):
+                what = "names no LoRA on the model roots"
+            elif isinstance(error.accepted, list):  # the files of that name, in subfolders
+                what = "matches several LoRAs: name one with its folder"
+            else:
+                what = "names no usable LoRA"
             raise type(error)(
                 f"{tag} of prompt {what}", field="prompt", accepted=error.accepted
             ) from None

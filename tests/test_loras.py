@@ -816,6 +816,25 @@ def test_a_gpu_out_of_memory_while_loading_a_lora_is_out_of_memory(settings, mon
     assert np.array_equal(pixels(own.run(parse_job(job))), pixels(fresh.run(parse_job(job))))
 
 
+def test_an_inline_tag_naming_two_loras_says_so(settings, demo_volume, tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    for folder in ("a", "b"):
+        (tmp_path / "loras" / folder).mkdir(parents=True)
+        lora = demo_volume / "loras" / "demo_sd15_kohya.safetensors"
+        shutil.copy(lora, tmp_path / "loras" / folder / "ink.safetensors")
+    own = Engine(replace(settings, extra_roots=(str(tmp_path),)))
+    with pytest.raises(InvalidInput) as info:
+        own.run(parse_job({**SD15, "prompt": "a cube <lora:ink:0.5>"}))
+    assert info.value.field == "prompt" and info.value.accepted == ["a/ink", "b/ink"]
+    assert (
+        info.value.message == "LoRA tag 1 of prompt matches several LoRAs: name one with its folder"
+    )
+
+
 def test_every_undo_of_a_job_runs_even_when_one_fails():
     from handler.loras import _undo_all
 
