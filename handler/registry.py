@@ -687,26 +687,27 @@ def detect_from_tensors(
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    def found(what: str) -> UnsupportedModel:
+    def found(what: str, advice: str = "") -> UnsupportedModel:
         return UnsupportedModel(
-            f"{path.name} looks like {what}, not a Stable Diffusion 1.x, 2.x or XL checkpoint",
+            f"{path.name} looks like {what}, not a Stable Diffusion 1.x, 2.x or XL checkpoint"
+            + (f": {advice}" if advice else ""),
             field="checkpoint",
             accepted="SD 1.x, SD 2.x, SDXL base/refiner and their inpainting variants",
         )
 
     if any("lora_" in k or ".lora_A." in k or ".lora_down." in k for k in keys):
-        raise found("a LoRA (it has lora_* keys); put it in loras/ and name it in `loras`")
+        raise found("a LoRA (it has lora_* keys)", "put it in loras/ and name it in `loras`")
     if has("model.diffusion_model.joint_blocks.") or has("joint_blocks.") or has("text_encoders."):
         raise found("Stable Diffusion 3")
     if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
         raise found("Flux")
     if "emb_params" in keys or "string_to_param" in keys or keys == {"clip_l", "clip_g"}:
-        raise found("a textual-inversion embedding; put it in embeddings/")
+        raise found("a textual-inversion embedding", "put it in embeddings/")
     if "edm_mean" in keys:
         raise found("Playground v2.5")
     if UNET_IN not in tensors:
         if has("encoder.") and has("decoder."):
-            raise found("a VAE; put it in vae/ and name it in `vae`")
+            raise found("a VAE", "put it in vae/ and name it in `vae`")
         sample = ", ".join(sorted(keys)[:3])
         raise found(f"something else (no SD UNet; first keys: {sample or 'none'})")
 

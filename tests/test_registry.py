@@ -54,7 +54,11 @@ def test_sd2_without_a_recorded_prediction_type_defaults_to_v_with_a_note(tmp_pa
 @pytest.mark.parametrize(
     ("keys", "expected"),
     [
-        (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
+        (
+            ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"],
+            "looks like a LoRA (it has lora_* keys), not a Stable Diffusion 1.x, 2.x or XL "
+            "checkpoint: put it in loras/",
+        ),
         (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "LoRA"),
         (
             ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"],
