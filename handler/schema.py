@@ -444,9 +444,21 @@ def invalid_input_from(error: ValidationError) -> InvalidInput:
     first = errors[0]
     field = field_path(first["loc"])
     message = first["msg"].removeprefix("Value error, ")  # our own validators' messages
-    if first["type"] == "missing":
+    kind, context = first["type"], first.get("ctx") or {}
+    if kind == "missing":
         message = "is required"
-    return InvalidInput(message, field=field, accepted=_accepted(first))
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "must be an object"  # not pydantic's "instance of HiresFix"
+    elif kind == "list_type":
+        message = "must be a list"
+    elif kind == "too_long" and "actual_length" in context:
+        message = f"has {context['actual_length']} items"
+    accepted = _accepted(first)
+    if first["loc"][:1] == ("loras",) and kind == "list_type":
+        accepted = 'a list of objects, e.g. [{"name": "ink", "scale": 0.8}]'
+    elif first["loc"][:1] == ("loras",) and kind == "model_type":
+        accepted = 'an object with name and scale, e.g. {"name": "ink", "scale": 0.8}'
+    return InvalidInput(message, field=field, accepted=accepted)
 
 
 # Native fields (or parts) under the names other clients send, where those are not plain

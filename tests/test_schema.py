@@ -75,6 +75,18 @@ def test_unknown_fields_are_named_not_dropped():
     assert error.field == "hires.strenght" and "(did you mean strength?)" in error.message
 
 
+def test_shape_errors_say_what_to_send_in_plain_words():
+    """Not pydantic's "a valid dictionary or instance of HiresFix"."""
+    error = error_of({"prompt": "x", "hires": True})
+    assert (error.field, error.message) == ("hires", "must be an object")
+    error = error_of({"prompt": "x", "loras": "ink:0.8"})  # the Cog form's way, sent to RunPod
+    assert error.message == "must be a list" and '[{"name": "ink", "scale": 0.8}]' in error.accepted
+    error = error_of({"prompt": "x", "loras": ["ink"]})
+    assert error.field == "loras[0]" and '{"name": "ink", "scale": 0.8}' in error.accepted
+    error = error_of({"prompt": "x", "loras": [{"name": "ink"}] * 9})
+    assert error.message == "has 9 items" and error.accepted == "a list of at most 8"
+
+
 @pytest.mark.parametrize(
     "sent, field",
     [
