@@ -1098,10 +1098,15 @@ class Engine:
             )
         final_w, final_h = (_hires_side(side * job.hires.scale) for side in (width, height))
         if max(final_w, final_h) > 2048 or final_w * final_h > self.settings.max_pixels:
+            largest = min(
+                2048 / max(width, height), (self.settings.max_pixels / (width * height)) ** 0.5
+            )
+            fits = f"up to {math.floor(largest * 100) / 100:.2f}" if largest >= 1 else "none"
             raise InvalidInput(
-                f"the second pass would be {final_w}x{final_h}",
+                f"the second pass would be {final_w}x{final_h}, over 2048 a side or "
+                f"{self.settings.max_pixels} pixels (MAX_IMAGE_PIXELS)",
                 field="hires.scale",
-                accepted=f"a scale keeping each side <= 2048 and width x height <= {self.settings.max_pixels}",
+                accepted=f"a scale {fits} at {width}x{height}, or a smaller width and height",
             )
         return final_w, final_h
 

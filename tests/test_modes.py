@@ -286,6 +286,7 @@ def test_hires_second_pass_has_its_own_limit(engine):
             )
         )
     assert info.value.field == "hires.scale"
+    assert info.value.accepted == "a scale up to 2.00 at 1024x1024, or a smaller width and height"
 
 
 # A1111's `parse_generation_parameters`: `name: value` pairs, a value JSON-quoted when it holds
