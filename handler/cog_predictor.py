@@ -140,11 +140,15 @@ class _Handoff:
         self.result = self.error = None
 
 
-def form_field(field: str | None) -> str | None:
-    """An error's field as the form names it: `num_inference_steps`, not `steps`."""
-    if field is not None and field.startswith("loras["):
-        return "loras"  # the form's "name:scale, ..." string
-    return FORM_NAMES.get(field, field) if field is not None else None
+def name_fields_as_the_form(error: WorkerError) -> None:
+    """An error's field as the form names it: `num_inference_steps`, not `steps`; `loras`
+    (the form's "name:scale, ..." string) for `loras[1].scale`, with the entry's place."""
+    if error.field is not None and error.field.startswith("loras["):
+        place = int(error.field[len("loras[") :].split("]", 1)[0]) + 1
+        error.message = f"LoRA {place} of loras: {error.message}"
+        error.field = "loras"
+    elif error.field is not None:
+        error.field = FORM_NAMES.get(error.field, error.field)
 
 
 class _LogProgress:
@@ -535,7 +539,7 @@ class Predictor(BaseRunner):
                 payload["strength"] = prompt_strength
             job = parse_job(payload)
         except WorkerError as error:
-            error.field = form_field(error.field)
+            name_fields_as_the_form(error)
             log.info("prediction refused: %s", error.code)
             raise
         # A WorkerError fails the prediction with "<code>: <field>: ..."; anything else, as on
@@ -543,7 +547,7 @@ class Predictor(BaseRunner):
         try:
             result = self._run_shielded(job)
         except WorkerError as error:
-            error.field = form_field(error.field)
+            name_fields_as_the_form(error)
             if error.refresh_worker:
                 log.error("this container's GPU may be unusable: health check now fails")
                 self.gpu_unusable = True

@@ -946,6 +946,15 @@ def test_the_engine_logs_one_line_per_prediction_without_its_prompt(engine, capl
     assert any(" failed: model_not_found" in r.getMessage() for r in caplog.records)
 
 
+def test_a_lora_entry_at_fault_is_named_by_its_place(engine):
+    from handler.errors import InvalidInput
+
+    runner, inputs = predictor_on(engine)
+    with pytest.raises(InvalidInput) as info:
+        runner.run(**{**inputs, "loras": "demo_sd15_kohya, demo_sd15_peft:9"})
+    assert info.value.field == "loras" and info.value.message.startswith("LoRA 2 of loras: ")
+
+
 def test_a_prediction_whose_every_image_is_withheld_fails(settings, tmp_path, capsys):
     """Cog's output is the files alone: every image withheld would be an empty success."""
     from dataclasses import replace
