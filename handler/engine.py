@@ -653,8 +653,10 @@ class Engine:
         )
         width, height = job.width or default_w, job.height or default_h
         if width * height > self.settings.max_pixels:
+            default = "" if job.width and job.height else f" (the size {model.name} draws at)"
             raise InvalidInput(
-                f"{width}x{height} is {width * height} pixels, over this worker's MAX_IMAGE_PIXELS",
+                f"{width}x{height}{default} is {width * height} pixels, over this worker's "
+                "MAX_IMAGE_PIXELS",
                 field="width",
                 accepted=f"width x height up to {self.settings.max_pixels} pixels",
             )

@@ -174,6 +174,17 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
         assert list(engine.cache._entries) == warm and engine.cache.on_device(warm[0]), extra
 
 
+def test_a_default_size_over_the_pixel_cap_says_it_is_the_checkpoints(settings):
+    from dataclasses import replace
+
+    from handler.engine import Engine
+
+    small = Engine(replace(settings, max_pixels=512 * 512))
+    with pytest.raises(InvalidInput) as info:
+        small.run(parse_job({"prompt": "x", "steps": 1, "checkpoint": "demo-sdxl"}))
+    assert info.value.message.startswith("1024x1024 (the size demo-sdxl draws at) is 1048576")
+
+
 def test_a_refiner_that_is_no_checkpoint_is_the_refiners_error(settings, demo_volume, tmp_path):
     """A LoRA file named as the refiner fails the file's checks: the error names
     `refiner_checkpoint`, not the job's good base checkpoint."""
