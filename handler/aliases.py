@@ -669,7 +669,8 @@ def _check_keys_are_text(value: Any, path: str) -> None:
                     field=path,
                     accepted="field names in UTF-8",
                 )
-            _check_keys_are_text(item, f"{path}.{key}" if path != "input" else key)
+            # a key that is no field name (a prompt pasted as a key) is not quoted in `field`
+            _check_keys_are_text(item, as_field(key, None if path == "input" else path) or path)
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_keys_are_text(item, f"{path}[{index}]")

@@ -11,6 +11,7 @@ import contextvars
 import io
 import logging
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -144,8 +145,9 @@ def name_fields_as_the_form(error: WorkerError) -> None:
     """An error's field as the form names it: `num_inference_steps`, not `steps`; `loras`
     (the form's "name:scale, ..." string) for `loras[1].scale`, with the entry's place."""
     if error.field is not None and error.field.startswith("loras["):
-        place = int(error.field[len("loras[") :].split("]", 1)[0]) + 1
-        error.message = f"LoRA {place} of loras: {error.message}"
+        entry = re.match(r"loras\[(\d+)\]", error.field)
+        if entry:
+            error.message = f"LoRA {int(entry.group(1)) + 1} of loras: {error.message}"
         error.field = "loras"
     elif error.field is not None:
         error.field = FORM_NAMES.get(error.field, error.field)

@@ -653,7 +653,8 @@ class Engine:
         )
         width, height = job.width or default_w, job.height or default_h
         if width * height > self.settings.max_pixels:
-            default = "" if job.width and job.height else f" (the size {model.name} draws at)"
+            native_size = not job.width and not job.height and init_image is None
+            default = f" (the size {model.name} draws at)" if native_size else ""
             raise InvalidInput(
                 f"{width}x{height}{default} is {width * height} pixels, over this worker's "
                 "MAX_IMAGE_PIXELS",

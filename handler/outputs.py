@@ -444,11 +444,13 @@ def _inline(images: list[EncodedImage], inline_limit: int | None, advice: str) -
     ]
     size = sum(len(r.image or "") for r in results)
     if inline_limit is not None and size > inline_limit:
-        what = f"the {len(results)} images are" if len(results) > 1 else "the image is"
+        one = len(results) == 1
         raise OutputTooLarge(
-            f"{what} {size} bytes as base64, over the {inline_limit}-byte reply limit",
-            field="num_images" if len(results) > 1 else "width",  # one image: its size
-            accepted="fewer or smaller images, jpeg/webp output"
+            f"{'the image is' if one else f'the {len(results)} images are'} {size} bytes as "
+            f"base64, over the {inline_limit}-byte reply limit",
+            field="num_images",
+            accepted=("a smaller image" if one else "fewer or smaller images")
+            + ", jpeg/webp output"
             + (f", or {advice}" if advice else ""),
         )
     return results

@@ -418,13 +418,14 @@ OTHER_TOOLS_NAMES = {
 
 
 def _did_you_mean(key: Any, loc: tuple) -> str:
-    """' (did you mean guidance_scale?)' for an unknown key that names a known field."""
-    model, _ = _owner(loc[:-1]) if len(loc) > 1 else (Job, None)
+    """' (did you mean guidance_scale?)' for an unknown key close to a field of the object
+    holding it (at the top, A1111's names too), or another tool's name for one."""
     if not isinstance(key, str) or not FIELD_NAME.fullmatch(key):
         return ""
-    guess = OTHER_TOOLS_NAMES.get(key) if model is Job else None
-    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.75)
-    guess = guess or (close[0] if close else None)
+    model, _ = _owner(tuple(loc))  # an unknown key: the object that holds it
+    names = list(model.model_fields) + (list(FIELD_ALIASES) if model is Job else [])
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    guess = (OTHER_TOOLS_NAMES.get(key) if model is Job else None) or (close[0] if close else None)
     return f" (did you mean {guess}?)" if guess else ""
 
 
@@ -436,8 +437,9 @@ def invalid_input_from(error: ValidationError) -> InvalidInput:
         places = [(field_path(e["loc"][:-1]), e["loc"][-1]) for e in extra]
         unknown = [f"{p}.{shown_key(k)}" if p else shown_key(k) for p, k in places]
         parent, key = places[0]
+        unknown[0] += _did_you_mean(key, extra[0]["loc"])  # the first one's, beside it
         return InvalidInput(
-            f"unknown field(s): {', '.join(unknown)}{_did_you_mean(key, extra[0]['loc'])}",
+            f"unknown field(s): {', '.join(unknown)}",
             field=as_field(key, parent) or parent or "input",
             accepted=_accepted(extra[0]),
         )

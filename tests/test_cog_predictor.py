@@ -595,6 +595,7 @@ def test_schedule_types_are_a1111s_and_reach_the_sampler(cog):
         ("DPM++ 2M Karras", "Beta", "schedule_type"),  # names its own already
         ("KarrasDPM", "Karras", "schedule_type"),  # cog-sdxl's name for DPM++ 2M Karras
         ("Euler a", "Karras", "schedule_type"),  # has no Karras schedule: the type's fault
+        ("DDIM", "Karras", "schedule_type"),
     ):
         inputs = {**job, "scheduler": scheduler, "schedule_type": schedule}
         body = predict(cog, inputs).json()

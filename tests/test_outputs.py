@@ -459,7 +459,8 @@ def test_inline_over_the_limit_says_what_would_work(moto, settings):
     assert "BUCKET_NAME" in info.value.accepted and info.value.field == "num_images"
     with pytest.raises(OutputTooLarge) as info:  # one image: its size, not the count
         deliver(encoded_batch(1), destination="auto", job_id="x", storage=None, inline_limit=10)
-    assert info.value.field == "width" and info.value.message.startswith("the image is ")
+    assert info.value.message.startswith("the image is ")
+    assert info.value.accepted.startswith("a smaller image, jpeg/webp output")
 
 
 def test_a_sidecar_that_is_not_written_is_a_warning(moto, settings, monkeypatch):

@@ -73,6 +73,10 @@ def test_unknown_fields_are_named_not_dropped():
     assert "(did you mean num_images?)" in error.message
     error = error_of({"prompt": "x", "hires": {"scale": 2, "strenght": 0.5}})
     assert error.field == "hires.strenght" and "(did you mean strength?)" in error.message
+    # a nested key is matched against its own object's fields, a top-level one A1111's too
+    assert "(did you mean upscaler?)" in error_of({"prompt": "x", "hires": {"upscalr": 1}}).message
+    assert "did you mean" not in error_of({"prompt": "x", "hires": {"seed": 1}}).message
+    assert "(did you mean cfg_scale?)" in error_of({"prompt": "x", "cfg_scal": 7}).message
 
 
 def test_shape_errors_say_what_to_send_in_plain_words():
@@ -113,6 +117,16 @@ def test_a_key_that_is_no_field_name_is_not_quoted_whole(under):
     error = error_of(payload)
     assert key not in str(error) and key[:40] in error.message
     assert error.field == {"": "input", "loras": "loras[0]"}.get(under, under)
+
+
+def test_a_bad_key_under_a_key_that_is_no_field_name_names_neither_whole():
+    key = "a secret prompt about someone, far longer than forty characters"
+    for payload, field in (
+        ({key: {"\ud800": 1}}, "input"),
+        ({"hires": {key: {"\ud800": 1}}}, "hires"),
+    ):
+        error = error_of({"prompt": "x", **payload})
+        assert error.field == field and key not in str(error)
 
 
 def test_a1111s_names_for_the_checkpoints_own_vae_are_no_vae():
