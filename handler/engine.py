@@ -626,10 +626,15 @@ class Engine:
             )
         init_image = load_image(job.image, "image", self.settings) if job.image else None
         if init_image is not None and int(job.steps * job.strength) < 1:
+            accepted = f"a strength of at least {1 / job.steps:.3f} at {job.steps} steps"
+            if job.strength > 0:  # or the steps it would take (a default strength, say)
+                steps = math.ceil(1 / job.strength)
+                steps += int(steps * job.strength) < 1  # 1 / (1/3) may round below 3
+                accepted += f", or at least {steps} steps at strength {job.strength:g}"
             raise InvalidInput(
-                f"steps x strength = {job.steps} x {job.strength} leaves no denoising step",
+                f"steps x strength = {job.steps} x {job.strength:g} leaves no denoising step",
                 field="strength",
-                accepted=f"strength of at least {1 / job.steps:.3f} for {job.steps} steps",
+                accepted=accepted,
             )
         job_mask = load_image(job.mask, "mask", self.settings, as_mask=True) if job.mask else None
 

@@ -174,6 +174,19 @@ def test_a_refused_job_loads_nothing_and_pushes_nothing_out(settings):
         assert list(engine.cache._entries) == warm and engine.cache.on_device(warm[0]), extra
 
 
+def test_too_few_steps_for_the_strength_says_how_many_would_do(engine):
+    """worker-sdxl's image_url runs at its default strength 0.3, which its client never sent:
+    the error also gives the steps that would work at that strength."""
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    image = base64.b64encode(png.getvalue()).decode()
+    payload = {"prompt": "x", "image_url": image, "num_inference_steps": 2}
+    with pytest.raises(InvalidInput) as info:
+        engine.run(parse_job({**payload, "checkpoint": "demo-sd15"}))
+    assert info.value.message == "steps x strength = 2 x 0.3 leaves no denoising step"
+    assert info.value.accepted.endswith(", or at least 4 steps at strength 0.3")
+
+
 def test_a_default_size_over_the_pixel_cap_says_it_is_the_checkpoints(settings):
     from dataclasses import replace
 
