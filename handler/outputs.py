@@ -521,11 +521,18 @@ def _upload(
 def _describe(error: Exception) -> str:
     """An upload error for a reply: its type, S3's error code and botocore's attempts, when
     known (errors that cannot succeed, such as AccessDenied, are not retried)."""
+    from botocore.exceptions import ConnectionError as EndpointUnreachable
+    from botocore.exceptions import HTTPClientError
+
     response = getattr(error, "response", None) or {}
     code = response.get("Error", {}).get("Code")
     retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
     text = f"{type(error).__name__}: {code}" if code else type(error).__name__
-    return text + (f", after {retries + 1} attempts" if retries else "")
+    if retries:
+        return f"{text}, after {retries + 1} attempts"
+    if isinstance(error, EndpointUnreachable | HTTPClientError):  # retried, no reply to say so
+        return f"{text}, after {UPLOAD_ATTEMPTS} attempts"
+    return text
 
 
 def _result(encoded: EncodedImage, **delivery: Any) -> ImageResult:

@@ -406,6 +406,24 @@ def test_an_image_stored_whose_reply_was_lost_is_deleted_with_the_batch(proxy, m
     assert listed.get("KeyCount", 0) == 0
 
 
+def test_an_upload_whose_connection_drops_each_time_says_it_was_retried(
+    proxy, moto, settings, monkeypatch
+):
+    import botocore.endpoint
+
+    monkeypatch.setattr(botocore.endpoint.time, "sleep", lambda seconds: None)  # the backoff
+    storage = Storage(bucket_settings(settings, proxy.url))
+    proxy.drop_puts = 100
+    with pytest.raises(UploadFailed) as info:
+        deliver(
+            encoded_batch(1), destination="s3", job_id="drop", storage=storage, inline_limit=None
+        )
+    assert info.value.message == (
+        "image 0 could not be uploaded (ConnectionClosedError, after 4 attempts)"
+    )
+    assert proxy.puts_seen == 4
+
+
 def test_a_batch_that_cannot_be_deleted_says_so(proxy, moto, settings, monkeypatch):
     """Image 1's reply is lost and the bucket refuses every delete: the error says that the
     batch's keys may still be there (the cleanup is best effort)."""
