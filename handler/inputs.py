@@ -19,15 +19,17 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from handler.errors import InputFetchFailed, InvalidInput, shown
 from handler.settings import Settings
 
 MAX_REDIRECTS = 3
-WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit greyscale (and 32-bit I)
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+URL_PATH_KEPT = "/?#[]@!$&'()*+,;=:%~"  # what percent-encoding leaves: reserved characters, %XX
+URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 IMAGE_FORMATS = "png, jpeg or webp (or another format Pillow reads: gif, bmp, tiff, ...)"
 
 
@@ -95,14 +97,11 @@ def decode_image(data: bytes, field: str, settings: Settings, as_mask: bool = Fa
             f"is {image.width}x{image.height} pixels, over the input cap", field, settings
         )
     try:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in WIDE_GREY_MODES:
-            # Pillow's convert() clips these to 255 (near white) instead of scaling them
-            image = image.convert("I").point(lambda value: value / 257).convert("L")
+        image = _as_8_bit(ImageOps.exif_transpose(image))
         if as_mask:
-            image = _mask_channel(image)
+            image = _mask_channel(image)  # a mask is data: its colour profile does not apply
         else:
-            image = _on_white(image)
+            image = _on_white(_in_srgb(image))
         image.info.clear()  # an input's ICC profile or comments never reach an output file
         return image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -115,8 +114,51 @@ def _over_pixel_cap(message: str, field: str, settings: Settings) -> InvalidInpu
     return InvalidInput(
         message,
         field=field,
-        accepted=f"images up to {settings.max_input_pixels} pixels",
+        accepted=f"images up to {settings.max_input_pixels} pixels (JPEGs up to "
+        f"{8 * settings.max_input_pixels}, read at a fraction of their size)",
     )
+
+
+def _as_8_bit(image: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits as L. Pillow's convert() clips it to 255 (near white)
+    instead of scaling it: 16-bit modes are scaled by 1/257, 32-bit integer and float images by
+    the range their values use (0-1 for floats, 0-255 or 0-65535)."""
+    if image.mode in SIXTEEN_BIT_GREY_MODES:
+        scale = 1 / 257
+    elif image.mode in ("I", "F"):
+        highest = image.getextrema()[1]
+        scale = 255 if image.mode == "F" and highest <= 1 else 1 if highest <= 255 else 1 / 257
+    else:
+        return image
+    return image.convert("F").point(lambda value: value * scale).convert("L")
+
+
+def _in_srgb(image: Image.Image) -> Image.Image:
+    """An image whose embedded colour profile is not sRGB (a phone's Display P3, Adobe RGB, a
+    printer's CMYK) converted to sRGB, the colours a browser shows: the model works in sRGB and
+    outputs carry no profile. An sRGB profile, a profile that does not fit the pixels or one
+    that cannot be read leaves the pixels as they are."""
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in (profile.profile.profile_description or "").lower():
+            return image
+        space = profile.profile.xcolor_space.strip()
+        if space == "RGB" and image.mode == "P":
+            image = image.convert("RGBA" if _has_transparency(image) else "RGB")
+        if (space, image.mode) not in (("RGB", "RGB"), ("RGB", "RGBA"), ("CMYK", "CMYK")):
+            return image
+        return ImageCms.profileToProfile(
+            image,
+            profile,
+            ImageCms.createProfile("sRGB"),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            outputMode="RGBA" if image.mode == "RGBA" else "RGB",
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -134,24 +176,30 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 
 def _mask_channel(image: Image.Image) -> Image.Image:
-    """A mask as L: its alpha when it has transparency (as A1111 reads one drawn on a clear
-    layer), rounded at half opacity as A1111's default `mask_round` does; else its brightness."""
+    """A mask as L: its alpha when part of it is clear (as A1111 reads one drawn on a clear
+    layer), rounded at half opacity as A1111's default `mask_round` does; else its brightness.
+    Unlike A1111, a mask opaque all over but for a few pixels (an editor's anti-aliased edge)
+    is read by its brightness: read by its alpha, it would repaint everything."""
     if _has_transparency(image):
         alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
+        if alpha.getextrema()[0] <= 128:
             return alpha.point(lambda value: 255 if value > 128 else 0)
     return image.convert("L")
 
 
 def _b64decode(payload: str, field: str) -> bytes:
+    accepted = "https URLs, s3://bucket/key, data URIs or raw base64"
+    # line breaks (MIME-style base64, 76 characters a line) and spaces are not data
+    text = "".join(payload.split())
+    if not text:
+        raise InvalidInput("holds no image data (it is empty)", field=field, accepted=accepted)
+    text = text.translate(URL_SAFE_TO_STANDARD)  # JavaScript's and Python's URL-safe alphabet
+    text += "=" * (-len(text) % 4)  # the padding some encoders leave out
     try:
-        # line breaks (MIME-style base64, 76 characters a line) and spaces are not data
-        return base64.b64decode("".join(payload.split()), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(
-            "is neither a URL nor valid base64",
-            field=field,
-            accepted="https URLs, s3://bucket/key, data URIs or raw base64",
+            "is neither a URL nor valid base64", field=field, accepted=accepted
         ) from None
 
 
@@ -434,6 +482,7 @@ def _get(
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    path = quote(path, safe=URL_PATH_KEPT)  # a browser sends `café` as `caf%C3%A9`
     response = None
     try:
         connection.request("GET", path, headers={"User-Agent": "sd-serverless-worker"})

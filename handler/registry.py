@@ -610,7 +610,7 @@ def read_safetensors_header(
         ) from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise refuse("is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise refuse("has a malformed safetensors header")

@@ -38,6 +38,10 @@ def image_server():
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+            elif self.path == "/caf%C3%A9.png?name=caf%C3%A9":  # as a browser sends it
+                self.send_response(302)
+                self.send_header("Location", "/img.png")
+                self.end_headers()
             elif self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "/img.png")
@@ -100,6 +104,7 @@ def test_base64_with_line_breaks_as_mime_writes_it(settings):
 def test_fetches_from_a_local_server_when_allowed(image_server, local_fetch):
     assert load_image(f"{image_server}/img.png", "image", local_fetch).size == (16, 8)
     assert load_image(f"{image_server}/redirect", "image", local_fetch).size == (16, 8)
+    assert load_image(f"{image_server}/café.png?name=café", "image", local_fetch).size == (16, 8)
 
 
 def test_private_addresses_are_refused(image_server, settings):
@@ -403,6 +408,108 @@ def test_transparent_images_are_flattened_onto_white_as_a1111_does(settings):
         load_image(_encoded(Image.new("RGBA", (4, 4), (0, 0, 0, 128))), "image", settings)
     )
     assert (abs(half_opaque.astype(int) - 127) <= 1).all()  # blended with the white
+
+
+def test_32_bit_and_float_greyscale_is_read_by_the_range_its_values_use(settings):
+    ramp = np.linspace(0, 1, 64)[None, :].repeat(8, 0)  # black to white
+    for mode, values in (("F", ramp), ("F", ramp * 255), ("I", ramp * 255), ("I", ramp * 65535)):
+        dtype = "<f4" if mode == "F" else "<i4"
+        image = Image.frombytes(mode, (64, 8), values.round(4).astype(dtype).tobytes())
+        row = np.asarray(load_image(_encoded(image, "TIFF"), "image", settings))[0, :, 0]
+        assert row[0] == 0 and row[-1] == 255 and abs(int(row[32]) - 130) <= 2, (mode, row)
+
+
+def _rgb_profile(description: str, red_green_blue: list[tuple[float, float, float]]) -> bytes:
+    """A minimal ICC v2 display profile: the given colorants (XYZ, D50), a 2.2 gamma."""
+
+    def number(value: float) -> bytes:  # s15Fixed16
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(values: tuple[float, float, float]) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(number(v) for v in values)
+
+    text = description.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0" * 70
+    gamma = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(2.2 * 256)) + b"\0\0"
+    d50 = (0.9642, 1.0, 0.8249)
+    red, green, blue = red_green_blue
+    tags = [(b"desc", desc), (b"wtpt", xyz(d50)), (b"rXYZ", xyz(red)), (b"gXYZ", xyz(green))]
+    tags += [(b"bXYZ", xyz(blue)), (b"rTRC", gamma), (b"gTRC", gamma), (b"bTRC", gamma)]
+    tags = [(name, body + b"\0" * (-len(body) % 4)) for name, body in tags]
+    offset, table, data = 128 + 4 + 12 * len(tags), struct.pack(">I", len(tags)), b""
+    for name, body in tags:
+        table += name + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (
+        struct.pack(">I", offset + len(data))
+        + b"none"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 24
+        + b"\0" * 4  # rendering intent
+        + b"".join(number(v) for v in d50)
+        + b"\0" * 48
+    )
+    assert len(header) == 128
+    return header + table + data
+
+
+SRGB_COLORANTS = [(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)]
+
+
+def test_an_image_with_a_colour_profile_is_converted_to_srgb_as_a_browser_shows_it(settings):
+    """A phone's Display P3 photo or an Adobe RGB scan: the pixels mean other colours than
+    sRGB's. Here a profile whose first channel is green makes the point plainly."""
+    swapped = _rgb_profile("swapped", [SRGB_COLORANTS[1], SRGB_COLORANTS[0], SRGB_COLORANTS[2]])
+    red_in_the_file = Image.new("RGB", (8, 8), (200, 0, 0))
+    for fmt in ("PNG", "JPEG"):
+        shown = load_image(_encoded(red_in_the_file, fmt, icc_profile=swapped), "image", settings)
+        red, green, blue = np.asarray(shown)[4, 4].astype(int)
+        assert green > 150 and red < 40 and blue < 40, (fmt, red, green, blue)
+        assert "icc_profile" not in shown.info  # never carried into an output
+    clear = Image.new("RGBA", (8, 8), (200, 0, 0, 0))
+    clear.paste((200, 0, 0, 255), (0, 0, 4, 8))
+    shown = np.asarray(load_image(_encoded(clear, icc_profile=swapped), "image", settings))
+    assert shown[4, 1, 1] > 150 and (shown[:, 4:] == 255).all()  # converted, then on white
+    # a mask is data, not colour: its profile does not change which pixels repaint
+    mask = Image.new("RGB", (8, 8), (255, 0, 0))
+    read = load_image(_encoded(mask, icc_profile=swapped), "mask", settings, as_mask=True)
+    assert (np.asarray(read) == np.asarray(mask.convert("L"))).all()
+
+
+def test_srgb_and_unreadable_profiles_leave_the_pixels_as_they_are(settings):
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    srgb = _rgb_profile("sRGB IEC61966-2.1", SRGB_COLORANTS)
+    for profile in (srgb, b"not a profile", _rgb_profile("swapped", SRGB_COLORANTS)[:100]):
+        read = load_image(_encoded(image, icc_profile=profile), "image", settings)
+        assert (np.asarray(read) == noise).all()
+
+
+def test_an_opaque_mask_with_a_few_soft_edge_pixels_is_read_by_its_brightness(settings):
+    """A1111 reads any mask with one pixel below full opacity by its alpha: an editor's
+    anti-aliased edge would make an opaque black-and-white mask repaint everything."""
+    drawn = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    drawn.paste((255, 255, 255, 255), (0, 0, 8, 16))
+    drawn.putpixel((7, 7), (255, 255, 255, 254))
+    mask = np.asarray(load_image(_encoded(drawn), "mask", settings, as_mask=True))
+    assert (mask[:, :8] == 255).all() and (mask[:, 8:] == 0).all()
+
+
+def test_base64_in_the_url_safe_alphabet_or_without_padding_is_read(settings):
+    data = png_bytes((5, 3))
+    for text in (
+        base64.urlsafe_b64encode(data).decode(),
+        base64.b64encode(data).decode().rstrip("="),
+        "data:image/png;base64," + base64.urlsafe_b64encode(data).decode().rstrip("="),
+    ):
+        assert load_image(text, "image", settings).size == (5, 3)
+    for empty in ("", "  ", "data:image/png;base64,"):
+        with pytest.raises(InvalidInput, match="empty") as info:
+            load_image(empty, "image", settings)
+        assert info.value.field == "image" and "base64" in info.value.accepted
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -533,16 +533,20 @@ def test_list_models_survives_malformed_files_and_says_why(settings, demo_volume
     (root / "vae" / "old.pt").write_bytes(b"not opened")
     (root / "loras").mkdir()
     (root / "loras" / "cut.safetensors").write_bytes(b"\x10\x00")
+    deep = b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # valid JSON, too deep
+    for folder in ("checkpoints", "loras"):
+        (root / folder / "deep.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
     listing = _engine(settings, root).list_models()
     checkpoints = {c["name"]: c for c in listing["checkpoints"]}
     assert checkpoints["good"]["architecture"] == "sd15"
-    for name in ("broken-index", "bad-scheduler", "bad-entry", "flat-conv"):
+    for name in ("broken-index", "bad-scheduler", "bad-entry", "flat-conv", "deep"):
         assert checkpoints[name]["architecture"] == "unsupported" and checkpoints[name]["reason"]
         assert str(root) not in checkpoints[name]["reason"]
     vaes = {v["name"]: v for v in listing["vaes"]}
     assert "too short" in vaes["empty"]["reason"] and "ALLOW_PICKLE" in vaes["old"]["reason"]
-    [lora] = listing["loras"]
-    assert lora["base"] == "unreadable" and lora["reason"]
+    loras = {lora["name"]: lora for lora in listing["loras"]}
+    assert loras.keys() == {"cut", "deep"}
+    assert all(lora["base"] == "unreadable" and lora["reason"] for lora in loras.values())
 
 
 def test_embeddings_that_cannot_apply_are_skipped_with_a_warning(settings, demo_volume, tmp_path):
