@@ -65,6 +65,7 @@ from handler.pipelines import (
     rescaled_guidance,
 )
 from handler.prompts import (
+    check_length,
     check_syntax,
     comfyui_embeddings,
     encode_sd,
@@ -678,6 +679,9 @@ class Engine:
         timings["load"] = _ms(started)
 
         # 3. Check the request against this checkpoint
+        tokenizer = getattr(loaded.pipeline, "tokenizer", None) or loaded.pipeline.tokenizer_2
+        check_length(job.prompt, tokenizer, "prompt")
+        check_length(job.negative_prompt, tokenizer, "negative_prompt")
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
             strength = refine_after_strength(job)

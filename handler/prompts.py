@@ -24,6 +24,10 @@ import torch
 from handler.errors import InvalidInput
 
 CHUNK_TOKENS = 75  # 77 minus BOS and EOS
+# A1111 has no limit; a worker needs one: every window is encoded, and every UNet call attends
+# to all of them. 20,000 characters of words make about 135 windows; "BREAK " 3,300 times made
+# 3,300 windows (254,000 tokens), which held a worker for minutes.
+MAX_WINDOWS = 150
 ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
 _TOKEN = re.compile(
     r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:"
@@ -407,6 +411,19 @@ def tokenize_chunks(text: str, tokenizer) -> Chunks:
     if current_ids or not ids:
         close()
     return Chunks(ids, weights)
+
+
+def check_length(text: str, tokenizer, field: str) -> None:
+    """Refuse a prompt of more than `MAX_WINDOWS` windows (each BREAK starts one)."""
+    windows = len(tokenize_chunks(with_embedding_tokens(text, tokenizer), tokenizer).ids)
+    if windows > MAX_WINDOWS:
+        raise InvalidInput(
+            f"{field} makes {windows} windows of {CHUNK_TOKENS} tokens (A1111's chunks; each "
+            "BREAK starts one)",
+            field=field,
+            accepted=f"prompts of at most {MAX_WINDOWS} windows ({MAX_WINDOWS * CHUNK_TOKENS} "
+            "tokens)",
+        )
 
 
 def _encode_windows(

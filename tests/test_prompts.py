@@ -69,6 +69,27 @@ def test_long_prompts_are_chunked_not_truncated(engine):
     assert tokens > 75 and len(chunks.ids) == -(-tokens // 75)
 
 
+@pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
+def test_a_prompt_of_too_many_windows_is_refused_before_any_step(engine, checkpoint):
+    """`BREAK ` 3,300 times (under the character cap) made 3,300 windows and held a worker
+    for minutes; a long prompt of words (about 135 windows at the character cap) still runs."""
+    from handler.errors import InvalidInput
+    from handler.prompts import MAX_WINDOWS
+
+    phases = []
+    for field in ("prompt", "negative_prompt"):
+        job = {"prompt": "a cube", field: "x BREAK " * MAX_WINDOWS + "y"}
+        with pytest.raises(InvalidInput, match=f"{MAX_WINDOWS + 1} windows") as info:
+            engine.run(
+                parse_job({**job, "width": 64, "height": 64, "steps": 2, "checkpoint": checkpoint}),
+                progress=lambda update: phases.append(update.phase),
+            )
+        assert info.value.field == field and f"at most {MAX_WINDOWS} windows" in info.value.accepted
+    assert phases and "denoising" not in phases  # refused before the first step
+    words = "x BREAK " * (MAX_WINDOWS - 1) + "y"
+    assert run(engine, checkpoint, words).shape == (64, 64, 3)
+
+
 def pixels(result) -> np.ndarray:
     data = base64.b64decode(result.images[0].image.split(",", 1)[1])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
