@@ -707,6 +707,11 @@ class Engine:
         if init_image is not None:
             init_image = fit_image(init_image, width, height, job.resize_mode)
         mask = self._mask_for(job, job_mask, width, height) if job_mask is not None else None
+        if mask is not None and mask.getextrema()[1] == 0:
+            warnings.append(
+                "the mask is black all over: nothing is repainted (white repaints; invert_mask "
+                "repaints the black part instead)"
+            )
         hires_steps = self._hires_schedule(loaded, job)[0] if job.hires else None
         if job.hires and hires_steps < (job.hires.steps or job.steps):
             warnings.append(
@@ -1283,8 +1288,13 @@ class Engine:
 
     @staticmethod
     def _mask_for(job: Job, mask, width: int, height: int):
-        """The job's mask (an L image) at the output size: white repaints; blurred if asked."""
-        mask = fit_image(mask, width, height, job.resize_mode, resample=Image.NEAREST)
+        """The job's mask (an L image) at the output size: white repaints; blurred if asked.
+        Scaled down by area (a thin stroke turns grey rather than vanishing between samples);
+        scaled up by nearest pixel (its edges stay sharp)."""
+        larger = mask.width > width or mask.height > height
+        mask = fit_image(
+            mask, width, height, job.resize_mode, resample=Image.BOX if larger else Image.NEAREST
+        )
         if job.invert_mask:
             mask = ImageOps.invert(mask)
         if job.mask_blur:

@@ -71,10 +71,33 @@ def test_a_blurred_mask_pastes_the_input_back_as_a1111_does(engine):
     assert (out[:, 26:32] != init[:, 26:32]).any()  # the blur's outer half blends
 
 
+def test_a_larger_mask_is_scaled_down_by_area_a_smaller_one_keeps_sharp_edges():
+    """Nearest-pixel scaling kept every other column of a mask drawn at twice the size: thin
+    strokes on the even columns vanished, on the odd ones filled their whole area."""
+    from handler.engine import Engine
+
+    job = parse_job({"prompt": "x", "mask_blur": 0})
+    for first in (0, 1):
+        drawn = np.zeros((128, 128), "uint8")
+        drawn[:, 64 + first :: 2] = 255  # 1-pixel strokes over the right half
+        mask = np.asarray(Engine._mask_for(job, Image.fromarray(drawn), 64, 64))
+        assert (mask[:, :32] == 0).all() and (abs(mask[:, 32:].astype(int) - 128) <= 1).all()
+    small = Image.fromarray(HALF).resize((32, 32), Image.NEAREST)
+    assert set(np.unique(np.asarray(Engine._mask_for(job, small, 64, 64)))) == {0, 255}
+
+
 def test_inverted_mask_keeps_the_other_half(engine):
     result = engine.run(parse_job(inpaint_job("demo-sd15", invert_mask=True)))
     out, init = pixels(result), np.asarray(INIT, dtype=np.int16)
     assert (out[:, 32:] == init[:, 32:]).all() and np.abs(out[:, :32] - init[:, :32]).mean() > 1
+    assert not result.warnings
+
+
+def test_a_mask_that_repaints_nothing_says_so(engine):
+    black = data_uri(Image.new("L", (64, 64), 0))
+    result = engine.run(parse_job(inpaint_job("demo-sd15", mask=black)))
+    assert (pixels(result) == np.asarray(INIT, dtype=np.int16)).all()
+    assert any("nothing is repainted" in warning for warning in result.warnings)
 
 
 def test_a1111_inpainting_names(engine):
