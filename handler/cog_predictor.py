@@ -121,9 +121,10 @@ def read_input_file(path: FilePath, field: str) -> bytes:
     """The bytes cog wrote for the input `field`; anything else is refused, unread and unnamed."""
     if str(path) not in _WRITTEN_BY_COG:
         raise InvalidInput(
-            "takes an uploaded file or a URL; a path on the server is not read",
+            "takes an uploaded file, a data: URI or a URL; other text (raw base64, a path on "
+            "the server) is not read",
             field=field,
-            accepted="an uploaded file, a data: URI or an https:// URL",
+            accepted="an uploaded file, a data: URI (data:image/png;base64,...) or an https:// URL",
         )
     _WRITTEN_BY_COG.discard(str(path))
     return FilePath(path).read_bytes()
@@ -459,7 +460,9 @@ class Predictor(BaseRunner):
             description="The refiner's schedule length: it runs the part after high_noise_frac (expert_ensemble_refiner), or 0.3 of it (base_image_refiner). Empty uses num_inference_steps.",
         ),
         output_format: str = Input(
-            default="png", choices=["png", "jpeg", "webp"], description="Image file format."
+            default="png",
+            choices=["png", "jpeg", "jpg", "webp"],
+            description="Image file format (jpg is jpeg).",
         ),
         output_quality: int = Input(
             default=90, ge=1, le=100, description="Quality for jpeg and webp (1-100)."

@@ -563,6 +563,13 @@ def test_prediction_returns_images_with_seeds(cog):
     assert progress and progress[-1].groups() == ("100", "2", "2"), body["logs"]
 
 
+def test_jpg_is_a_format_as_replicates_other_models_name_it(cog):
+    job = {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 1}
+    body = predict(cog, {**job, "output_format": "jpg"}).json()
+    assert body["status"] == "succeeded", body
+    assert decode(body["output"][0]).format == "JPEG"
+
+
 def test_cfg_rescale_runs_and_needs_cfg(cog):
     job = {"prompt": "a cube", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
     body = predict(cog, {**job, "guidance_rescale": 0.7}).json()
@@ -818,6 +825,7 @@ def test_a_path_on_the_server_is_never_read(cog, tmp_path):
     missing = tmp_path / "missing.png"
     job = IMAGE_JOB
     upload = "data:image/png;base64," + base64.b64encode(sink_png()).decode("ascii")
+    raw_base64 = base64.b64encode(sink_png()).decode("ascii")  # a data: URI's payload alone
     for value in (str(secret), f"file://{secret}", str(missing), "HTTP://127.0.0.1:9/a.png"):
         for field in ("image", "mask"):
             inputs = {**job, field: value}
@@ -826,8 +834,10 @@ def test_a_path_on_the_server_is_never_read(cog, tmp_path):
             body = predict(cog, inputs).json()
             assert body["status"] == "failed", body
             assert f"invalid_input: {field}: " in body["error"], body["error"]
-            assert "a path on the server is not read" in body["error"], body["error"]
+            assert "(raw base64, a path on the server) is not read" in body["error"]
             assert str(tmp_path) not in body["error"] and "9/a.png" not in body["error"]
+    body = predict(cog, {**job, "image": raw_base64}).json()
+    assert "invalid_input: image: " in body["error"] and "data:image/png;base64," in body["error"]
     # uploads still work, for the image and the mask alike
     body = predict(cog, {**job, "image": upload, "mask": upload}).json()
     assert body["status"] == "succeeded", body
