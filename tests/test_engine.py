@@ -509,3 +509,16 @@ def test_a_default_checkpoint_that_cannot_run_plain_jobs_is_said_at_start(settin
     small._preloadable("demo-sd15", "DEFAULT_CHECKPOINT", refiner=False)
     assert "demo-sd15-inpaint is an inpainting checkpoint" in caplog.text
     assert "demo-sd15 draws 512x512 by default, over MAX_IMAGE_PIXELS" in caplog.text
+
+
+def test_log_prompts_puts_the_prompt_in_the_jobs_log_line(engine, monkeypatch, caplog):
+    from dataclasses import replace
+
+    job = parse_job({**BASE, "prompt": "a logged cube"})
+    with caplog.at_level("INFO", logger="handler.engine"):
+        engine.run(job)
+        monkeypatch.setattr(engine, "settings", replace(engine.settings, log_prompts=True))
+        engine.run(job)
+    done = [message for message in caplog.messages if " done: model=" in message]
+    assert len(done) == 2 and "a logged cube" not in done[0]
+    assert done[1].endswith(" prompt='a logged cube'")

@@ -42,6 +42,19 @@ def image_server():
                 self.send_response(302)
                 self.send_header("Location", "/img.png")
                 self.end_headers()
+            elif self.path.startswith("/hop/"):  # /hop/N: N redirects, then the image
+                left = int(self.path.rsplit("/", 1)[1])
+                self.send_response(302)
+                self.send_header("Location", f"/hop/{left - 1}" if left else "/img.png")
+                self.end_headers()
+            elif self.path == "/to-metadata":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+                self.end_headers()
+            elif self.path == "/to-private":
+                self.send_response(301)
+                self.send_header("Location", "http://10.0.0.1/x.png")
+                self.end_headers()
             elif self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", "/img.png")
@@ -182,10 +195,35 @@ def test_cropping_an_extreme_aspect_ratio_resamples_only_what_stays(monkeypatch)
 
 
 def test_fetch_failures(image_server, local_fetch):
-    with pytest.raises(InputFetchFailed, match="HTTP 404"):
+    with pytest.raises(InputFetchFailed, match="HTTP 404") as info:
         load_image(f"{image_server}/missing", "image", local_fetch)
+    assert str(info.value).startswith("input_fetch_failed: image: ")  # the stable code
     with pytest.raises(InputFetchFailed, match="redirects"):
         load_image(f"{image_server}/loop", "image", local_fetch)
+
+
+def test_three_redirects_are_followed_and_a_fourth_is_not(image_server, local_fetch):
+    assert load_image(f"{image_server}/hop/2", "image", local_fetch).size == (16, 8)  # 3
+    with pytest.raises(InputFetchFailed, match="more than 3 redirects"):
+        load_image(f"{image_server}/hop/3", "image", local_fetch)
+
+
+def test_a_redirect_to_a_private_address_is_refused(image_server, settings, monkeypatch):
+    """Every hop's address is checked: the first server is public (here the local test server,
+    counted as public), the address it redirects to is not."""
+    import ipaddress
+
+    from handler import inputs
+
+    local = ipaddress.ip_address("127.0.0.1")
+    is_public = inputs._is_public
+    monkeypatch.setattr(inputs, "_is_public", lambda ip: ip == local or is_public(ip))
+    allow_http = replace(settings, allow_http_inputs=True)
+    assert load_image(f"{image_server}/redirect", "image", allow_http).size == (16, 8)
+    for path, address in (("/to-metadata", "169.254.169.254"), ("/to-private", "10.0.0.1")):
+        with pytest.raises(InvalidInput, match="non-public address") as info:
+            load_image(f"{image_server}{path}", "image", allow_http)
+        assert address in info.value.message and info.value.field == "image"
 
 
 def test_caps(image_server, local_fetch):
@@ -218,9 +256,14 @@ def test_a_truncated_download_is_a_fetch_failure(image_server, local_fetch):
 def test_hostnames_resolving_to_private_addresses_are_refused(settings, monkeypatch):
     import socket
 
+    from handler import inputs
+
+    monkeypatch.setattr(inputs, "_get", lambda *args: pytest.fail("a connection was made"))
+    public = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))
     for address in ("10.1.2.3", "169.254.169.254", "127.0.0.1", "fd00::1"):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        answer = [(family, socket.SOCK_STREAM, 6, "", (address, 443))]
+        # a private address anywhere in the answer, not only first
+        answer = [public, (family, socket.SOCK_STREAM, 6, "", (address, 443))]
         monkeypatch.setattr(socket, "getaddrinfo", lambda *args, a=answer, **kwargs: a)
         with pytest.raises(InvalidInput, match="non-public address") as info:
             load_image("https://images.example.com/cat.png", "image", settings)

@@ -481,6 +481,16 @@ def test_inline_over_the_limit_says_what_would_work(moto, settings):
     assert info.value.accepted.startswith("a smaller image, jpeg/webp output")
 
 
+def test_a_batch_of_exactly_the_reply_limit_is_returned_inline():
+    batch = encoded_batch(2)
+    size = sum(len(image.data_uri()) for image in batch)  # what the reply carries
+    send = functools.partial(deliver, batch, destination="base64", job_id="x", storage=None)
+    results, _ = send(inline_limit=size)
+    assert sum(len(result.image) for result in results) == size
+    with pytest.raises(OutputTooLarge, match=f"{size} bytes as base64, over the {size - 1}-byte"):
+        send(inline_limit=size - 1)
+
+
 def test_a_sidecar_that_is_not_written_is_a_warning(moto, settings, monkeypatch):
     send = functools.partial(deliver, job_id="s", inline_limit=None, sidecar={"job_id": "s"})
     results, warnings = send(encoded_batch(1), destination="base64", storage=None)

@@ -148,6 +148,18 @@ def test_an_edit_switches_the_prompt_at_a1111s_step(engine, checkpoint):
     assert np.abs(image - cat_image).max() > 0 and np.abs(image - dog_image).max() > 0
 
 
+def test_a_second_order_sampler_counts_two_steps_a_step_as_a1111(engine):
+    """Heun's 4 steps make 7 UNet calls; A1111 schedules its prompts over 8 steps (its
+    step_multiplier), so [a cat:a dog:0.5] switches after call 4 (0-based), not after call 2."""
+    heun = {"scheduler": "Heun"}
+    _, hidden, _ = unet_calls(engine, "demo-sd15", prompt="[a cat:a dog:0.5]", **heun)
+    _, cat, _ = unet_calls(engine, "demo-sd15", prompt="a cat", **heun)
+    _, dog, _ = unet_calls(engine, "demo-sd15", prompt="a dog", **heun)
+    assert len(hidden) == 7
+    assert [equal(h, c) for h, c in zip(hidden, cat, strict=True)] == [1, 1, 1, 1, 1, 0, 0]
+    assert equal(hidden[5], dog[5]) and equal(hidden[6], dog[6])
+
+
 def test_alternation_alternates_every_step(engine):
     # A1111: step s uses the entry ending at max(s, 1): cat (s=0), cat, dog, cat
     _, hidden, _ = unet_calls(engine, "demo-sd15", prompt="[a cat|a dog]")

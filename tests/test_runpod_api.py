@@ -202,20 +202,24 @@ def test_non_object_input(api):
 
 def test_model_not_found_lists_the_available_names(api):
     reply = runsync(api, {"prompt": "x", "checkpoint": "demo-sdx"})
-    assert "demo-sdxl" in reply["error"]
+    assert reply["status"] == "FAILED", reply
+    assert (
+        reply["error"].startswith("model_not_found: checkpoint: ") and "demo-sdxl" in reply["error"]
+    )
 
 
 def test_logs_carry_no_prompts_no_base64_and_one_line_per_job(api):
     _, server = api
+    before = server.log()
     runsync(api, {"prompt": SECRET_PROMPT, "width": 64, "height": 64, "steps": 2, "seed": 11})
     log = server.log()
+    assert log.startswith(before)
     assert SECRET_PROMPT not in log
     assert "base64," not in log and "iVBOR" not in log
     assert "DEBUG" not in log  # RUNPOD_LOG_LEVEL=DEBUG was held at INFO
-    done = [line for line in log.splitlines() if " done: model=" in line]
-    assert done and all(
-        "size=" in line and "steps=" in line and "timings_ms=" in line for line in done
-    )
+    done = [line for line in log[len(before) :].splitlines() if " done: model=" in line]
+    assert len(done) == 1, done
+    assert "size=64x64" in done[0] and "steps=2" in done[0] and "timings_ms=" in done[0]
 
 
 def test_a1111_inpainting_payload(api):
