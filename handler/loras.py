@@ -85,7 +85,8 @@ def extract_inline_loras(prompt: str, field: str = "prompt") -> tuple[str, list[
             field=field,
             accepted=INLINE_ACCEPTED,
         )
-    return re.sub(r"\s{2,}", " ", clean).strip(), found
+    # the spaces a tag leaves collapse; the prompt's line breaks stay (the infotext shows them)
+    return re.sub(r"[ \t]{2,}", " ", clean).strip(), found
 
 
 def _inline_lora(tag: str, body: str, field: str) -> tuple[str, float]:

@@ -47,6 +47,9 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_inline_tags_are_parsed_and_removed():
     prompt, loras = extract_inline_loras("a cube <lora:styles/ink:0.6>, sharp <lora:demo>")
     assert prompt == "a cube , sharp" and loras == [("styles/ink", 0.6), ("demo", 1.0)]
+    # the prompt's line breaks stay, for the infotext (A1111 keeps them); spaces collapse
+    prompt, _ = extract_inline_loras("a cube, <lora:ink:0.5>\nsecond line\n\nthird")
+    assert prompt == "a cube, \nsecond line\n\nthird"
 
 
 def test_inline_tag_forms_a1111_and_lycoris_write():
