@@ -105,6 +105,9 @@ def test_every_cog_input_matches_the_schema():
         if name == "scheduler":
             assert tuple(cog_field.choices) == SCHEDULER_NAMES + COG_SDXL_SCHEDULERS
             assert all(canonical_scheduler(choice) for choice in COG_SDXL_SCHEDULERS)
+        elif name == "output_format":  # and jpg, Replicate's other models' name for jpeg
+            assert tuple(cog_field.choices) == ("png", "jpeg", "jpg", "webp")
+            assert {*typing.get_args(field.annotation), "jpg"} == set(cog_field.choices)
         elif typing.get_origin(field.annotation) is typing.Literal:
             assert tuple(cog_field.choices) == typing.get_args(field.annotation), name
         else:
