@@ -65,7 +65,6 @@ from handler.pipelines import (
     rescaled_guidance,
 )
 from handler.prompts import (
-    check_length,
     check_syntax,
     comfyui_embeddings,
     encode_sd,
@@ -679,9 +678,6 @@ class Engine:
         timings["load"] = _ms(started)
 
         # 3. Check the request against this checkpoint
-        tokenizer = getattr(loaded.pipeline, "tokenizer", None) or loaded.pipeline.tokenizer_2
-        check_length(job.prompt, tokenizer, "prompt")
-        check_length(job.negative_prompt, tokenizer, "negative_prompt")
         if refiner is not None and job.high_noise_frac is None:
             refine_steps = job.refiner_inference_steps or job.steps
             strength = refine_after_strength(job)
@@ -1215,11 +1211,13 @@ class Engine:
         ends = sorted({end for end, _ in positive + negative})
         pairs = [(text_at(positive, end), text_at(negative, end)) for end in ends]
         texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        prompts = {prompt for prompt, _ in pairs}
+        fields = ["prompt" if text in prompts else "negative_prompt" for text in texts]
         sdxl = hasattr(pipeline, "text_encoder_2")
         if sdxl:
-            embeds = encode_sdxl_texts(pipeline, texts, job.clip_skip)
+            embeds = encode_sdxl_texts(pipeline, texts, fields, job.clip_skip)
         else:
-            embeds = [(e, None) for e in encode_sd_texts(pipeline, texts, job.clip_skip)]
+            embeds = [(e, None) for e in encode_sd_texts(pipeline, texts, fields, job.clip_skip)]
 
         def repeated(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return tensor if tensor is None else tensor.repeat(count, *([1] * (tensor.dim() - 1)))

@@ -413,17 +413,18 @@ def tokenize_chunks(text: str, tokenizer) -> Chunks:
     return Chunks(ids, weights)
 
 
-def check_length(text: str, tokenizer, field: str) -> None:
-    """Refuse a prompt of more than `MAX_WINDOWS` windows (each BREAK starts one)."""
-    windows = len(tokenize_chunks(with_embedding_tokens(text, tokenizer), tokenizer).ids)
-    if windows > MAX_WINDOWS:
-        raise InvalidInput(
-            f"{field} makes {windows} windows of {CHUNK_TOKENS} tokens (A1111's chunks; each "
-            "BREAK starts one)",
-            field=field,
-            accepted=f"prompts of at most {MAX_WINDOWS} windows ({MAX_WINDOWS * CHUNK_TOKENS} "
-            "tokens)",
-        )
+def _check_windows(chunks: list[Chunks], fields: list[str]) -> None:
+    """Refuse a text of more than `MAX_WINDOWS` windows, as the encoder would take it: each
+    text of a prompt's schedule, BREAKs inside its brackets and embeddings' vectors counted."""
+    for each, field in zip(chunks, fields, strict=True):
+        if len(each.ids) > MAX_WINDOWS:
+            raise InvalidInput(
+                f"{field} makes {len(each.ids)} windows of {CHUNK_TOKENS} tokens (A1111's "
+                "chunks; each BREAK starts one, and an embedding counts its vectors)",
+                field=field,
+                accepted=f"prompts of at most {MAX_WINDOWS} windows "
+                f"({MAX_WINDOWS * CHUNK_TOKENS} tokens)",
+            )
 
 
 def _encode_windows(
@@ -507,15 +508,21 @@ def with_embedding_tokens(text: str, tokenizer) -> str:
 @torch.no_grad()
 def encode_sd(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[str, torch.Tensor]:
     """prompt_embeds / negative_prompt_embeds for SD 1.x/2.x (A1111 clip skip: 1 = last layer)."""
-    positive, negatives = encode_sd_texts(pipeline, [prompt, negative], clip_skip)
+    positive, negatives = encode_sd_texts(
+        pipeline, [prompt, negative], ["prompt", "negative_prompt"], clip_skip
+    )
     return {"prompt_embeds": positive, "negative_prompt_embeds": negatives}
 
 
 @torch.no_grad()
-def encode_sd_texts(pipeline, texts: list[str], clip_skip: int) -> list[torch.Tensor]:
-    """Each text's hidden states for SD 1.x/2.x, all padded to the same number of windows."""
+def encode_sd_texts(
+    pipeline, texts: list[str], fields: list[str], clip_skip: int
+) -> list[torch.Tensor]:
+    """Each text's hidden states for SD 1.x/2.x, all padded to the same number of windows;
+    `fields` names the field each text comes from."""
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
     chunks = [tokenize_chunks(with_embedding_tokens(text, tokenizer), tokenizer) for text in texts]
+    _check_windows(chunks, fields)
     _pad_windows(chunks, tokenizer)
     device = encoder.device
 
@@ -537,7 +544,7 @@ def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[st
     skip 2: so 1 and 2 give SDXL's usual embeddings, and 3 or more go further back, in both
     encoders (as ComfyUI's CLIPSetLastLayer does)."""
     (embeds, pooled), (negative_embeds, negative_pooled) = encode_sdxl_texts(
-        pipeline, [prompt, negative], clip_skip
+        pipeline, [prompt, negative], ["prompt", "negative_prompt"], clip_skip
     )
     result = {
         "prompt_embeds": embeds,
@@ -556,10 +563,10 @@ def encode_sdxl(pipeline, prompt: str, negative: str, clip_skip: int) -> dict[st
 
 @torch.no_grad()
 def encode_sdxl_texts(
-    pipeline, texts: list[str], clip_skip: int
+    pipeline, texts: list[str], fields: list[str], clip_skip: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each text's (hidden states, pooled embedding) for SDXL (see `encode_sdxl`), all padded
-    to the same number of windows."""
+    to the same number of windows; `fields` names the field each text comes from."""
     layer = -max(clip_skip, 2)
     device = pipeline.text_encoder_2.device
     pairs = [  # the SDXL refiner has only the second
@@ -576,6 +583,7 @@ def encode_sdxl_texts(
         chunks = [
             tokenize_chunks(with_embedding_tokens(text, tokenizer), tokenizer) for text in texts
         ]
+        _check_windows(chunks, fields)
         _pad_windows(chunks, tokenizer)
         for index, each in enumerate(chunks):
             states, pooled[index] = _encode_windows(encoder, each, layer, device)

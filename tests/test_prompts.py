@@ -72,22 +72,30 @@ def test_long_prompts_are_chunked_not_truncated(engine):
 @pytest.mark.parametrize("checkpoint", ["demo-sd15", "demo-sdxl"])
 def test_a_prompt_of_too_many_windows_is_refused_before_any_step(engine, checkpoint):
     """`BREAK ` 3,300 times (under the character cap) made 3,300 windows and held a worker
-    for minutes; a long prompt of words (about 135 windows at the character cap) still runs."""
+    for minutes; a long prompt of words (about 135 windows at the character cap) still runs.
+    Counted on the texts the encoder takes: a prompt edit's or an alternation's, with the
+    BREAKs inside their brackets."""
     from handler.errors import InvalidInput
     from handler.prompts import MAX_WINDOWS
 
+    too_long = "x BREAK " * MAX_WINDOWS + "y"
     phases = []
-    for field in ("prompt", "negative_prompt"):
-        job = {"prompt": "a cube", field: "x BREAK " * MAX_WINDOWS + "y"}
+    cases = [("prompt", too_long), ("negative_prompt", too_long)]
+    cases += [("prompt", f"[{too_long}:z:0.9]"), ("negative_prompt", f"[{too_long}|z]")]
+    for field, text in cases:
+        job = {"prompt": "a cube", field: text, "width": 64, "height": 64, "steps": 2}
         with pytest.raises(InvalidInput, match=f"{MAX_WINDOWS + 1} windows") as info:
             engine.run(
-                parse_job({**job, "width": 64, "height": 64, "steps": 2, "checkpoint": checkpoint}),
+                parse_job({**job, "checkpoint": checkpoint}),
                 progress=lambda update: phases.append(update.phase),
             )
         assert info.value.field == field and f"at most {MAX_WINDOWS} windows" in info.value.accepted
     assert phases and "denoising" not in phases  # refused before the first step
-    words = "x BREAK " * (MAX_WINDOWS - 1) + "y"
-    assert run(engine, checkpoint, words).shape == (64, 64, 3)
+    longest = "x BREAK " * (MAX_WINDOWS - 1) + "y"
+    assert run(engine, checkpoint, longest).shape == (64, 64, 3)
+    # an edit's two texts are each within the limit, together they are not: it runs
+    edit = "[" + "x BREAK " * 80 + "y:" + "z BREAK " * 80 + "y:0.5]"
+    assert run(engine, checkpoint, edit).shape == (64, 64, 3)
 
 
 def pixels(result) -> np.ndarray:
