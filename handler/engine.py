@@ -1287,12 +1287,9 @@ class Engine:
     @staticmethod
     def _mask_for(job: Job, mask, width: int, height: int):
         """The job's mask (an L image) at the output size: white repaints; blurred if asked.
-        Scaled down by area (a thin stroke turns grey rather than vanishing between samples);
-        scaled up by nearest pixel (its edges stay sharp)."""
-        larger = mask.width > width or mask.height > height
-        mask = fit_image(
-            mask, width, height, job.resize_mode, resample=Image.BOX if larger else Image.NEAREST
-        )
+        Scaled by area: down, a thin stroke turns grey rather than vanishing between samples;
+        up, that is each output pixel's nearest, so the edges stay sharp."""
+        mask = fit_image(mask, width, height, job.resize_mode, resample=Image.BOX)
         if job.invert_mask:
             mask = ImageOps.invert(mask)
         if job.mask_blur:

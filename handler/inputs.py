@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageChops, ImageCms, ImageOps
 
 from handler.errors import InputFetchFailed, InvalidInput, shown
 from handler.settings import Settings
@@ -121,41 +121,52 @@ def _over_pixel_cap(message: str, field: str, settings: Settings) -> InvalidInpu
 
 def _as_8_bit(image: Image.Image) -> Image.Image:
     """Greyscale of more than 8 bits as L. Pillow's convert() clips it to 255 (near white)
-    instead of scaling it: 16-bit modes are scaled by 1/257, 32-bit integer and float images by
-    the range their values use (0-1 for floats, 0-255 or 0-65535)."""
-    if image.mode in SIXTEEN_BIT_GREY_MODES:
+    instead of scaling it: 16-bit modes (and 32-bit integer I, which Pillow also opens 16-bit
+    PGMs as) are scaled by 1/257, floating point (F, as in a float TIFF) from 0-1."""
+    if image.mode in (*SIXTEEN_BIT_GREY_MODES, "I"):
         scale = 1 / 257
-    elif image.mode in ("I", "F"):
-        highest = image.getextrema()[1]
-        scale = 255 if image.mode == "F" and highest <= 1 else 1 if highest <= 255 else 1 / 257
+    elif image.mode == "F":
+        scale = 255
     else:
         return image
     return image.convert("F").point(lambda value: value * scale).convert("L")
 
 
+# 512 colours (8 levels a channel) that show whether a profile is sRGB's in effect: its
+# colorants and its tone curve
+_LEVELS = (0, 36, 73, 109, 146, 182, 219, 255)
+_PROBE = Image.frombytes(
+    "RGB", (64, 8), bytes(v for r in _LEVELS for g in _LEVELS for b in _LEVELS for v in (r, g, b))
+)
+
+
 def _in_srgb(image: Image.Image) -> Image.Image:
     """An image whose embedded colour profile is not sRGB (a phone's Display P3, Adobe RGB, a
     printer's CMYK) converted to sRGB, the colours a browser shows: the model works in sRGB and
-    outputs carry no profile. An sRGB profile, a profile that does not fit the pixels or one
-    that cannot be read leaves the pixels as they are."""
+    outputs carry no profile. A profile that maps colours to within one level of sRGB's, one
+    that does not fit the pixels, or one that cannot be read leaves the pixels as they are."""
     icc = image.info.get("icc_profile")
     if not icc:
         return image
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if "srgb" in (profile.profile.profile_description or "").lower():
-            return image
         space = profile.profile.xcolor_space.strip()
-        if space == "RGB" and image.mode == "P":
-            image = image.convert("RGBA" if _has_transparency(image) else "RGB")
+        if space == "RGB" and image.mode in ("P", "RGB") and _has_transparency(image):
+            image = image.convert("RGBA")  # a palette's or tRNS's clear colour, kept as alpha
+        elif space == "RGB" and image.mode == "P":
+            image = image.convert("RGB")
         if (space, image.mode) not in (("RGB", "RGB"), ("RGB", "RGBA"), ("CMYK", "CMYK")):
             return image
+        intent = ImageCms.Intent.RELATIVE_COLORIMETRIC
+        srgb = ImageCms.createProfile("sRGB")
+        if space == "RGB":
+            probe = ImageCms.profileToProfile(_PROBE, profile, srgb, renderingIntent=intent)
+            difference = ImageChops.difference(probe, _PROBE).getextrema()
+            if max(high for _, high in difference) <= 1:
+                return image
+        mode = "RGBA" if image.mode == "RGBA" else "RGB"
         return ImageCms.profileToProfile(
-            image,
-            profile,
-            ImageCms.createProfile("sRGB"),
-            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
-            outputMode="RGBA" if image.mode == "RGBA" else "RGB",
+            image, profile, srgb, renderingIntent=intent, outputMode=mode
         )
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return image
@@ -193,7 +204,8 @@ def _b64decode(payload: str, field: str) -> bytes:
     text = "".join(payload.split())
     if not text:
         raise InvalidInput("holds no image data (it is empty)", field=field, accepted=accepted)
-    text = text.translate(URL_SAFE_TO_STANDARD)  # JavaScript's and Python's URL-safe alphabet
+    if "+" not in text and "/" not in text:  # one alphabet or the other, never both
+        text = text.translate(URL_SAFE_TO_STANDARD)  # the URL-safe alphabet's - and _
     text += "=" * (-len(text) % 4)  # the padding some encoders leave out
     try:
         return base64.b64decode(text, validate=True)

@@ -61,7 +61,7 @@ def check_syntax(text: str, field: str) -> tuple[str, list[str]]:
     kinds = sorted({match.group(1) for match in EXTRA_NETWORK.finditer(text)})
     if kinds:
         # the tags' kinds only: their text is prompt text, which stays out of logs
-        text = re.sub(r"\s{2,}", " ", EXTRA_NETWORK.sub("", text)).strip()
+        text = re.sub(r"[ \t]{2,}", " ", EXTRA_NETWORK.sub("", text)).strip()
         known = [kind for kind in kinds if kind.lower() in KNOWN_EXTRA_NETWORKS]
         shown = ", ".join([f"<{kind}:...>" for kind in known] + ["other"] * (known != kinds))
         warnings.append(f"{field}: {shown} tags removed: only LoRA extra networks are supported")

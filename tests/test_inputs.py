@@ -453,13 +453,18 @@ def test_transparent_images_are_flattened_onto_white_as_a1111_does(settings):
     assert (abs(half_opaque.astype(int) - 127) <= 1).all()  # blended with the white
 
 
-def test_32_bit_and_float_greyscale_is_read_by_the_range_its_values_use(settings):
+def test_float_greyscale_is_read_from_0_to_1_and_dark_16_bit_stays_dark(settings):
     ramp = np.linspace(0, 1, 64)[None, :].repeat(8, 0)  # black to white
-    for mode, values in (("F", ramp), ("F", ramp * 255), ("I", ramp * 255), ("I", ramp * 65535)):
-        dtype = "<f4" if mode == "F" else "<i4"
-        image = Image.frombytes(mode, (64, 8), values.round(4).astype(dtype).tobytes())
-        row = np.asarray(load_image(_encoded(image, "TIFF"), "image", settings))[0, :, 0]
-        assert row[0] == 0 and row[-1] == 255 and abs(int(row[32]) - 130) <= 2, (mode, row)
+    floats = Image.frombytes("F", (64, 8), ramp.astype("<f4").tobytes())
+    row = np.asarray(load_image(_encoded(floats, "TIFF"), "image", settings))[0, :, 0]
+    assert row[0] == 0 and row[-1] == 255 and abs(int(row[32]) - 130) <= 2, row
+    with_nan = ramp.astype("<f4")
+    with_nan[0, 0] = np.nan
+    image = Image.frombytes("F", (64, 8), with_nan.tobytes())
+    assert np.asarray(load_image(_encoded(image, "TIFF"), "image", settings))[0, -1, 0] == 255
+    # Pillow opens a 16-bit PGM as I: a dark one (0-200 of 65535) is near black, not a ramp
+    dark = Image.frombytes("I", (64, 8), (ramp * 200).round().astype("<i4").tobytes())
+    assert np.asarray(load_image(_encoded(dark, "TIFF"), "image", settings)).max() <= 1
 
 
 def _rgb_profile(description: str, red_green_blue: list[tuple[float, float, float]]) -> bytes:
@@ -523,12 +528,35 @@ def test_an_image_with_a_colour_profile_is_converted_to_srgb_as_a_browser_shows_
 
 
 def test_srgb_and_unreadable_profiles_leave_the_pixels_as_they_are(settings):
+    from PIL import ImageCms
+
     noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     image = Image.fromarray(noise)
-    srgb = _rgb_profile("sRGB IEC61966-2.1", SRGB_COLORANTS)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     for profile in (srgb, b"not a profile", _rgb_profile("swapped", SRGB_COLORANTS)[:100]):
         read = load_image(_encoded(image, icc_profile=profile), "image", settings)
         assert (np.asarray(read) == noise).all()
+
+
+def test_a_profile_is_judged_by_its_colours_not_its_name(settings):
+    """Elle Stone's wide-gamut profiles are named `...-srgbtrc` (an sRGB tone curve)."""
+    swapped = [SRGB_COLORANTS[1], SRGB_COLORANTS[0], SRGB_COLORANTS[2]]
+    named = _rgb_profile("ClayRGB-elle-V4-srgbtrc.icc", swapped)
+    image = Image.new("RGB", (8, 8), (200, 0, 0))
+    red, green, _ = load_image(_encoded(image, icc_profile=named), "image", settings).getpixel(
+        (0, 0)
+    )
+    assert green > 150 and red < 40
+
+
+def test_a_clear_colour_survives_the_profiles_conversion(settings):
+    """An RGB PNG's transparent colour (tRNS) is flattened onto white, with a profile too."""
+    swapped = _rgb_profile("swapped", [SRGB_COLORANTS[1], SRGB_COLORANTS[0], SRGB_COLORANTS[2]])
+    image = Image.new("RGB", (8, 8), (12, 3, 24))
+    image.paste((200, 0, 0), (0, 0, 4, 8))
+    encoded = _encoded(image, icc_profile=swapped, transparency=(12, 3, 24))
+    shown = np.asarray(load_image(encoded, "image", settings))
+    assert (shown[:, 4:] == 255).all() and shown[0, 0, 1] > 150
 
 
 def test_an_opaque_mask_with_a_few_soft_edge_pixels_is_read_by_its_brightness(settings):
@@ -549,6 +577,10 @@ def test_base64_in_the_url_safe_alphabet_or_without_padding_is_read(settings):
         "data:image/png;base64," + base64.urlsafe_b64encode(data).decode().rstrip("="),
     ):
         assert load_image(text, "image", settings).size == (5, 3)
+    with pytest.raises(InvalidInput, match="not a readable image"):  # b"\xfb\xff", read
+        load_image("-_8=", "image", settings)
+    with pytest.raises(InvalidInput, match="neither a URL nor valid base64"):  # two alphabets
+        load_image("+_8=", "image", settings)
     for empty in ("", "  ", "data:image/png;base64,"):
         with pytest.raises(InvalidInput, match="empty") as info:
             load_image(empty, "image", settings)

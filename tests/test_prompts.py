@@ -305,6 +305,8 @@ def test_other_extra_network_tags_are_removed_with_a_warning_and_and_is_named(en
     assert warnings == [
         "prompt: <hypernet:...>, other tags removed: only LoRA extra networks are supported"
     ]
+    text, _ = check_syntax("a cube, <hypernet:x:1>\nsecond line\n\nthird", "prompt")
+    assert text == "a cube, \nsecond line\n\nthird"  # its line breaks stay, as in A1111
     composed = engine.run(parse_job({**job, "prompt": "a cube AND a sphere"}))
     assert any("AND (A1111's composable diffusion)" in w for w in composed.warnings)
 
